@@ -1,0 +1,34 @@
+//! Settings userspace writes into the eBPF object's globals before loading it.
+
+/// Bit in [`TRACK_FLAGS`]: mmap, munmap, mremap, mprotect, madvise.
+pub const TRACK_MMAP: u32 = 1 << 0;
+/// Bit in [`TRACK_FLAGS`]: brk.
+pub const TRACK_BRK: u32 = 1 << 1;
+/// Bit in [`TRACK_FLAGS`]: user page faults.
+pub const TRACK_FAULTS: u32 = 1 << 2;
+/// Bit in [`TRACK_FLAGS`]: OOM kills, machine-wide.
+pub const TRACK_OOM: u32 = 1 << 3;
+
+/// Name of the global holding the traced process's tgid (`u32`).
+pub const GLOBAL_TARGET_TGID: &str = "TARGET_TGID";
+/// Name of the global holding the `TRACK_*` bits (`u32`).
+pub const GLOBAL_TRACK_FLAGS: &str = "TRACK_FLAGS";
+/// Name of the global holding how many bytes of user stack to copy (`u32`,
+/// at most [`crate::STACK_COPY_MAX`]).
+pub const GLOBAL_STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
+
+/// Name of the ring buffer map.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Name of the per-CPU counters map, indexed by the `COUNTER_*` constants.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Events dropped because the ring buffer was full.
+pub const COUNTER_RINGBUF_FULL: u32 = 0;
+/// Syscalls whose entry arguments could not be saved (per-thread table full).
+pub const COUNTER_PENDING_FULL: u32 = 1;
+/// Stack copies that failed entirely (the event was still sent, without stack bytes).
+pub const COUNTER_STACK_READ_FAILED: u32 = 2;
+/// Events sent to userspace.
+pub const COUNTER_EVENTS_SENT: u32 = 3;
+/// Number of counters.
+pub const COUNTER_COUNT: u32 = 4;

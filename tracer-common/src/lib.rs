@@ -1,0 +1,11 @@
+//! Types shared by the eBPF programs and the `memtrace` userspace.
+//!
+//! Every type is `#[repr(C)]`, `Copy`, made of fixed-width integers with its padding
+//! written out, and its size is asserted at compile time so that both sides agree.
+#![no_std]
+
+pub mod config;
+pub mod event;
+
+pub use config::*;
+pub use event::*;
