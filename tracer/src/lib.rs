@@ -2,8 +2,19 @@
 //!
 //! Data flows one way: [`cli`] → [`bpf`] (load, attach) → [`events`] (ring buffer,
 //! decoding) → [`model`] (live memory by stack) → [`analysis`] (leaks, OOM) →
-//! [`symbolize`] → [`export`].
+//! [`symbolize`] → [`export`]. [`session`] drives one trace; [`app`] runs a command.
 
+pub mod analysis;
+pub mod app;
+pub mod bpf;
+pub mod cli;
+pub mod duration;
+pub mod events;
 pub mod export;
+pub mod model;
+pub mod oomwatch;
+pub mod procfs;
 pub mod report;
+pub mod session;
 pub mod symbolize;
+pub mod units;

@@ -1,0 +1,68 @@
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{COUNTER_COUNT, MemEventWithStack};
+
+/// Set by userspace before load (see `tracer_common::config`).
+#[unsafe(no_mangle)]
+pub static TARGET_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+pub static TRACK_FLAGS: u32 = 0;
+#[unsafe(no_mangle)]
+pub static STACK_COPY_BYTES: u32 = 0;
+
+#[inline(always)]
+pub fn target_tgid() -> u32 {
+    // SAFETY: a plain read of a global that userspace writes before load; volatile so
+    // that the compiler does not fold the initial value.
+    unsafe { core::ptr::read_volatile(&raw const TARGET_TGID) }
+}
+
+#[inline(always)]
+pub fn track_flags() -> u32 {
+    // SAFETY: as in `target_tgid`.
+    unsafe { core::ptr::read_volatile(&raw const TRACK_FLAGS) }
+}
+
+#[inline(always)]
+pub fn stack_copy_bytes() -> u32 {
+    // SAFETY: as in `target_tgid`.
+    unsafe { core::ptr::read_volatile(&raw const STACK_COPY_BYTES) }
+}
+
+/// Size is overridden by userspace (`--ring-buffer`); this is the default.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Syscall arguments saved at entry, by thread id, until the syscall's exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Pending {
+    pub kind: u32,
+    pub prot: u32,
+    pub addr: u64,
+    pub len: u64,
+    pub old_addr: u64,
+    pub old_len: u64,
+    pub flags: u64,
+    pub fd: u64,
+}
+
+#[map(name = "PENDING")]
+pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
+
+/// Scratch space to assemble an event with its stack copy (too large for the BPF stack).
+#[map(name = "SCRATCH")]
+pub static SCRATCH: PerCpuArray<MemEventWithStack> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(counter: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,3 @@
+mod mmap;
+mod oom;
+mod stack;

@@ -1,0 +1,186 @@
+//! Runs a parsed command line.
+
+use std::{
+    fs::File,
+    io::{BufWriter, Write as _},
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::{Child, ExitCode},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    bpf::features::{Status, run_checks},
+    cli::{Cli, Command, OutputArgs, TraceArgs},
+    export,
+    report::Report,
+    session::{self, StopReason, TraceTarget},
+};
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Doctor => Ok(doctor()),
+        Command::Attach { pid, trace } => {
+            let target = TraceTarget { pid, release: None };
+            trace_and_report(target, &trace, None)
+        }
+        Command::Run { trace, command } => {
+            let (child, release) = spawn_held(&command)?;
+            let target = TraceTarget { pid: child.id(), release: Some(release) };
+            trace_and_report(target, &trace, Some(child))
+        }
+        Command::Oom { duration, json } => crate::oomwatch::watch(duration, json.as_deref()),
+        Command::Report { recording, .. } => bail!(
+            "cannot read {}: recordings (--record) are not available in this version yet",
+            recording.display()
+        ),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
+}
+
+fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let result = rt.block_on(session::trace(target, args));
+    if let Some(child) = child {
+        finish_child(child);
+    }
+    let (report, reason) = result?;
+    write_outputs(&report, &args.output)?;
+    match reason {
+        StopReason::TargetOomKilled => eprintln!("memtrace: the traced process was OOM-killed; report written"),
+        StopReason::TargetExited => eprintln!("memtrace: the traced process exited"),
+        StopReason::Duration | StopReason::Signal => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes every requested output; the text report goes to stdout.
+pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    export::text::write_text(report, out.top, &mut lock).context("write the report to stdout")?;
+    lock.flush().context("flush stdout")?;
+    let create = |path: &Path| -> anyhow::Result<BufWriter<File>> {
+        Ok(BufWriter::new(File::create(path).with_context(|| format!("create {}", path.display()))?))
+    };
+    if let Some(path) = &out.json {
+        let mut w = create(path)?;
+        export::json::write_json(report, &mut w).with_context(|| format!("write {}", path.display()))?;
+        w.flush()?;
+        eprintln!("memtrace: wrote JSON report to {}", path.display());
+    }
+    if let Some(path) = &out.folded {
+        let mut w = create(path)?;
+        export::folded::write_folded(report, export::folded::FlameValue::Outstanding, &mut w)
+            .with_context(|| format!("write {}", path.display()))?;
+        w.flush()?;
+        eprintln!("memtrace: wrote folded stacks to {}", path.display());
+    }
+    if let Some(path) = &out.flamegraph {
+        let mut w = create(path)?;
+        export::flamegraph::write_flamegraph(report, export::folded::FlameValue::Outstanding, &mut w)
+            .with_context(|| format!("write {}", path.display()))?;
+        w.flush()?;
+        eprintln!("memtrace: wrote flamegraph to {}", path.display());
+    }
+    if let Some(path) = &out.pprof {
+        let mut w = create(path)?;
+        export::pprof::write_pprof(report, &mut w).with_context(|| format!("write {}", path.display()))?;
+        w.flush()?;
+        eprintln!("memtrace: wrote pprof profile to {}", path.display());
+    }
+    if let Some(path) = &out.speedscope {
+        let mut w = create(path)?;
+        export::speedscope::write_speedscope(report, &mut w).with_context(|| format!("write {}", path.display()))?;
+        w.flush()?;
+        eprintln!("memtrace: wrote speedscope profile to {}", path.display());
+    }
+    Ok(())
+}
+
+fn doctor() -> ExitCode {
+    let checks = run_checks();
+    let mut failed = false;
+    for c in &checks {
+        let mark = match c.status {
+            Status::Ok => "ok  ",
+            Status::Warn => "warn",
+            Status::Fail => {
+                failed = true;
+                "FAIL"
+            }
+        };
+        println!("[{mark}] {:<20} {}", c.name, c.detail);
+    }
+    if failed {
+        println!("memtrace cannot run here until the FAIL lines are fixed.");
+        ExitCode::FAILURE
+    } else {
+        println!("memtrace can run here.");
+        ExitCode::SUCCESS
+    }
+}
+
+/// Spawns `command` held before exec until the returned closure is called, so that
+/// tracing sees it from its first instruction.
+fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Box<dyn FnOnce() -> anyhow::Result<()>>)> {
+    let [program, args @ ..] = command else { bail!("memtrace run needs a command after --") };
+    let mut fds = [0; 2];
+    // SAFETY: valid pointer to two ints; O_CLOEXEC keeps both ends out of the exec'd program.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("create a pipe");
+    }
+    let (read_end, write_end) = (fds[0], fds[1]);
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    // SAFETY: the hook only calls async-signal-safe read(2) and close(2) between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut byte = 0u8;
+            libc::close(write_end);
+            libc::read(read_end, (&raw mut byte).cast(), 1);
+            Ok(())
+        });
+    }
+    let spawned = cmd.spawn();
+    // SAFETY: closing our copy of the read end, which we own.
+    unsafe { libc::close(read_end) };
+    let child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            // SAFETY: closing the write end we own.
+            unsafe { libc::close(write_end) };
+            return Err(e).with_context(|| format!("start {program}"));
+        }
+    };
+    let release = Box::new(move || {
+        // Closing the write end makes the child's read return: it then execs.
+        // SAFETY: closing the write end we own, once.
+        unsafe { libc::close(write_end) };
+        Ok(())
+    });
+    Ok((child, release))
+}
+
+/// A command memtrace launched is stopped with it (SIGTERM, then SIGKILL after 5 s).
+fn finish_child(mut child: Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    // SAFETY: signals the child we spawned, by its pid.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    for _ in 0..50 {
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

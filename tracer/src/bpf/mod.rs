@@ -1,0 +1,192 @@
+//! Loading the eBPF object, attaching its programs, and kernel feature checks.
+
+pub mod features;
+
+use std::path::Path;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use log::{debug, warn};
+use tracer_common::{
+    COUNTER_COUNT, GLOBAL_STACK_COPY_BYTES, GLOBAL_TARGET_TGID, GLOBAL_TRACK_FLAGS, MAP_COUNTERS,
+    MAP_EVENTS, TRACK_BRK, TRACK_MMAP, TRACK_OOM,
+};
+
+/// The eBPF object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error(
+        "this memtrace was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild with `cargo build -p tracer` after `cargo xtask setup`"
+    )]
+    NoObject,
+    #[error("memtrace must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs")]
+    NotRoot,
+    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({0}); run: mount -t tracefs tracefs /sys/kernel/tracing")]
+    Tracefs(std::io::Error),
+    #[error("load the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {program} is missing from the eBPF object")]
+    MissingProgram { program: &'static str },
+    #[error("attach {program} to tracepoint {category}:{name}: {source}")]
+    Attach {
+        program: &'static str,
+        category: &'static str,
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("open map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// One program and where it attaches. The program is named after its attach point.
+struct Attachment {
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+    family: u32,
+}
+
+const fn tp(program: &'static str, category: &'static str, name: &'static str, family: u32) -> Attachment {
+    Attachment { program, category, name, family }
+}
+
+const ATTACHMENTS: &[Attachment] = &[
+    tp("tp_sys_enter_mmap", "syscalls", "sys_enter_mmap", TRACK_MMAP),
+    tp("tp_sys_exit_mmap", "syscalls", "sys_exit_mmap", TRACK_MMAP),
+    tp("tp_sys_enter_munmap", "syscalls", "sys_enter_munmap", TRACK_MMAP),
+    tp("tp_sys_exit_munmap", "syscalls", "sys_exit_munmap", TRACK_MMAP),
+    tp("tp_sys_enter_mremap", "syscalls", "sys_enter_mremap", TRACK_MMAP),
+    tp("tp_sys_exit_mremap", "syscalls", "sys_exit_mremap", TRACK_MMAP),
+    tp("tp_sys_enter_mprotect", "syscalls", "sys_enter_mprotect", TRACK_MMAP),
+    tp("tp_sys_exit_mprotect", "syscalls", "sys_exit_mprotect", TRACK_MMAP),
+    tp("tp_sys_enter_madvise", "syscalls", "sys_enter_madvise", TRACK_MMAP),
+    tp("tp_sys_exit_madvise", "syscalls", "sys_exit_madvise", TRACK_MMAP),
+    tp("tp_sys_enter_brk", "syscalls", "sys_enter_brk", TRACK_BRK),
+    tp("tp_sys_exit_brk", "syscalls", "sys_exit_brk", TRACK_BRK),
+    tp("tp_oom_mark_victim", "oom", "mark_victim", TRACK_OOM),
+];
+
+/// What to load.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Thread-group id to trace; 0 traces no process (only machine-wide OOM kills).
+    pub target_tgid: u32,
+    /// `TRACK_*` bits.
+    pub track: u32,
+    /// Bytes of user stack copied per allocation event.
+    pub stack_copy_bytes: u32,
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_buffer_bytes: u32,
+}
+
+/// The loaded and attached programs with the maps userspace reads.
+pub struct Tracer {
+    /// Kept alive: dropping it detaches the programs.
+    _ebpf: Ebpf,
+    events: Option<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Tracer {
+    /// Loads the object and attaches every program whose family is tracked.
+    pub fn load(options: &LoadOptions) -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(BpfError::NotRoot);
+        }
+        ensure_tracefs()?;
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_TARGET_TGID, &options.target_tgid, true)
+            .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
+            .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)
+            .set_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
+            .load(OBJECT)
+            .map_err(BpfError::Load)?;
+        for a in ATTACHMENTS.iter().filter(|a| a.family & options.track != 0) {
+            let attach_err = |source| BpfError::Attach {
+                program: a.program,
+                category: a.category,
+                name: a.name,
+                source,
+            };
+            let program: &mut TracePoint = ebpf
+                .program_mut(a.program)
+                .ok_or(BpfError::MissingProgram { program: a.program })?
+                .try_into()
+                .map_err(attach_err)?;
+            program.load().map_err(attach_err)?;
+            program.attach(a.category, a.name).map_err(attach_err)?;
+            debug!("attached {} to {}:{}", a.program, a.category, a.name);
+        }
+        let events = ebpf.take_map(MAP_EVENTS).ok_or(BpfError::MissingMap(MAP_EVENTS))?;
+        let events = RingBuf::try_from(events).map_err(|source| BpfError::Map { name: MAP_EVENTS, source })?;
+        let counters = ebpf.take_map(MAP_COUNTERS).ok_or(BpfError::MissingMap(MAP_COUNTERS))?;
+        let counters = PerCpuArray::try_from(counters)
+            .map_err(|source| BpfError::Map { name: MAP_COUNTERS, source })?;
+        Ok(Self { _ebpf: ebpf, events: Some(events), counters })
+    }
+
+    /// The ring buffer, to be polled by the caller (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Kernel-side counters summed over CPUs, indexed by `COUNTER_*`.
+    #[must_use]
+    pub fn counters(&self) -> [u64; COUNTER_COUNT as usize] {
+        let mut out = [0; COUNTER_COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Mounts tracefs when it is missing (fresh machines here have it unmounted).
+pub fn ensure_tracefs() -> Result<(), BpfError> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", TRACEFS])
+        .status()
+        .map_err(BpfError::Tracefs)?;
+    if status.success() && Path::new(TRACEFS).join("events").is_dir() {
+        debug!("mounted tracefs at {TRACEFS}");
+        Ok(())
+    } else {
+        Err(BpfError::Tracefs(std::io::Error::other(format!("mount exited with {status}"))))
+    }
+}
+
+/// Kernels >= 5.11 account BPF memory to the cgroup, so a refused raise is only a warning.
+fn raise_memlock() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: passes a valid pointer to a local rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
+        warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11, which account BPF memory to the cgroup",
+            std::io::Error::last_os_error()
+        );
+    }
+}

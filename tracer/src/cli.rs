@@ -1,0 +1,141 @@
+//! Command line: `memtrace attach|run|oom|report|doctor`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::duration::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "memtrace",
+    version,
+    about = "Find the code that holds memory in a live process, from the kernel, with eBPF",
+    long_about = "memtrace traces a running process (or one it launches) with eBPF and reports \
+which stacks hold memory that is never given back, with native and Node.js JavaScript frames, \
+the memory timeline, and OOM kills.\n\nRun Node.js with --perf-basic-prof (and \
+--interpreted-frames-native-stack) so that JavaScript frames are named."
+)]
+pub struct Cli {
+    /// More logging (-v: info, -vv: debug, -vvv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace a running process until Ctrl-C, SIGTERM, --duration, or its exit.
+    Attach {
+        /// Process id to trace (all its threads).
+        pid: u32,
+        #[command(flatten)]
+        trace: TraceArgs,
+    },
+    /// Launch a command and trace it from its first instruction.
+    Run {
+        #[command(flatten)]
+        trace: TraceArgs,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Watch the whole machine for OOM kills.
+    Oom {
+        /// Stop after this long (default: until Ctrl-C).
+        #[arg(long, value_parser = parse_duration)]
+        duration: Option<Duration>,
+        /// Write the OOM records as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Render a recording made with --record.
+    Report {
+        recording: PathBuf,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Check whether this machine and user can run memtrace.
+    Doctor,
+}
+
+/// Sources that can be tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Track {
+    /// mmap, munmap, mremap, mprotect, madvise (syscall tracepoints, ~1% overhead).
+    Mmap,
+    /// brk (the glibc main heap growing and shrinking).
+    Brk,
+    /// First-touch page faults (RSS attribution).
+    Faults,
+    /// malloc family uprobes: exact but costly (~5 µs per call).
+    Malloc,
+    /// OOM kills, machine-wide.
+    Oom,
+}
+
+impl Track {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mmap => "mmap",
+            Self::Brk => "brk",
+            Self::Faults => "faults",
+            Self::Malloc => "malloc",
+            Self::Oom => "oom",
+        }
+    }
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct TraceArgs {
+    /// Stop after this long (e.g. 30s, 10m, 1h); default: until Ctrl-C or the target exits.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// What to trace (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "mmap,brk,oom")]
+    pub track: Vec<Track>,
+    /// How often to take a timeline snapshot.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub interval: Duration,
+    /// Report only memory older than this.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub min_age: Duration,
+    /// Bytes of user stack copied per allocation event for unwinding (512..=16384).
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(512..=16384))]
+    pub stack_bytes: u32,
+    /// Ring buffer size in MiB (power of two).
+    #[arg(long, default_value_t = 16)]
+    pub ring_buffer_mib: u32,
+    /// Serve Prometheus metrics at this address (loopback unless told otherwise).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Write a recording of the run for `memtrace report`.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct OutputArgs {
+    /// Write the JSON report (format version 1).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write an interactive flamegraph SVG of outstanding bytes by stack.
+    #[arg(long)]
+    pub flamegraph: Option<PathBuf>,
+    /// Write collapsed stacks (`frame;frame bytes`).
+    #[arg(long)]
+    pub folded: Option<PathBuf>,
+    /// Write a gzipped pprof profile.
+    #[arg(long)]
+    pub pprof: Option<PathBuf>,
+    /// Write a speedscope JSON file.
+    #[arg(long)]
+    pub speedscope: Option<PathBuf>,
+    /// Stacks shown in the text report.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+}

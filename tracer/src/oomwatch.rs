@@ -1,0 +1,111 @@
+//! `memtrace oom`: every OOM kill on the machine, as it happens.
+
+use std::{path::Path, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use tokio::signal::unix::SignalKind;
+use tracer_common::TRACK_OOM;
+
+use crate::{
+    bpf::{LoadOptions, Tracer},
+    events::{Event, OomFormat, decode},
+    procfs,
+    units::human_bytes,
+};
+
+/// One OOM kill as `memtrace oom --json` writes it.
+#[derive(Clone, Debug, Serialize)]
+pub struct OomEntry {
+    /// Seconds since the watch started.
+    pub t_s: f64,
+    pub pid: u32,
+    pub comm: String,
+    pub cmdline: String,
+    pub anon_rss_bytes: u64,
+    pub file_rss_bytes: u64,
+    pub shmem_rss_bytes: u64,
+    pub total_vm_bytes: u64,
+    pub pgtables_bytes: Option<u64>,
+    pub oom_score_adj: i64,
+    pub uid: Option<u32>,
+    pub cgroup: String,
+    pub memcg_limit_bytes: u64,
+    /// Pid and comm of the task that was running (allocating) when the kill was decided.
+    pub trigger_pid: u32,
+    pub trigger_comm: String,
+}
+
+pub fn watch(duration: Option<Duration>, json: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")?;
+    let entries = rt.block_on(watch_async(duration))?;
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&entries).context("encode OOM records")?;
+        std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))?;
+        eprintln!("memtrace: wrote {} OOM record(s) to {}", entries.len(), path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomEntry>> {
+    let format = OomFormat::load().context("read the oom:mark_victim tracepoint format")?;
+    let mut tracer = Tracer::load(&LoadOptions { target_tgid: 0, track: TRACK_OOM, stack_copy_bytes: 512, ring_buffer_bytes: 1 << 20 })
+        .context("attach to oom:mark_victim")?;
+    let mut events = crate::session::readable_fd(tracer.take_events().context("ring buffer already taken")?).context("poll the ring buffer")?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let started = crate::session::monotonic_ns();
+    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+    eprintln!("memtrace: watching for OOM kills machine-wide; Ctrl-C to stop");
+    let mut entries = Vec::new();
+    loop {
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("wait for events")?;
+                while let Some(item) = guard.get_inner_mut().next() {
+                    let Ok(Event::Oom { event }) = decode(&item) else { continue };
+                    match format.decode(event) {
+                        Ok(rec) => {
+                            let memcg = procfs::memcg(rec.pid).unwrap_or_default();
+                            let entry = OomEntry {
+                                t_s: rec.ts_ns.saturating_sub(started) as f64 / 1e9,
+                                pid: rec.pid,
+                                cmdline: procfs::cmdline(rec.pid),
+                                comm: rec.comm,
+                                anon_rss_bytes: rec.anon_rss_bytes,
+                                file_rss_bytes: rec.file_rss_bytes,
+                                shmem_rss_bytes: rec.shmem_rss_bytes,
+                                total_vm_bytes: rec.total_vm_bytes,
+                                pgtables_bytes: rec.pgtables_bytes,
+                                oom_score_adj: rec.oom_score_adj,
+                                uid: rec.uid,
+                                cgroup: memcg.path,
+                                memcg_limit_bytes: memcg.limit_bytes,
+                                trigger_pid: rec.trigger_pid,
+                                trigger_comm: rec.trigger_comm,
+                            };
+                            println!(
+                                "OOM kill: pid {} ({}) anon-rss {} file-rss {} shmem-rss {} total-vm {} oom_score_adj {} cgroup {} limit {}",
+                                entry.pid, entry.comm, human_bytes(entry.anon_rss_bytes), human_bytes(entry.file_rss_bytes),
+                                human_bytes(entry.shmem_rss_bytes), human_bytes(entry.total_vm_bytes), entry.oom_score_adj,
+                                if entry.cgroup.is_empty() { "?" } else { &entry.cgroup },
+                                if entry.memcg_limit_bytes == 0 { "none".to_string() } else { human_bytes(entry.memcg_limit_bytes) },
+                            );
+                            entries.push(entry);
+                        }
+                        Err(e) => log::warn!("undecodable OOM record: {e}"),
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => break,
+        }
+    }
+    let lost = tracer.counters()[tracer_common::COUNTER_RINGBUF_FULL as usize];
+    if lost > 0 {
+        eprintln!("memtrace: {lost} OOM events were lost (ring buffer full)");
+    }
+    Ok(entries)
+}

@@ -1,0 +1,162 @@
+//! What memtrace reads about a process from /proc.
+
+use std::{fs, io, path::PathBuf};
+
+/// Memory figures from /proc/PID/status, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStatus {
+    pub rss: u64,
+    pub rss_anon: u64,
+    pub rss_file: u64,
+    pub rss_shmem: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    pub tgid: u32,
+    pub mem: MemStatus,
+}
+
+/// Parses /proc/PID/status text.
+#[must_use]
+pub fn parse_status(text: &str) -> Status {
+    let mut s = Status::default();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else { continue };
+        let mut words = value.split_whitespace();
+        let num: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
+        let bytes = if words.next() == Some("kB") { num * 1024 } else { num };
+        match key {
+            "Tgid" => s.tgid = num as u32,
+            "VmRSS" => s.mem.rss = bytes,
+            "RssAnon" => s.mem.rss_anon = bytes,
+            "RssFile" => s.mem.rss_file = bytes,
+            "RssShmem" => s.mem.rss_shmem = bytes,
+            _ => {}
+        }
+    }
+    s
+}
+
+pub fn status(pid: u32) -> io::Result<Status> {
+    fs::read_to_string(format!("/proc/{pid}/status")).map(|t| parse_status(&t))
+}
+
+#[must_use]
+pub fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default()
+}
+
+#[must_use]
+pub fn cmdline(pid: u32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|&c| c == 0).filter(|a| !a.is_empty()).map(String::from_utf8_lossy).collect::<Vec<_>>().join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// End of the `[heap]` mapping (the program break), if the process has a heap yet;
+/// otherwise `start_brk` from /proc/PID/stat.
+#[must_use]
+pub fn program_break(pid: u32) -> Option<u64> {
+    if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+        for line in maps.lines().filter(|l| l.ends_with("[heap]")) {
+            let range = line.split_whitespace().next()?;
+            let (_, end) = range.split_once('-')?;
+            return u64::from_str_radix(end, 16).ok();
+        }
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised comm; start_brk is field 47 (1-based).
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(47 - 3).and_then(|f| f.parse().ok())
+}
+
+/// Memory cgroup of a process and its limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Memcg {
+    /// Path inside the cgroup hierarchy, e.g. `/memtrace-test`.
+    pub path: String,
+    /// Limit in bytes; 0 when unlimited or unknown.
+    pub limit_bytes: u64,
+}
+
+/// Parses /proc/PID/cgroup: the v1 `memory` controller line wins, else the v2 `0::` line.
+#[must_use]
+pub fn parse_cgroup(text: &str) -> Option<(bool, String)> {
+    let mut v2 = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some((true, path.to_string()));
+        }
+        if controllers.is_empty() {
+            v2 = Some((false, path.to_string()));
+        }
+    }
+    v2
+}
+
+/// Parses a limit file (`memory.limit_in_bytes` or `memory.max`); `max` and the v1
+/// "unlimited" value (near u64::MAX, page-rounded) become 0.
+#[must_use]
+pub fn parse_limit(text: &str) -> u64 {
+    let t = text.trim();
+    if t == "max" {
+        return 0;
+    }
+    match t.parse::<u64>() {
+        Ok(v) if v >= (1 << 62) => 0,
+        Ok(v) => v,
+        Err(_) => 0,
+    }
+}
+
+#[must_use]
+pub fn memcg(pid: u32) -> Option<Memcg> {
+    let (v1, path) = parse_cgroup(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)?;
+    let rel = path.trim_start_matches('/');
+    let candidates: Vec<PathBuf> = if v1 {
+        vec![PathBuf::from("/sys/fs/cgroup/memory").join(rel).join("memory.limit_in_bytes")]
+    } else {
+        vec![
+            PathBuf::from("/sys/fs/cgroup").join(rel).join("memory.max"),
+            PathBuf::from("/sys/fs/cgroup/unified").join(rel).join("memory.max"),
+        ]
+    };
+    let limit_bytes = candidates.iter().find_map(|p| fs::read_to_string(p).ok()).map_or(0, |t| parse_limit(&t));
+    Some(Memcg { path, limit_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields() {
+        let s = parse_status("Name:\tnode\nTgid:\t412\nVmRSS:\t  2048 kB\nRssAnon:\t 1024 kB\nRssFile:\t 1000 kB\nRssShmem:\t 24 kB\n");
+        assert_eq!(s.tgid, 412);
+        assert_eq!(s.mem, MemStatus { rss: 2048 * 1024, rss_anon: 1024 * 1024, rss_file: 1000 * 1024, rss_shmem: 24 * 1024 });
+    }
+
+    #[test]
+    fn cgroup_v1_and_v2() {
+        let v1 = "12:pids:/\n4:memory:/memtrace-test\n0::/\n";
+        assert_eq!(parse_cgroup(v1), Some((true, "/memtrace-test".into())));
+        let v2 = "0::/system.slice/app.service\n";
+        assert_eq!(parse_cgroup(v2), Some((false, "/system.slice/app.service".into())));
+        assert_eq!(parse_limit("max\n"), 0);
+        assert_eq!(parse_limit("9223372036854771712\n"), 0);
+        assert_eq!(parse_limit("209715200\n"), 200 << 20);
+    }
+
+    #[test]
+    fn own_process_is_readable() {
+        let me = std::process::id();
+        assert_eq!(status(me).expect("own status").tgid, me);
+        assert!(!comm(me).is_empty());
+        assert!(program_break(me).is_some());
+    }
+}

@@ -1,0 +1,405 @@
+//! One tracing session: load, attach, read events until a stop condition, report.
+
+use std::{
+    collections::HashMap,
+    io::{IsTerminal as _, Write as _},
+    os::fd::{FromRawFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use log::{debug, warn};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use tracer_common::{
+    COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL, COUNTER_STACK_READ_FAILED, TRACK_BRK, TRACK_MMAP,
+    TRACK_OOM,
+};
+
+use crate::{
+    analysis::{ReportInputs, build_report},
+    bpf::{LoadOptions, Tracer},
+    cli::{TraceArgs, Track},
+    events::{Event, OomFormat, OomRecord, decode},
+    model::{LiveModel, MemOp, StackId, StackTable},
+    procfs,
+    report::{Frame, Report, Target, TimelinePoint, Totals},
+    symbolize::{ProcessSymbols, Regs},
+};
+
+/// Unique stacks kept at most; later new stacks are counted as unknown.
+const STACK_TABLE_CAPACITY: usize = 200_000;
+/// Timeline points kept at most; older points are thinned out beyond it.
+const TIMELINE_CAPACITY: usize = 4096;
+
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a local timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Registers `inner` for read readiness with the runtime.
+pub fn readable_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: every `T` used here (the ring buffer's map, an `OwnedFd`) owns its fd for
+    // its whole lifetime and always returns the same one.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
+
+/// Opens a pidfd, which becomes readable when the process exits.
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Resolves the process to trace: its tgid, with a clear error when it does not exist.
+pub fn resolve_target(pid: u32) -> anyhow::Result<u32> {
+    match procfs::status(pid) {
+        Ok(s) if s.tgid != 0 && s.tgid != pid => {
+            log::info!("{pid} is a thread of process {}; tracing the whole process", s.tgid);
+            Ok(s.tgid)
+        }
+        Ok(_) => Ok(pid),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("no such process: {pid} (is it running? check with `ps -p {pid}`)")
+        }
+        Err(e) => Err(e).with_context(|| format!("read /proc/{pid}/status")),
+    }
+}
+
+/// Why tracing stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Duration,
+    Signal,
+    TargetExited,
+    TargetOomKilled,
+}
+
+pub fn track_bits(track: &[Track]) -> anyhow::Result<u32> {
+    let mut bits = 0;
+    for t in track {
+        bits |= match t {
+            Track::Mmap => TRACK_MMAP,
+            Track::Brk => TRACK_BRK,
+            Track::Oom => TRACK_OOM,
+            Track::Faults => bail!(
+                "--track faults (page-fault attribution) is not available in this version yet; use --track mmap,brk,oom"
+            ),
+            Track::Malloc => bail!(
+                "--track malloc (allocator uprobes) is not available in this version yet; use --track mmap,brk,oom"
+            ),
+        };
+    }
+    Ok(bits)
+}
+
+struct Session {
+    pid: u32,
+    tracer: Tracer,
+    symbols: ProcessSymbols,
+    model: LiveModel,
+    stacks: StackTable,
+    frames: HashMap<StackId, Vec<Frame>>,
+    symbolized_upto: usize,
+    oom_format: Option<OomFormat>,
+    ooms: Vec<OomRecord>,
+    timeline: Vec<TimelinePoint>,
+    start_ns: u64,
+    events: u64,
+    decode_errors: u64,
+    target_oom_killed: bool,
+    last_rss: u64,
+}
+
+impl Session {
+    fn handle(&mut self, bytes: &[u8]) {
+        self.events += 1;
+        match decode(bytes) {
+            Ok(Event::Mem { event, stack }) => {
+                let id = match stack {
+                    Some(s) => {
+                        let regs = Regs { ip: s.ip, sp: s.sp, bp: s.bp };
+                        let addrs = self.symbols.unwind(regs, s.data, &s.fp_frames());
+                        self.stacks.intern(&addrs)
+                    }
+                    None => StackId(0),
+                };
+                if let Some(op) = MemOp::from_event(&event) {
+                    self.model.apply(op, id, event.header.ts_ns);
+                }
+            }
+            Ok(Event::Oom { event }) => {
+                let Some(format) = &self.oom_format else { return };
+                match format.decode(event) {
+                    Ok(rec) => {
+                        eprintln!(
+                            "memtrace: OOM kill: pid {} ({}) anon-rss {} file-rss {} shmem-rss {}{}",
+                            rec.pid,
+                            rec.comm,
+                            crate::units::human_bytes(rec.anon_rss_bytes),
+                            crate::units::human_bytes(rec.file_rss_bytes),
+                            crate::units::human_bytes(rec.shmem_rss_bytes),
+                            if rec.pid == self.pid { " — the traced process" } else { "" }
+                        );
+                        if rec.pid == self.pid {
+                            self.target_oom_killed = true;
+                        }
+                        self.ooms.push(rec);
+                    }
+                    Err(e) => warn!("undecodable OOM record: {e}"),
+                }
+            }
+            Err(e) => {
+                self.decode_errors += 1;
+                if self.decode_errors == 1 {
+                    warn!("undecodable event ({e}); further ones are counted");
+                }
+            }
+        }
+    }
+
+    /// Symbolizes stacks seen since the last call, while the target still lives (JIT code
+    /// moves and the process may exit).
+    fn symbolize_new(&mut self) {
+        let total = self.stacks.len();
+        if self.symbolized_upto >= total {
+            return;
+        }
+        self.symbolizer_refresh();
+        for id in (self.symbolized_upto + 1)..=total {
+            let id = StackId(id as u32);
+            let addrs = self.stacks.get(id).to_vec();
+            let frames = self.symbols.symbolize(&addrs).into_iter().flatten().collect();
+            self.frames.insert(id, frames);
+        }
+        self.symbolized_upto = total;
+    }
+
+    fn symbolizer_refresh(&mut self) {
+        self.symbols.refresh_perf_map();
+    }
+
+    fn snapshot(&mut self) {
+        if let Ok(s) = procfs::status(self.pid) {
+            self.last_rss = s.mem.rss;
+        }
+        let t_s = (monotonic_ns().saturating_sub(self.start_ns)) as f64 / 1e9;
+        self.timeline.push(TimelinePoint { t_s, rss_bytes: self.last_rss, outstanding_bytes: self.model.outstanding_bytes() });
+        if self.timeline.len() > TIMELINE_CAPACITY {
+            // Keep every other point: resolution halves, coverage stays whole.
+            let mut i = 0;
+            self.timeline.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+    }
+
+    fn lost_events(&self) -> u64 {
+        let c = self.tracer.counters();
+        c[COUNTER_RINGBUF_FULL as usize] + c[COUNTER_PENDING_FULL as usize] + self.decode_errors
+    }
+
+    fn status_line(&self, started: Instant) -> String {
+        let elapsed = started.elapsed().as_secs_f64();
+        format!(
+            "memtrace: {:>6.1}s  events {} ({:.0}/s)  stacks {}  outstanding {}  rss {}  lost {}",
+            elapsed,
+            self.events,
+            self.events as f64 / elapsed.max(0.001),
+            self.stacks.len(),
+            crate::units::human_bytes(self.model.outstanding_bytes()),
+            crate::units::human_bytes(self.last_rss),
+            self.lost_events()
+        )
+    }
+}
+
+/// How the target was obtained.
+pub struct TraceTarget {
+    pub pid: u32,
+    /// For `memtrace run`: called once the programs are attached, to let the child run.
+    pub release: Option<Box<dyn FnOnce() -> anyhow::Result<()>>>,
+}
+
+/// Traces `target` and returns the report.
+pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
+    let attach_started = Instant::now();
+    let pid = resolve_target(target.pid)?;
+    let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
+    let track = track_bits(&args.track)?;
+    if args.record.is_some() {
+        bail!("--record is not available in this version yet; use --json to keep the report");
+    }
+    if args.metrics.is_some() {
+        bail!("--metrics is not available in this version yet");
+    }
+    let ring_buffer_bytes = args
+        .ring_buffer_mib
+        .checked_mul(1 << 20)
+        .filter(|b| b.is_power_of_two())
+        .context("--ring-buffer-mib must be a power of two between 1 and 2048")?;
+    let oom_format = if track & TRACK_OOM != 0 {
+        Some(OomFormat::load().context("read the oom:mark_victim tracepoint format")?)
+    } else {
+        None
+    };
+    let mut tracer = Tracer::load(&LoadOptions {
+        target_tgid: pid,
+        track,
+        stack_copy_bytes: args.stack_bytes,
+        ring_buffer_bytes,
+    })
+    .with_context(|| format!("attach to process {pid}"))?;
+    let events = tracer.take_events().context("ring buffer already taken")?;
+    let mut events = readable_fd(events).context("poll the ring buffer")?;
+    if let Some(release) = target.release {
+        release()?;
+        wait_for_exec(pid).await;
+    }
+    let symbols = ProcessSymbols::new(pid).with_context(|| format!("read the memory map of process {pid}"))?;
+    let mut model = LiveModel::new();
+    if let Some(brk) = procfs::program_break(pid) {
+        model.set_initial_brk(brk);
+    }
+    let memcg = procfs::memcg(pid);
+    let comm = procfs::comm(pid);
+    let cmdline = procfs::cmdline(pid);
+    let tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    eprintln!(
+        "memtrace: attached to {pid} ({comm}) in {:.2}s, tracking {}; Ctrl-C to stop",
+        attach_started.elapsed().as_secs_f64(),
+        tracked.join(",")
+    );
+    let mut s = Session {
+        pid,
+        tracer,
+        symbols,
+        model,
+        stacks: StackTable::new(STACK_TABLE_CAPACITY),
+        frames: HashMap::new(),
+        symbolized_upto: 0,
+        oom_format,
+        ooms: Vec::new(),
+        timeline: Vec::new(),
+        start_ns: monotonic_ns(),
+        events: 0,
+        decode_errors: 0,
+        target_oom_killed: false,
+        last_rss: 0,
+    };
+    s.snapshot();
+
+    let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut next_snapshot = Instant::now() + args.interval;
+    let tty = std::io::stderr().is_terminal();
+    let mut last_status_line = Instant::now();
+    let reason = loop {
+        tokio::select! {
+            guard = events.readable_mut() => {
+                let mut guard = guard.context("wait for events")?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    s.handle(&item);
+                }
+                guard.clear_ready();
+                if s.target_oom_killed {
+                    break StopReason::TargetOomKilled;
+                }
+            }
+            _ = pidfd.readable() => break StopReason::TargetExited,
+            _ = sigint.recv() => break StopReason::Signal,
+            _ = sigterm.recv() => break StopReason::Signal,
+            () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
+                break StopReason::Duration;
+            }
+            _ = tick.tick() => {
+                s.symbolize_new();
+                if Instant::now() >= next_snapshot {
+                    s.snapshot();
+                    next_snapshot += args.interval;
+                }
+                if tty {
+                    eprint!("\r{}\x1b[K", s.status_line(started));
+                } else if last_status_line.elapsed() >= Duration::from_secs(5) {
+                    eprintln!("{}", s.status_line(started));
+                    last_status_line = Instant::now();
+                }
+            }
+        }
+    };
+    // Whatever is still in the ring buffer belongs to the run.
+    {
+        let rb = events.get_mut();
+        while let Some(item) = rb.next() {
+            s.handle(&item);
+        }
+    }
+    let reason = if s.target_oom_killed { StopReason::TargetOomKilled } else { reason };
+    if tty {
+        eprintln!();
+    }
+    eprintln!("{}", s.status_line(started));
+    let exited = matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled);
+    if !exited {
+        s.snapshot();
+    }
+    s.symbolize_new();
+    let end_ns = monotonic_ns();
+    let stack_failures = s.tracer.counters()[COUNTER_STACK_READ_FAILED as usize];
+    if stack_failures > 0 {
+        warn!("{stack_failures} stack copies failed; those allocations have partial stacks");
+    }
+    if s.stacks.overflowed() > 0 {
+        warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
+    }
+    let frames = |id: StackId| s.frames.get(&id).cloned().unwrap_or_default();
+    let model_totals = s.model.totals();
+    let report = build_report(&ReportInputs {
+        target: Target { pid, comm, cmdline, exited, oom_killed: s.target_oom_killed },
+        duration_s: started.elapsed().as_secs_f64(),
+        tracked,
+        totals: Totals {
+            outstanding_bytes: 0,
+            allocated_bytes: model_totals.allocated_bytes,
+            freed_bytes: model_totals.freed_bytes,
+        },
+        stacks: s.model.by_stack(),
+        end_ns,
+        min_age_s: args.min_age.as_secs_f64(),
+        frames: &frames,
+        ooms: &s.ooms,
+        memcg: memcg.as_ref(),
+        timeline: s.timeline.clone(),
+        lost_events: s.lost_events(),
+    });
+    debug!("stopped: {reason:?}");
+    let _ = std::io::stderr().flush();
+    Ok((report, reason))
+}
+
+/// `memtrace run`: the child execs right after release; its memory map is only worth
+/// reading once it has.
+async fn wait_for_exec(pid: u32) {
+    let own = std::fs::read_link("/proc/self/exe").ok();
+    for _ in 0..200 {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        if exe.is_none() || exe != own {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    warn!("process {pid} did not exec within 2s; symbols may be memtrace's own");
+}
