@@ -61,7 +61,7 @@ pub fn cmdline(pid: u32) -> String {
 #[must_use]
 pub fn program_break(pid: u32) -> Option<u64> {
     if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
-        for line in maps.lines().filter(|l| l.ends_with("[heap]")) {
+        if let Some(line) = maps.lines().find(|l| l.ends_with("[heap]")) {
             let range = line.split_whitespace().next()?;
             let (_, end) = range.split_once('-')?;
             return u64::from_str_radix(end, 16).ok();

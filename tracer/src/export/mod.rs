@@ -1,1 +1,36 @@
-//! placeholder
+//! Exporters: render a [`Report`](crate::report::Report) into every output format.
+//!
+//! One file per format; each takes the report and any [`std::io::Write`]. Report frames
+//! are leaf first; the flamegraph-style formats (folded, SVG, speedscope) share
+//! [`stacks`], which turns leaks into root-first stacks with one value each.
+
+pub mod flamegraph;
+pub mod folded;
+mod human;
+pub mod json;
+pub mod pprof;
+pub mod speedscope;
+pub mod stacks;
+pub mod text;
+
+#[cfg(test)]
+mod fixture;
+
+pub use flamegraph::write_flamegraph;
+pub use folded::write_folded;
+pub use json::write_json;
+pub use pprof::write_pprof;
+pub use speedscope::write_speedscope;
+pub use stacks::FlameValue;
+pub use text::write_text;
+
+/// Why an export failed. The path of the output file is added by the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("write report: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("serialize report as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("render flamegraph SVG: {0}")]
+    Flamegraph(#[source] std::io::Error),
+}
