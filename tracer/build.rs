@@ -18,9 +18,15 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("tracer crate has no parent directory"))?
         .join("tracer-ebpf");
-    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
     aya_build::build_ebpf(
-        [Package { name: "tracer-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [Package {
+            name: "tracer-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         Toolchain::Nightly,
     )
 }

@@ -37,23 +37,39 @@ pub struct OomEntry {
 }
 
 pub fn watch(duration: Option<Duration>, json: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
     let entries = rt.block_on(watch_async(duration))?;
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&entries).context("encode OOM records")?;
         std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))?;
-        eprintln!("memtrace: wrote {} OOM record(s) to {}", entries.len(), path.display());
+        eprintln!(
+            "memtrace: wrote {} OOM record(s) to {}",
+            entries.len(),
+            path.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomEntry>> {
     let format = OomFormat::load().context("read the oom:mark_victim tracepoint format")?;
-    let mut tracer = Tracer::load(&LoadOptions { target_tgid: 0, track: TRACK_OOM, stack_copy_bytes: 512, ring_buffer_bytes: 1 << 20 })
-        .context("attach to oom:mark_victim")?;
-    let mut events = crate::session::readable_fd(tracer.take_events().context("ring buffer already taken")?).context("poll the ring buffer")?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut tracer = Tracer::load(&LoadOptions {
+        target_tgid: 0,
+        track: TRACK_OOM,
+        stack_copy_bytes: 512,
+        ring_buffer_bytes: 1 << 20,
+    })
+    .context("attach to oom:mark_victim")?;
+    let mut events =
+        crate::session::readable_fd(tracer.take_events().context("ring buffer already taken")?)
+            .context("poll the ring buffer")?;
+    let mut sigterm =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint =
+        tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let started = crate::session::monotonic_ns();
     let deadline = duration.map(|d| tokio::time::Instant::now() + d);
     eprintln!("memtrace: watching for OOM kills machine-wide; Ctrl-C to stop");

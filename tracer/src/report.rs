@@ -96,7 +96,11 @@ impl Frame {
     /// `function` plus ` file:line` where known, or the module when there is no file.
     #[must_use]
     pub fn label(&self) -> String {
-        let function = if self.function.is_empty() { "[unknown]" } else { &self.function };
+        let function = if self.function.is_empty() {
+            "[unknown]"
+        } else {
+            &self.function
+        };
         if !self.file.is_empty() && self.line > 0 {
             let file = self.file.rsplit('/').next().unwrap_or(&self.file);
             format!("{function} {file}:{}", self.line)

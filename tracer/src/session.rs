@@ -34,7 +34,10 @@ const TIMELINE_CAPACITY: usize = 4096;
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 #[must_use]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a local timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -44,7 +47,8 @@ pub fn monotonic_ns() -> u64 {
 pub fn readable_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: every `T` used here (the ring buffer's map, an `OwnedFd`) owns its fd for
     // its whole lifetime and always returns the same one.
-    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
 }
 
 /// Opens a pidfd, which becomes readable when the process exits.
@@ -62,7 +66,10 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 pub fn resolve_target(pid: u32) -> anyhow::Result<u32> {
     match procfs::status(pid) {
         Ok(s) if s.tgid != 0 && s.tgid != pid => {
-            log::info!("{pid} is a thread of process {}; tracing the whole process", s.tgid);
+            log::info!(
+                "{pid} is a thread of process {}; tracing the whole process",
+                s.tgid
+            );
             Ok(s.tgid)
         }
         Ok(_) => Ok(pid),
@@ -125,7 +132,11 @@ impl Session {
             Ok(Event::Mem { event, stack }) => {
                 let id = match stack {
                     Some(s) => {
-                        let regs = Regs { ip: s.ip, sp: s.sp, bp: s.bp };
+                        let regs = Regs {
+                            ip: s.ip,
+                            sp: s.sp,
+                            bp: s.bp,
+                        };
                         let addrs = self.symbols.unwind(regs, s.data, &s.fp_frames());
                         self.stacks.intern(&addrs)
                     }
@@ -136,7 +147,9 @@ impl Session {
                 }
             }
             Ok(Event::Oom { event }) => {
-                let Some(format) = &self.oom_format else { return };
+                let Some(format) = &self.oom_format else {
+                    return;
+                };
                 match format.decode(event) {
                     Ok(rec) => {
                         eprintln!(
@@ -146,7 +159,11 @@ impl Session {
                             crate::units::human_bytes(rec.anon_rss_bytes),
                             crate::units::human_bytes(rec.file_rss_bytes),
                             crate::units::human_bytes(rec.shmem_rss_bytes),
-                            if rec.pid == self.pid { " — the traced process" } else { "" }
+                            if rec.pid == self.pid {
+                                " — the traced process"
+                            } else {
+                                ""
+                            }
                         );
                         if rec.pid == self.pid {
                             self.target_oom_killed = true;
@@ -176,7 +193,12 @@ impl Session {
         for id in (self.symbolized_upto + 1)..=total {
             let id = StackId(id as u32);
             let addrs = self.stacks.get(id).to_vec();
-            let frames = self.symbols.symbolize(&addrs).into_iter().flatten().collect();
+            let frames = self
+                .symbols
+                .symbolize(&addrs)
+                .into_iter()
+                .flatten()
+                .collect();
             self.frames.insert(id, frames);
         }
         self.symbolized_upto = total;
@@ -191,7 +213,11 @@ impl Session {
             self.last_rss = s.mem.rss;
         }
         let t_s = (monotonic_ns().saturating_sub(self.start_ns)) as f64 / 1e9;
-        self.timeline.push(TimelinePoint { t_s, rss_bytes: self.last_rss, outstanding_bytes: self.model.outstanding_bytes() });
+        self.timeline.push(TimelinePoint {
+            t_s,
+            rss_bytes: self.last_rss,
+            outstanding_bytes: self.model.outstanding_bytes(),
+        });
         if self.timeline.len() > TIMELINE_CAPACITY {
             // Keep every other point: resolution halves, coverage stays whole.
             let mut i = 0;
@@ -233,7 +259,8 @@ pub struct TraceTarget {
 pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
     let attach_started = Instant::now();
     let pid = resolve_target(target.pid)?;
-    let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
+    let pidfd =
+        pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     let track = track_bits(&args.track)?;
     if args.record.is_some() {
         bail!("--record is not available in this version yet; use --json to keep the report");
@@ -264,7 +291,8 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         release()?;
         wait_for_exec(pid).await;
     }
-    let symbols = ProcessSymbols::new(pid).with_context(|| format!("read the memory map of process {pid}"))?;
+    let symbols = ProcessSymbols::new(pid)
+        .with_context(|| format!("read the memory map of process {pid}"))?;
     let mut model = LiveModel::new();
     if let Some(brk) = procfs::program_break(pid) {
         model.set_initial_brk(brk);
@@ -298,8 +326,10 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     s.snapshot();
 
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    let mut sigterm =
+        tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut sigint =
+        tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let started = Instant::now();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -347,12 +377,19 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
             s.handle(&item);
         }
     }
-    let reason = if s.target_oom_killed { StopReason::TargetOomKilled } else { reason };
+    let reason = if s.target_oom_killed {
+        StopReason::TargetOomKilled
+    } else {
+        reason
+    };
     if tty {
         eprintln!();
     }
     eprintln!("{}", s.status_line(started));
-    let exited = matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled);
+    let exited = matches!(
+        reason,
+        StopReason::TargetExited | StopReason::TargetOomKilled
+    );
     if !exited {
         s.snapshot();
     }
@@ -363,12 +400,21 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         warn!("{stack_failures} stack copies failed; those allocations have partial stacks");
     }
     if s.stacks.overflowed() > 0 {
-        warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
+        warn!(
+            "{} new stacks found the stack table full and are reported as unknown",
+            s.stacks.overflowed()
+        );
     }
     let frames = |id: StackId| s.frames.get(&id).cloned().unwrap_or_default();
     let model_totals = s.model.totals();
     let report = build_report(&ReportInputs {
-        target: Target { pid, comm, cmdline, exited, oom_killed: s.target_oom_killed },
+        target: Target {
+            pid,
+            comm,
+            cmdline,
+            exited,
+            oom_killed: s.target_oom_killed,
+        },
         duration_s: started.elapsed().as_secs_f64(),
         tracked,
         totals: Totals {

@@ -42,7 +42,9 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         .stacks
         .iter()
         .filter(|agg| agg.bytes > 0)
-        .filter(|agg| (inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS) >= inputs.min_age_s)
+        .filter(|agg| {
+            (inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS) >= inputs.min_age_s
+        })
         .map(|agg| {
             let growth_bytes_per_s = growth(agg, inputs.end_ns);
             let mut frames = (inputs.frames)(agg.stack);
@@ -106,19 +108,38 @@ mod tests {
     use crate::model::Source;
 
     fn agg(stack: u32, bytes: u64, oldest_ts_ns: u64) -> StackAgg {
-        StackAgg { stack: StackId(stack), bytes, count: 1, oldest_ts_ns, sources: vec![Source::Mmap] }
+        StackAgg {
+            stack: StackId(stack),
+            bytes,
+            count: 1,
+            oldest_ts_ns,
+            sources: vec![Source::Mmap],
+        }
     }
 
     #[test]
     fn ranks_by_score_and_applies_min_age() {
-        let frames = |id: StackId| vec![Frame { function: format!("f{}", id.0), kind: FrameKind::Native, ..Frame::default() }];
+        let frames = |id: StackId| {
+            vec![Frame {
+                function: format!("f{}", id.0),
+                kind: FrameKind::Native,
+                ..Frame::default()
+            }]
+        };
         let ooms = [];
         let inputs = ReportInputs {
-            target: crate::report::Target { pid: 7, ..Default::default() },
+            target: crate::report::Target {
+                pid: 7,
+                ..Default::default()
+            },
             duration_s: 10.0,
             tracked: vec!["mmap".into()],
             totals: Totals::default(),
-            stacks: vec![agg(1, 100, 0), agg(2, 5000, 9_500_000_000), agg(3, 300, 2_000_000_000)],
+            stacks: vec![
+                agg(1, 100, 0),
+                agg(2, 5000, 9_500_000_000),
+                agg(3, 300, 2_000_000_000),
+            ],
             end_ns: 10_000_000_000,
             min_age_s: 1.0,
             frames: &frames,
@@ -128,7 +149,11 @@ mod tests {
             lost_events: 0,
         };
         let r = build_report(&inputs);
-        let names: Vec<_> = r.leaks.iter().map(|l| l.frames[0].function.as_str()).collect();
+        let names: Vec<_> = r
+            .leaks
+            .iter()
+            .map(|l| l.frames[0].function.as_str())
+            .collect();
         assert_eq!(names, vec!["f3", "f1"], "stack 2 is younger than --min-age");
         assert_eq!(r.totals.outstanding_bytes, 5400);
         assert!((r.leaks[0].growth_bytes_per_s - 300.0 / 8.0).abs() < 1e-9);

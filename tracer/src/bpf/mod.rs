@@ -24,9 +24,13 @@ pub enum BpfError {
         "this memtrace was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild with `cargo build -p tracer` after `cargo xtask setup`"
     )]
     NoObject,
-    #[error("memtrace must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs")]
+    #[error(
+        "memtrace must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs"
+    )]
     NotRoot,
-    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({0}); run: mount -t tracefs tracefs /sys/kernel/tracing")]
+    #[error(
+        "tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({0}); run: mount -t tracefs tracefs /sys/kernel/tracing"
+    )]
     Tracefs(std::io::Error),
     #[error("load the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
@@ -58,21 +62,76 @@ struct Attachment {
     family: u32,
 }
 
-const fn tp(program: &'static str, category: &'static str, name: &'static str, family: u32) -> Attachment {
-    Attachment { program, category, name, family }
+const fn tp(
+    program: &'static str,
+    category: &'static str,
+    name: &'static str,
+    family: u32,
+) -> Attachment {
+    Attachment {
+        program,
+        category,
+        name,
+        family,
+    }
 }
 
 const ATTACHMENTS: &[Attachment] = &[
-    tp("tp_sys_enter_mmap", "syscalls", "sys_enter_mmap", TRACK_MMAP),
+    tp(
+        "tp_sys_enter_mmap",
+        "syscalls",
+        "sys_enter_mmap",
+        TRACK_MMAP,
+    ),
     tp("tp_sys_exit_mmap", "syscalls", "sys_exit_mmap", TRACK_MMAP),
-    tp("tp_sys_enter_munmap", "syscalls", "sys_enter_munmap", TRACK_MMAP),
-    tp("tp_sys_exit_munmap", "syscalls", "sys_exit_munmap", TRACK_MMAP),
-    tp("tp_sys_enter_mremap", "syscalls", "sys_enter_mremap", TRACK_MMAP),
-    tp("tp_sys_exit_mremap", "syscalls", "sys_exit_mremap", TRACK_MMAP),
-    tp("tp_sys_enter_mprotect", "syscalls", "sys_enter_mprotect", TRACK_MMAP),
-    tp("tp_sys_exit_mprotect", "syscalls", "sys_exit_mprotect", TRACK_MMAP),
-    tp("tp_sys_enter_madvise", "syscalls", "sys_enter_madvise", TRACK_MMAP),
-    tp("tp_sys_exit_madvise", "syscalls", "sys_exit_madvise", TRACK_MMAP),
+    tp(
+        "tp_sys_enter_munmap",
+        "syscalls",
+        "sys_enter_munmap",
+        TRACK_MMAP,
+    ),
+    tp(
+        "tp_sys_exit_munmap",
+        "syscalls",
+        "sys_exit_munmap",
+        TRACK_MMAP,
+    ),
+    tp(
+        "tp_sys_enter_mremap",
+        "syscalls",
+        "sys_enter_mremap",
+        TRACK_MMAP,
+    ),
+    tp(
+        "tp_sys_exit_mremap",
+        "syscalls",
+        "sys_exit_mremap",
+        TRACK_MMAP,
+    ),
+    tp(
+        "tp_sys_enter_mprotect",
+        "syscalls",
+        "sys_enter_mprotect",
+        TRACK_MMAP,
+    ),
+    tp(
+        "tp_sys_exit_mprotect",
+        "syscalls",
+        "sys_exit_mprotect",
+        TRACK_MMAP,
+    ),
+    tp(
+        "tp_sys_enter_madvise",
+        "syscalls",
+        "sys_enter_madvise",
+        TRACK_MMAP,
+    ),
+    tp(
+        "tp_sys_exit_madvise",
+        "syscalls",
+        "sys_exit_madvise",
+        TRACK_MMAP,
+    ),
     tp("tp_sys_enter_brk", "syscalls", "sys_enter_brk", TRACK_BRK),
     tp("tp_sys_exit_brk", "syscalls", "sys_exit_brk", TRACK_BRK),
     tp("tp_oom_mark_victim", "oom", "mark_victim", TRACK_OOM),
@@ -134,12 +193,25 @@ impl Tracer {
             program.attach(a.category, a.name).map_err(attach_err)?;
             debug!("attached {} to {}:{}", a.program, a.category, a.name);
         }
-        let events = ebpf.take_map(MAP_EVENTS).ok_or(BpfError::MissingMap(MAP_EVENTS))?;
-        let events = RingBuf::try_from(events).map_err(|source| BpfError::Map { name: MAP_EVENTS, source })?;
-        let counters = ebpf.take_map(MAP_COUNTERS).ok_or(BpfError::MissingMap(MAP_COUNTERS))?;
-        let counters = PerCpuArray::try_from(counters)
-            .map_err(|source| BpfError::Map { name: MAP_COUNTERS, source })?;
-        Ok(Self { _ebpf: ebpf, events: Some(events), counters })
+        let events = ebpf
+            .take_map(MAP_EVENTS)
+            .ok_or(BpfError::MissingMap(MAP_EVENTS))?;
+        let events = RingBuf::try_from(events).map_err(|source| BpfError::Map {
+            name: MAP_EVENTS,
+            source,
+        })?;
+        let counters = ebpf
+            .take_map(MAP_COUNTERS)
+            .ok_or(BpfError::MissingMap(MAP_COUNTERS))?;
+        let counters = PerCpuArray::try_from(counters).map_err(|source| BpfError::Map {
+            name: MAP_COUNTERS,
+            source,
+        })?;
+        Ok(Self {
+            _ebpf: ebpf,
+            events: Some(events),
+            counters,
+        })
     }
 
     /// The ring buffer, to be polled by the caller (once).
@@ -175,13 +247,18 @@ pub fn ensure_tracefs() -> Result<(), BpfError> {
         debug!("mounted tracefs at {TRACEFS}");
         Ok(())
     } else {
-        Err(BpfError::Tracefs(std::io::Error::other(format!("mount exited with {status}"))))
+        Err(BpfError::Tracefs(std::io::Error::other(format!(
+            "mount exited with {status}"
+        ))))
     }
 }
 
 /// Kernels >= 5.11 account BPF memory to the cgroup, so a refused raise is only a warning.
 fn raise_memlock() {
-    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: passes a valid pointer to a local rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
         warn!(

@@ -42,15 +42,40 @@ const MREMAP_DONTUNMAP: u32 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemOp {
     /// Anonymous mapping (file mappings are page cache, not memory the target holds).
-    Map { addr: u64, len: u64, reserved: bool },
+    Map {
+        addr: u64,
+        len: u64,
+        reserved: bool,
+    },
     /// A file mapping: only replaces what it lands on.
-    MapFile { addr: u64, len: u64 },
-    Unmap { addr: u64, len: u64 },
-    Remap { old_addr: u64, old_len: u64, addr: u64, len: u64, dont_unmap: bool },
-    Brk { new_brk: u64 },
-    Protect { addr: u64, len: u64, reserved: bool },
+    MapFile {
+        addr: u64,
+        len: u64,
+    },
+    Unmap {
+        addr: u64,
+        len: u64,
+    },
+    Remap {
+        old_addr: u64,
+        old_len: u64,
+        addr: u64,
+        len: u64,
+        dont_unmap: bool,
+    },
+    Brk {
+        new_brk: u64,
+    },
+    Protect {
+        addr: u64,
+        len: u64,
+        reserved: bool,
+    },
     /// madvise(DONTNEED/FREE/REMOVE): pages given back, mapping kept.
-    Release { addr: u64, len: u64 },
+    Release {
+        addr: u64,
+        len: u64,
+    },
 }
 
 impl MemOp {
@@ -58,11 +83,19 @@ impl MemOp {
     #[must_use]
     pub fn from_event(ev: &MemEvent) -> Option<Self> {
         Some(match ev.header.kind {
-            kind::MMAP if ev.flags & MAP_ANONYMOUS != 0 || ev.fd < 0 => {
-                Self::Map { addr: ev.addr, len: ev.len, reserved: ev.prot == 0 }
-            }
-            kind::MMAP => Self::MapFile { addr: ev.addr, len: ev.len },
-            kind::MUNMAP => Self::Unmap { addr: ev.addr, len: ev.len },
+            kind::MMAP if ev.flags & MAP_ANONYMOUS != 0 || ev.fd < 0 => Self::Map {
+                addr: ev.addr,
+                len: ev.len,
+                reserved: ev.prot == 0,
+            },
+            kind::MMAP => Self::MapFile {
+                addr: ev.addr,
+                len: ev.len,
+            },
+            kind::MUNMAP => Self::Unmap {
+                addr: ev.addr,
+                len: ev.len,
+            },
             kind::MREMAP => Self::Remap {
                 old_addr: ev.old_addr,
                 old_len: ev.old_len,
@@ -71,8 +104,15 @@ impl MemOp {
                 dont_unmap: ev.flags & MREMAP_DONTUNMAP != 0,
             },
             kind::BRK => Self::Brk { new_brk: ev.addr },
-            kind::MPROTECT => Self::Protect { addr: ev.addr, len: ev.len, reserved: ev.prot == 0 },
-            kind::MADVISE => Self::Release { addr: ev.addr, len: ev.len },
+            kind::MPROTECT => Self::Protect {
+                addr: ev.addr,
+                len: ev.len,
+                reserved: ev.prot == 0,
+            },
+            kind::MADVISE => Self::Release {
+                addr: ev.addr,
+                len: ev.len,
+            },
             _ => return None,
         })
     }
@@ -143,7 +183,11 @@ impl LiveModel {
     }
 
     fn freed(&mut self, removed: &[(u64, Segment)]) {
-        let bytes: u64 = removed.iter().filter(|(_, s)| !s.reserved).map(|(k, s)| s.end - k).sum();
+        let bytes: u64 = removed
+            .iter()
+            .filter(|(_, s)| !s.reserved)
+            .map(|(k, s)| s.end - k)
+            .sum();
         self.totals.freed_bytes += bytes;
     }
 
@@ -151,9 +195,20 @@ impl LiveModel {
     pub fn apply(&mut self, op: MemOp, stack: StackId, ts_ns: u64) {
         self.totals.ops += 1;
         match op {
-            MemOp::Map { addr, len, reserved } => {
+            MemOp::Map {
+                addr,
+                len,
+                reserved,
+            } => {
                 let len = page_align(len);
-                let seg = Segment { end: addr + len, stack, alloc: self.new_alloc(), ts_ns, source: Source::Mmap, reserved };
+                let seg = Segment {
+                    end: addr + len,
+                    stack,
+                    alloc: self.new_alloc(),
+                    ts_ns,
+                    source: Source::Mmap,
+                    reserved,
+                };
                 let removed = self.ranges.insert(addr, seg);
                 self.freed(&removed);
                 if !reserved {
@@ -164,12 +219,32 @@ impl LiveModel {
                 let removed = self.ranges.remove(addr, addr + page_align(len));
                 self.freed(&removed);
             }
-            MemOp::Remap { old_addr, old_len, addr, len, dont_unmap } => {
-                self.remap(old_addr, page_align(old_len), addr, page_align(len), dont_unmap, stack, ts_ns);
+            MemOp::Remap {
+                old_addr,
+                old_len,
+                addr,
+                len,
+                dont_unmap,
+            } => {
+                self.remap(
+                    old_addr,
+                    page_align(old_len),
+                    addr,
+                    page_align(len),
+                    dont_unmap,
+                    stack,
+                    ts_ns,
+                );
             }
             MemOp::Brk { new_brk } => self.brk_to(new_brk, stack, ts_ns),
-            MemOp::Protect { addr, len, reserved } => {
-                let changed = self.ranges.set_reserved(addr, addr + page_align(len), reserved);
+            MemOp::Protect {
+                addr,
+                len,
+                reserved,
+            } => {
+                let changed = self
+                    .ranges
+                    .set_reserved(addr, addr + page_align(len), reserved);
                 let bytes: u64 = changed.iter().map(|(k, s)| s.end - k).sum();
                 if reserved {
                     self.totals.freed_bytes += bytes;
@@ -181,16 +256,36 @@ impl LiveModel {
         }
     }
 
-    #[allow(clippy::too_many_arguments, reason = "one mremap call's arguments plus who made it")]
-    fn remap(&mut self, old_addr: u64, old_len: u64, addr: u64, len: u64, dont_unmap: bool, stack: StackId, ts_ns: u64) {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one mremap call's arguments plus who made it"
+    )]
+    fn remap(
+        &mut self,
+        old_addr: u64,
+        old_len: u64,
+        addr: u64,
+        len: u64,
+        dont_unmap: bool,
+        stack: StackId,
+        ts_ns: u64,
+    ) {
         let kept = old_len.min(len);
         let moved = if dont_unmap {
             // The old range stays mapped (emptied); its pieces are copied, not moved.
-            self.ranges.iter().filter(|(k, s)| *k < old_addr + kept && s.end > old_addr).map(|(k, s)| (k, *s)).collect()
+            self.ranges
+                .iter()
+                .filter(|(k, s)| *k < old_addr + kept && s.end > old_addr)
+                .map(|(k, s)| (k, *s))
+                .collect()
         } else {
             let mut moved = self.ranges.remove(old_addr, old_addr + old_len);
             // The tail beyond the new length is freed by a shrink.
-            let tail: Vec<_> = moved.iter().filter(|(k, _)| *k >= old_addr + kept).copied().collect();
+            let tail: Vec<_> = moved
+                .iter()
+                .filter(|(k, _)| *k >= old_addr + kept)
+                .copied()
+                .collect();
             self.freed(&tail);
             moved.retain(|(k, _)| *k < old_addr + kept);
             moved
@@ -217,9 +312,18 @@ impl LiveModel {
     }
 
     fn brk_to(&mut self, new_brk: u64, stack: StackId, ts_ns: u64) {
-        let Some(old) = self.brk.replace(new_brk) else { return };
+        let Some(old) = self.brk.replace(new_brk) else {
+            return;
+        };
         if new_brk > old {
-            let seg = Segment { end: new_brk, stack, alloc: self.new_alloc(), ts_ns, source: Source::Brk, reserved: false };
+            let seg = Segment {
+                end: new_brk,
+                stack,
+                alloc: self.new_alloc(),
+                ts_ns,
+                source: Source::Brk,
+                reserved: false,
+            };
             let removed = self.ranges.insert(old, seg);
             self.freed(&removed);
             self.totals.allocated_bytes += new_brk - old;
@@ -235,7 +339,14 @@ impl LiveModel {
         let mut aggs: HashMap<StackId, (StackAgg, HashSet<AllocId>)> = HashMap::new();
         for (start, seg) in self.ranges.iter().filter(|(_, s)| !s.reserved) {
             let (agg, allocs) = aggs.entry(seg.stack).or_insert_with(|| {
-                (StackAgg { stack: seg.stack, oldest_ts_ns: u64::MAX, ..StackAgg::default() }, HashSet::new())
+                (
+                    StackAgg {
+                        stack: seg.stack,
+                        oldest_ts_ns: u64::MAX,
+                        ..StackAgg::default()
+                    },
+                    HashSet::new(),
+                )
             });
             agg.bytes += seg.end - start;
             agg.oldest_ts_ns = agg.oldest_ts_ns.min(seg.ts_ns);
@@ -263,15 +374,41 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn by(model: &LiveModel, stack: u32) -> Option<StackAgg> {
-        model.by_stack().into_iter().find(|a| a.stack == StackId(stack))
+        model
+            .by_stack()
+            .into_iter()
+            .find(|a| a.stack == StackId(stack))
     }
 
     #[test]
     fn unmapped_memory_is_not_outstanding() {
         let mut m = LiveModel::new();
-        m.apply(MemOp::Map { addr: 0x10_0000, len: MIB, reserved: false }, StackId(1), 1);
-        m.apply(MemOp::Map { addr: 0x40_0000, len: MIB, reserved: false }, StackId(2), 2);
-        m.apply(MemOp::Unmap { addr: 0x40_0000, len: MIB }, StackId(0), 3);
+        m.apply(
+            MemOp::Map {
+                addr: 0x10_0000,
+                len: MIB,
+                reserved: false,
+            },
+            StackId(1),
+            1,
+        );
+        m.apply(
+            MemOp::Map {
+                addr: 0x40_0000,
+                len: MIB,
+                reserved: false,
+            },
+            StackId(2),
+            2,
+        );
+        m.apply(
+            MemOp::Unmap {
+                addr: 0x40_0000,
+                len: MIB,
+            },
+            StackId(0),
+            3,
+        );
         assert_eq!(m.outstanding_bytes(), MIB);
         assert!(by(&m, 2).is_none());
         let leak = by(&m, 1).expect("stack 1 holds memory");
@@ -283,8 +420,23 @@ mod tests {
     #[test]
     fn partial_unmap_keeps_one_allocation() {
         let mut m = LiveModel::new();
-        m.apply(MemOp::Map { addr: 0x10_0000, len: 4 * MIB, reserved: false }, StackId(1), 1);
-        m.apply(MemOp::Unmap { addr: 0x10_0000 + MIB, len: MIB }, StackId(0), 2);
+        m.apply(
+            MemOp::Map {
+                addr: 0x10_0000,
+                len: 4 * MIB,
+                reserved: false,
+            },
+            StackId(1),
+            1,
+        );
+        m.apply(
+            MemOp::Unmap {
+                addr: 0x10_0000 + MIB,
+                len: MIB,
+            },
+            StackId(0),
+            2,
+        );
         let leak = by(&m, 1).expect("still held");
         assert_eq!((leak.bytes, leak.count), (3 * MIB, 1));
     }
@@ -292,17 +444,48 @@ mod tests {
     #[test]
     fn mremap_moves_and_grows() {
         let mut m = LiveModel::new();
-        m.apply(MemOp::Map { addr: 0x10_0000, len: MIB, reserved: false }, StackId(1), 1);
         m.apply(
-            MemOp::Remap { old_addr: 0x10_0000, old_len: MIB, addr: 0x80_0000, len: 3 * MIB, dont_unmap: false },
+            MemOp::Map {
+                addr: 0x10_0000,
+                len: MIB,
+                reserved: false,
+            },
+            StackId(1),
+            1,
+        );
+        m.apply(
+            MemOp::Remap {
+                old_addr: 0x10_0000,
+                old_len: MIB,
+                addr: 0x80_0000,
+                len: 3 * MIB,
+                dont_unmap: false,
+            },
             StackId(2),
             2,
         );
-        assert_eq!(by(&m, 1).map(|a| a.bytes), Some(MIB), "moved part keeps its stack");
-        assert_eq!(by(&m, 2).map(|a| a.bytes), Some(2 * MIB), "growth belongs to the mremap caller");
-        assert!(m.ranges().iter().all(|(k, _)| k >= 0x80_0000), "nothing left at the old address");
+        assert_eq!(
+            by(&m, 1).map(|a| a.bytes),
+            Some(MIB),
+            "moved part keeps its stack"
+        );
+        assert_eq!(
+            by(&m, 2).map(|a| a.bytes),
+            Some(2 * MIB),
+            "growth belongs to the mremap caller"
+        );
+        assert!(
+            m.ranges().iter().all(|(k, _)| k >= 0x80_0000),
+            "nothing left at the old address"
+        );
         m.apply(
-            MemOp::Remap { old_addr: 0x80_0000, old_len: 3 * MIB, addr: 0x80_0000, len: MIB / 2, dont_unmap: false },
+            MemOp::Remap {
+                old_addr: 0x80_0000,
+                old_len: 3 * MIB,
+                addr: 0x80_0000,
+                len: MIB / 2,
+                dont_unmap: false,
+            },
             StackId(3),
             3,
         );
@@ -314,10 +497,28 @@ mod tests {
     fn brk_growth_and_shrink() {
         let mut m = LiveModel::new();
         m.set_initial_brk(0x100_0000);
-        m.apply(MemOp::Brk { new_brk: 0x102_1000 }, StackId(5), 1);
-        m.apply(MemOp::Brk { new_brk: 0x104_2000 }, StackId(6), 2);
+        m.apply(
+            MemOp::Brk {
+                new_brk: 0x102_1000,
+            },
+            StackId(5),
+            1,
+        );
+        m.apply(
+            MemOp::Brk {
+                new_brk: 0x104_2000,
+            },
+            StackId(6),
+            2,
+        );
         assert_eq!(m.outstanding_bytes(), 0x4_2000);
-        m.apply(MemOp::Brk { new_brk: 0x101_0000 }, StackId(7), 3);
+        m.apply(
+            MemOp::Brk {
+                new_brk: 0x101_0000,
+            },
+            StackId(7),
+            3,
+        );
         assert_eq!(by(&m, 5).map(|a| a.bytes), Some(0x1_0000));
         assert!(by(&m, 6).is_none());
         assert_eq!(by(&m, 5).map(|a| a.sources), Some(vec![Source::Brk]));
@@ -326,20 +527,55 @@ mod tests {
     #[test]
     fn brk_without_known_start_is_not_guessed() {
         let mut m = LiveModel::new();
-        m.apply(MemOp::Brk { new_brk: 0x200_0000 }, StackId(5), 1);
+        m.apply(
+            MemOp::Brk {
+                new_brk: 0x200_0000,
+            },
+            StackId(5),
+            1,
+        );
         assert_eq!(m.outstanding_bytes(), 0);
-        m.apply(MemOp::Brk { new_brk: 0x200_2000 }, StackId(5), 2);
+        m.apply(
+            MemOp::Brk {
+                new_brk: 0x200_2000,
+            },
+            StackId(5),
+            2,
+        );
         assert_eq!(m.outstanding_bytes(), 0x2000);
     }
 
     #[test]
     fn reservations_count_once_committed() {
         let mut m = LiveModel::new();
-        m.apply(MemOp::Map { addr: 0x1000_0000, len: 64 * MIB, reserved: true }, StackId(1), 1);
+        m.apply(
+            MemOp::Map {
+                addr: 0x1000_0000,
+                len: 64 * MIB,
+                reserved: true,
+            },
+            StackId(1),
+            1,
+        );
         assert_eq!(m.outstanding_bytes(), 0);
-        m.apply(MemOp::Protect { addr: 0x1000_0000, len: 2 * MIB, reserved: false }, StackId(0), 2);
+        m.apply(
+            MemOp::Protect {
+                addr: 0x1000_0000,
+                len: 2 * MIB,
+                reserved: false,
+            },
+            StackId(0),
+            2,
+        );
         assert_eq!(by(&m, 1).map(|a| a.bytes), Some(2 * MIB));
-        m.apply(MemOp::Unmap { addr: 0x1000_0000, len: 64 * MIB }, StackId(0), 3);
+        m.apply(
+            MemOp::Unmap {
+                addr: 0x1000_0000,
+                len: 64 * MIB,
+            },
+            StackId(0),
+            3,
+        );
         assert_eq!(m.outstanding_bytes(), 0);
         assert_eq!(m.totals().freed_bytes, 2 * MIB);
     }
@@ -347,19 +583,51 @@ mod tests {
     #[test]
     fn file_mapping_over_anonymous_memory_frees_it() {
         let mut m = LiveModel::new();
-        m.apply(MemOp::Map { addr: 0x10_0000, len: MIB, reserved: false }, StackId(1), 1);
-        m.apply(MemOp::MapFile { addr: 0x10_0000, len: MIB / 2 }, StackId(2), 2);
+        m.apply(
+            MemOp::Map {
+                addr: 0x10_0000,
+                len: MIB,
+                reserved: false,
+            },
+            StackId(1),
+            1,
+        );
+        m.apply(
+            MemOp::MapFile {
+                addr: 0x10_0000,
+                len: MIB / 2,
+            },
+            StackId(2),
+            2,
+        );
         assert_eq!(m.outstanding_bytes(), MIB / 2);
     }
 
     #[test]
     fn kernel_event_conversion() {
-        let mut ev = MemEvent { addr: 1, len: 2, prot: 3, flags: MAP_ANONYMOUS, fd: -1, ..MemEvent::default() };
+        let mut ev = MemEvent {
+            addr: 1,
+            len: 2,
+            prot: 3,
+            flags: MAP_ANONYMOUS,
+            fd: -1,
+            ..MemEvent::default()
+        };
         ev.header.kind = kind::MMAP;
-        assert_eq!(MemOp::from_event(&ev), Some(MemOp::Map { addr: 1, len: 2, reserved: false }));
+        assert_eq!(
+            MemOp::from_event(&ev),
+            Some(MemOp::Map {
+                addr: 1,
+                len: 2,
+                reserved: false
+            })
+        );
         ev.flags = 0x2;
         ev.fd = 3;
-        assert_eq!(MemOp::from_event(&ev), Some(MemOp::MapFile { addr: 1, len: 2 }));
+        assert_eq!(
+            MemOp::from_event(&ev),
+            Some(MemOp::MapFile { addr: 1, len: 2 })
+        );
         ev.header.kind = kind::OOM_MARK_VICTIM;
         assert_eq!(MemOp::from_event(&ev), None);
     }

@@ -1,0 +1,201 @@
+//! End to end on a real Node.js process: stop it at `mmap` syscalls with ptrace (as the
+//! eBPF tracepoint would see them), copy its registers and stack, and check that the stack
+//! unwinds from glibc (no frame pointers) through node's C++ and V8's builtins into the
+//! JIT-compiled JavaScript function that allocated, named by the perf map.
+//!
+//! Needs `node` on PATH; the test says so and passes when it is missing. Tracing one's own
+//! child needs no privileges.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const SCRIPT: &str = r"
+const kept = [];
+function rememberOrder(i) {
+  // Large enough for glibc's malloc to mmap it.
+  kept.push(Buffer.allocUnsafeSlow(256 * 1024));
+  if (kept.length > 64) kept.shift();
+}
+setInterval(() => { for (let i = 0; i < 64; i++) rememberOrder(i); }, 1);
+";
+
+/// ptrace's unused pointer arguments (variadic: they must be pointer-sized).
+const NULL: *mut libc::c_void = std::ptr::null_mut();
+
+/// Kills the fixture on drop.
+struct Fixture(Child);
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.0.id()));
+    }
+}
+
+/// What a `mmap` syscall-entry stop of the main thread looked like.
+struct Sample {
+    regs: Regs,
+    stack: Vec<u8>,
+}
+
+/// Waits for the next ptrace stop of `pid`; `None` when it exited.
+fn wait_stop(pid: i32) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: waitpid writes only to `status`.
+    let rc = unsafe { libc::waitpid(pid, &raw mut status, libc::__WALL) };
+    (rc == pid && libc::WIFSTOPPED(status)).then(|| libc::WSTOPSIG(status))
+}
+
+/// Collects register and stack samples at `mmap` entries of the node main thread; `None`
+/// when ptrace is not allowed here.
+fn sample_mmaps(pid: i32, wanted: usize, deadline: Instant) -> Option<Vec<Sample>> {
+    // SAFETY: plain ptrace requests on our own child; no memory is passed.
+    let seized = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            NULL,
+            libc::c_long::from(libc::PTRACE_O_TRACESYSGOOD),
+        )
+    };
+    if seized != 0 {
+        eprintln!("PTRACE_SEIZE: {}", std::io::Error::last_os_error());
+        return None;
+    }
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, NULL, NULL) },
+        0,
+        "PTRACE_INTERRUPT"
+    );
+    assert!(wait_stop(pid).is_some(), "node stops for the tracer");
+    let mem = File::open(format!("/proc/{pid}/mem")).expect("open the child's memory");
+    let mut samples = Vec::new();
+    let mut in_syscall = false;
+    let mut signal = 0;
+    while samples.len() < wanted && Instant::now() < deadline {
+        // SAFETY: resumes our stopped tracee until its next syscall entry or exit.
+        if unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, NULL, libc::c_long::from(signal)) } != 0
+        {
+            break;
+        }
+        let Some(stop) = wait_stop(pid) else { break };
+        signal = 0;
+        if stop != (libc::SIGTRAP | 0x80) {
+            // Signal delivery stops pass the signal on; group stops (the interrupt) do not.
+            if stop != libc::SIGTRAP && stop != libc::SIGSTOP {
+                signal = stop;
+            }
+            continue;
+        }
+        in_syscall = !in_syscall;
+        // SAFETY: user_regs_struct is plain data; PTRACE_GETREGS fills it.
+        let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        // SAFETY: the tracee is stopped and `regs` is a valid destination.
+        if unsafe { libc::ptrace(libc::PTRACE_GETREGS, pid, NULL, &raw mut regs) } != 0 {
+            break;
+        }
+        if !in_syscall || regs.orig_rax != libc::SYS_mmap as u64 {
+            continue;
+        }
+        let mut stack = vec![0u8; 16 * 1024];
+        let n = mem.read_at(&mut stack, regs.rsp).unwrap_or(0);
+        stack.truncate(n);
+        samples.push(Sample {
+            regs: Regs {
+                ip: regs.rip,
+                sp: regs.rsp,
+                bp: regs.rbp,
+            },
+            stack,
+        });
+    }
+    // SAFETY: detaching our own tracee.
+    unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, NULL, NULL) };
+    Some(samples)
+}
+
+#[test]
+fn unwinds_node_from_libc_into_javascript() {
+    let Ok(node) = which_node() else {
+        eprintln!("SKIPPED unwinds_node_from_libc_into_javascript: `node` is not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("app.js");
+    File::create(&script)
+        .and_then(|mut f| f.write_all(SCRIPT.as_bytes()))
+        .expect("write script");
+    let child = Command::new(node)
+        .args([
+            "--perf-basic-prof",
+            "--interpreted-frames-native-stack",
+            "--no-turbo-inlining",
+        ])
+        .arg(&script)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start node");
+    let fixture = Fixture(child);
+    let pid = fixture.0.id();
+    // Let the function get hot (and JIT-compiled) first.
+    std::thread::sleep(Duration::from_millis(700));
+
+    let mut symbols = ProcessSymbols::new(pid).expect("symbols of node");
+    let Some(samples) = sample_mmaps(
+        pid.cast_signed(),
+        40,
+        Instant::now() + Duration::from_secs(10),
+    ) else {
+        eprintln!("SKIPPED unwinds_node_from_libc_into_javascript: ptrace is not allowed here");
+        return;
+    };
+    assert!(!samples.is_empty(), "node made no mmap calls");
+    symbols.refresh_perf_map();
+
+    let mut best: Vec<Frame> = Vec::new();
+    for sample in &samples {
+        let addrs = symbols.unwind(sample.regs, &sample.stack, &[]);
+        let frames: Vec<Frame> = symbols.symbolize(&addrs).into_iter().flatten().collect();
+        let js = frames
+            .iter()
+            .position(|f| f.kind == FrameKind::Js && f.function == "rememberOrder");
+        let libc_leaf = frames.first().is_some_and(|f| f.module.contains("libc.so"));
+        if let (Some(js), true) = (js, libc_leaf) {
+            // The perf map gives the function's own position, not the allocating line.
+            let frame = &frames[js];
+            assert!(
+                frame.file.ends_with("app.js") && frame.line == 3,
+                "{frame:?}"
+            );
+            // The caller from the timer is found past the JIT frame, through frame pointers.
+            assert!(
+                frames.len() > js + 1,
+                "frames end at the JS function: {frames:#?}"
+            );
+            return;
+        }
+        if frames.len() > best.len() {
+            best = frames;
+        }
+    }
+    let labels: Vec<String> = best.iter().map(Frame::label).collect();
+    panic!(
+        "no mmap stack of {} reached rememberOrder; deepest: {labels:#?}",
+        samples.len()
+    );
+}
+
+fn which_node() -> Result<std::path::PathBuf, ()> {
+    let path = std::env::var_os("PATH").ok_or(())?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("node"))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
