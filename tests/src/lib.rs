@@ -1,0 +1,583 @@
+//! Helpers for memtrace's integration tests.
+//!
+//! The tests run the real `memtrace` binary (built by the workspace) against fixture
+//! programs with known behaviour and check its JSON report, as a user would. They load
+//! BPF programs, so they need root; without it each test says so loudly and returns.
+//!
+//! Fixtures wait for a start file before they allocate: the test attaches memtrace,
+//! waits for its "attached" status line, then creates the file ([`StartGate`]). Polling a
+//! file is simpler than a signal handshake and cannot be lost if it happens early.
+#![allow(
+    clippy::missing_panics_doc,
+    reason = "test helpers panic with a message instead of returning errors, to keep the backtrace"
+)]
+
+use std::{
+    env,
+    ffi::OsStr,
+    fmt::Write as _,
+    fs,
+    io::{BufRead as _, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// Returns `false`, after a loud message on stderr, when the test cannot run as this user.
+#[must_use]
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
+    }
+    eprintln!();
+    eprintln!("==================================================================");
+    eprintln!("SKIPPED: needs root: {test} loads BPF programs (euid is {euid}).");
+    eprintln!("Run the integration tests as root: sudo -E cargo test -p integration-tests");
+    eprintln!("==================================================================");
+    false
+}
+
+/// The workspace root (the parent of this crate).
+#[must_use]
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+#[must_use]
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// The binary under test: `$MEMTRACE_BIN`, else `memtrace` in the workspace's debug
+/// target directory (`$CARGO_TARGET_DIR` respected).
+#[must_use]
+pub fn memtrace_bin() -> PathBuf {
+    if let Some(bin) = env::var_os("MEMTRACE_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "MEMTRACE_BIN={} is not a file",
+            bin.display()
+        );
+        return bin;
+    }
+    let root = workspace_root();
+    let target =
+        env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir));
+    let bin = target.join("debug").join("memtrace");
+    assert!(
+        bin.is_file(),
+        "memtrace binary not found at {}: run `cargo build -p tracer` first (or set MEMTRACE_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// Compiles a C fixture from `tests/fixtures/<name>.c` into `out_dir`, with the flags the
+/// fixtures are written for (frame pointers, no inlining, debug info).
+#[must_use]
+pub fn build_c_fixture(name: &str, out_dir: &Path) -> PathBuf {
+    let src = fixtures_dir().join(format!("{name}.c"));
+    let bin = out_dir.join(name);
+    let output = Command::new("gcc")
+        .args([
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fno-inline",
+            "-fno-optimize-sibling-calls",
+        ])
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("run gcc for {}: {e} (is gcc installed?)", src.display()));
+    assert!(
+        output.status.success(),
+        "gcc failed for {} ({}):\n{}",
+        src.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    bin
+}
+
+/// The node binary: `$NODE`, else `node` on `PATH`.
+#[must_use]
+pub fn node_bin() -> PathBuf {
+    env::var_os("NODE").map_or_else(|| PathBuf::from("node"), PathBuf::from)
+}
+
+/// The file a fixture waits for before it starts allocating.
+pub struct StartGate {
+    path: PathBuf,
+}
+
+impl StartGate {
+    #[must_use]
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            path: dir.join("start"),
+        }
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn open(&self) {
+        fs::write(&self.path, b"go\n")
+            .unwrap_or_else(|e| panic!("create start file {}: {e}", self.path.display()));
+    }
+}
+
+/// Lines of a child's output, read on a thread, both kept and streamed.
+struct LineReader {
+    lines: Receiver<String>,
+    all: Arc<Mutex<Vec<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LineReader {
+    fn spawn(stream: impl Read + Send + 'static) -> Self {
+        let (tx, lines) = mpsc::channel();
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let kept = Arc::clone(&all);
+        let thread = thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut kept) = kept.lock() {
+                    kept.push(line.clone());
+                }
+                // The receiver may be gone; the line is still kept.
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            lines,
+            all,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits for a line containing `needle` (case-insensitive).
+    fn wait_for(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        let needle = needle.to_lowercase();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.to_lowercase().contains(&needle) => return Ok(line),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("timed out after {timeout:?}"));
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err("the stream closed".to_owned()),
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        self.all
+            .lock()
+            .map(|lines| lines.join("\n"))
+            .unwrap_or_default()
+    }
+
+    fn finish(&mut self) -> String {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.text()
+    }
+}
+
+/// A fixture process, killed (by its pid) when dropped.
+pub struct TestProcess {
+    name: String,
+    child: Child,
+    stdout: LineReader,
+    remove_on_drop: Vec<PathBuf>,
+}
+
+impl TestProcess {
+    /// Spawns `cmd` with stdout piped (for [`Self::wait_for_stdout`]) and stderr inherited.
+    #[must_use]
+    pub fn spawn(name: &str, mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn fixture {name} ({cmd:?}): {e}"));
+        let stdout = child
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("fixture {name}: no stdout pipe"));
+        Self {
+            name: name.to_owned(),
+            child,
+            stdout: LineReader::spawn(stdout),
+            remove_on_drop: Vec::new(),
+        }
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a stdout line containing `needle`; panics on timeout or exit.
+    pub fn wait_for_stdout(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.stdout.wait_for(needle, timeout) {
+            Ok(line) => line,
+            Err(why) => {
+                let status = self.child.try_wait().ok().flatten();
+                panic!(
+                    "fixture {} (pid {}) did not print {needle:?}: {why}; exit status {status:?}; stdout so far:\n{}",
+                    self.name,
+                    self.pid(),
+                    self.stdout.text()
+                );
+            }
+        }
+    }
+
+    /// Deletes `path` when the process is dropped (e.g. node's `/tmp/perf-<pid>.map`).
+    pub fn remove_on_drop(&mut self, path: PathBuf) {
+        self.remove_on_drop.push(path);
+    }
+}
+
+impl Drop for TestProcess {
+    fn drop(&mut self) {
+        // Child::kill signals this child's pid only.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for path in &self.remove_on_drop {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// What a finished memtrace run printed.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunOutput {
+    /// Both streams, for messages and for searching.
+    #[must_use]
+    pub fn combined(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
+    }
+}
+
+/// A running `memtrace`, killed when dropped if it is still running.
+pub struct Memtrace {
+    child: Child,
+    stdout: LineReader,
+    stderr: LineReader,
+}
+
+impl Memtrace {
+    #[must_use]
+    pub fn spawn<I, S>(args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let bin = memtrace_bin();
+        let mut cmd = Command::new(&bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let stdout = child
+            .stdout
+            .take()
+            .unwrap_or_else(|| panic!("memtrace: no stdout pipe"));
+        let stderr = child
+            .stderr
+            .take()
+            .unwrap_or_else(|| panic!("memtrace: no stderr pipe"));
+        Self {
+            child,
+            stdout: LineReader::spawn(stdout),
+            stderr: LineReader::spawn(stderr),
+        }
+    }
+
+    /// `memtrace attach <pid> --duration <duration> --json <json>`.
+    #[must_use]
+    pub fn attach(pid: u32, duration: &str, json: &Path) -> Self {
+        let pid = pid.to_string();
+        let args: [&OsStr; 6] = [
+            "attach".as_ref(),
+            pid.as_ref(),
+            "--duration".as_ref(),
+            duration.as_ref(),
+            "--json".as_ref(),
+            json.as_os_str(),
+        ];
+        Self::spawn(args)
+    }
+
+    /// Runs memtrace to completion with `args`.
+    #[must_use]
+    pub fn run<I, S>(args: I, timeout: Duration) -> RunOutput
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Self::spawn(args).wait(timeout)
+    }
+
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a stderr line containing `needle` (case-insensitive); panics with what
+    /// memtrace printed if it does not come in time.
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.stderr.wait_for(needle, timeout) {
+            Ok(line) => line,
+            Err(why) => {
+                let status = self.child.try_wait().ok().flatten();
+                panic!(
+                    "memtrace did not print {needle:?} on stderr: {why}; exit status {status:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.stdout.text(),
+                    self.stderr.text()
+                );
+            }
+        }
+    }
+
+    /// Waits for memtrace to exit; kills it and panics after `timeout`.
+    #[must_use]
+    pub fn wait(mut self, timeout: Duration) -> RunOutput {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+                Ok(None) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!(
+                        "memtrace still running after {timeout:?}; killed it\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                        self.stdout.text(),
+                        self.stderr.text()
+                    );
+                }
+                Err(e) => panic!("wait for memtrace: {e}"),
+            }
+        };
+        RunOutput {
+            status,
+            stdout: self.stdout.finish(),
+            stderr: self.stderr.finish(),
+        }
+    }
+}
+
+impl Drop for Memtrace {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The JSON report (`--json`), read as an outside tool would: by the documented schema.
+pub struct Report {
+    pub json: Value,
+}
+
+impl Report {
+    #[must_use]
+    pub fn read(path: &Path) -> Self {
+        let text = fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("read JSON report {}: {e}", path.display()));
+        let json = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("parse JSON report {}: {e}", path.display()));
+        Self { json }
+    }
+
+    #[must_use]
+    pub fn target_pid(&self) -> Option<u64> {
+        self.json.pointer("/target/pid").and_then(Value::as_u64)
+    }
+
+    #[must_use]
+    pub fn leaks(&self) -> Vec<Leak<'_>> {
+        self.json
+            .get("leaks")
+            .and_then(Value::as_array)
+            .map(|leaks| leaks.iter().map(|json| Leak { json }).collect())
+            .unwrap_or_default()
+    }
+
+    /// Leaks with a frame for which `pred` holds.
+    #[must_use]
+    pub fn leaks_with_frame(&self, pred: impl Fn(&Frame<'_>) -> bool) -> Vec<Leak<'_>> {
+        self.leaks()
+            .into_iter()
+            .filter(|leak| leak.frames().iter().any(&pred))
+            .collect()
+    }
+
+    /// A readable summary of the top leaks, for assertion messages.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let leaks = self.leaks();
+        let mut out = format!(
+            "{} leak(s), lost_events={}, target={}\n",
+            leaks.len(),
+            self.json.get("lost_events").unwrap_or(&Value::Null),
+            self.json.get("target").unwrap_or(&Value::Null)
+        );
+        for leak in leaks.iter().take(15) {
+            let frames: Vec<String> = leak.frames().iter().take(12).map(Frame::label).collect();
+            let _ = writeln!(
+                out,
+                "  {:>12} bytes {:>6} allocs {:?}: {}",
+                leak.bytes(),
+                leak.count(),
+                leak.sources(),
+                frames.join(" <- ")
+            );
+        }
+        out
+    }
+}
+
+pub struct Leak<'a> {
+    pub json: &'a Value,
+}
+
+impl<'a> Leak<'a> {
+    #[must_use]
+    pub fn bytes(&self) -> u64 {
+        self.json.get("bytes").and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn count(&self) -> u64 {
+        self.json.get("count").and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn sources(&self) -> Vec<&'a str> {
+        self.json
+            .get("sources")
+            .and_then(Value::as_array)
+            .map(|s| s.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default()
+    }
+
+    /// Leaf first.
+    #[must_use]
+    pub fn frames(&self) -> Vec<Frame<'a>> {
+        self.json
+            .get("frames")
+            .and_then(Value::as_array)
+            .map(|frames| frames.iter().map(|json| Frame { json }).collect())
+            .unwrap_or_default()
+    }
+}
+
+pub struct Frame<'a> {
+    pub json: &'a Value,
+}
+
+impl<'a> Frame<'a> {
+    fn str_field(&self, key: &str) -> &'a str {
+        self.json.get(key).and_then(Value::as_str).unwrap_or("")
+    }
+
+    #[must_use]
+    pub fn function(&self) -> &'a str {
+        self.str_field("function")
+    }
+
+    #[must_use]
+    pub fn module(&self) -> &'a str {
+        self.str_field("module")
+    }
+
+    #[must_use]
+    pub fn file(&self) -> &'a str {
+        self.str_field("file")
+    }
+
+    #[must_use]
+    pub fn line(&self) -> u64 {
+        self.json.get("line").and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn kind(&self) -> &'a str {
+        self.str_field("kind")
+    }
+
+    /// Whether this frame names `name`: exactly, or as V8 writes it in perf maps
+    /// (`~name`, `*name`, `JS:*name file:line`).
+    #[must_use]
+    pub fn names(&self, name: &str) -> bool {
+        let function = self.function();
+        function == name
+            || function
+                .split(|c: char| c.is_whitespace() || c == ':')
+                .any(|word| word.trim_start_matches(['~', '*', '^', '+']) == name)
+    }
+
+    #[must_use]
+    pub fn label(&self) -> String {
+        let mut label = format!("{}[{}]", self.function(), self.kind());
+        if !self.file().is_empty() {
+            let file = Path::new(self.file())
+                .file_name()
+                .map_or(self.file().into(), |f| f.to_string_lossy());
+            let _ = write!(label, " {file}:{}", self.line());
+        }
+        label
+    }
+}
+
+/// Path of the perf map node writes with `--perf-basic-prof`.
+#[must_use]
+pub fn perf_map_path(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/perf-{pid}.map"))
+}
+
+/// A pid that no process has now.
+#[must_use]
+pub fn unused_pid() -> u32 {
+    (100_000..=999_999)
+        .rev()
+        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        .unwrap_or(999_999)
+}

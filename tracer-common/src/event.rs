@@ -103,9 +103,7 @@ pub struct OomEvent {
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<MemEvent>() == 24 + 32 + 16);
-const _: () = assert!(
-    core::mem::size_of::<UserStack>() == UserStack::DATA_OFFSET + STACK_COPY_MAX
-);
+const _: () = assert!(core::mem::size_of::<UserStack>() == UserStack::DATA_OFFSET + STACK_COPY_MAX);
 const _: () = assert!(
     core::mem::size_of::<MemEventWithStack>()
         == core::mem::size_of::<MemEvent>() + core::mem::size_of::<UserStack>()

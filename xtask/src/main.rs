@@ -1,1 +1,59 @@
-fn main() {}
+//! memtrace's development tasks: `cargo xtask setup | test | demo | bench overhead`.
+
+mod bench;
+mod demo;
+mod proc;
+mod service;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "memtrace's development tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what a fresh machine lacks (idempotent; run as root).
+    Setup,
+    /// Build, run the unit tests, then the integration tests (those need root).
+    Test(test::Args),
+    /// Trace the bundled leaky Express service under load and print memtrace's report.
+    Demo(demo::Args),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Throughput of the example service with and without memtrace attached.
+    Overhead(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test(args) => test::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Bench(Bench::Overhead(args)) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

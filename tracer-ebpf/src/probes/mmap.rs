@@ -141,23 +141,28 @@ fn send_with_stack(ctx: &TracePointContext, event: MemEvent) {
 #[tracepoint]
 pub fn tp_sys_enter_mmap(ctx: TracePointContext) -> u32 {
     if let Some(tid) = target_tid(TRACK_MMAP) {
-        save(tid, &Pending {
-            kind: kind::MMAP,
-            addr: arg(&ctx, 0),
-            len: arg(&ctx, 1),
-            prot: arg(&ctx, 2) as u32,
-            flags: arg(&ctx, 3),
-            fd: arg(&ctx, 4),
-            old_addr: 0,
-            old_len: 0,
-        });
+        save(
+            tid,
+            &Pending {
+                kind: kind::MMAP,
+                addr: arg(&ctx, 0),
+                len: arg(&ctx, 1),
+                prot: arg(&ctx, 2) as u32,
+                flags: arg(&ctx, 3),
+                fd: arg(&ctx, 4),
+                old_addr: 0,
+                old_len: 0,
+            },
+        );
     }
     0
 }
 
 #[tracepoint]
 pub fn tp_sys_exit_mmap(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_tid(TRACK_MMAP) else { return 0 };
+    let Some(tid) = target_tid(TRACK_MMAP) else {
+        return 0;
+    };
     let Some(pending) = take(tid) else { return 0 };
     let addr = ret(&ctx);
     // Errors are small negative numbers; addresses are below the kernel half.
@@ -173,23 +178,28 @@ pub fn tp_sys_exit_mmap(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_sys_enter_munmap(ctx: TracePointContext) -> u32 {
     if let Some(tid) = target_tid(TRACK_MMAP) {
-        save(tid, &Pending {
-            kind: kind::MUNMAP,
-            addr: arg(&ctx, 0),
-            len: arg(&ctx, 1),
-            prot: 0,
-            flags: 0,
-            fd: u64::MAX,
-            old_addr: 0,
-            old_len: 0,
-        });
+        save(
+            tid,
+            &Pending {
+                kind: kind::MUNMAP,
+                addr: arg(&ctx, 0),
+                len: arg(&ctx, 1),
+                prot: 0,
+                flags: 0,
+                fd: u64::MAX,
+                old_addr: 0,
+                old_len: 0,
+            },
+        );
     }
     0
 }
 
 #[tracepoint]
 pub fn tp_sys_exit_munmap(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_tid(TRACK_MMAP) else { return 0 };
+    let Some(tid) = target_tid(TRACK_MMAP) else {
+        return 0;
+    };
     let Some(pending) = take(tid) else { return 0 };
     if pending.kind == kind::MUNMAP && ret(&ctx) == 0 {
         send(&event_from(&pending, kind::MUNMAP, tid, 0));
@@ -200,23 +210,28 @@ pub fn tp_sys_exit_munmap(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_sys_enter_mremap(ctx: TracePointContext) -> u32 {
     if let Some(tid) = target_tid(TRACK_MMAP) {
-        save(tid, &Pending {
-            kind: kind::MREMAP,
-            old_addr: arg(&ctx, 0),
-            old_len: arg(&ctx, 1),
-            len: arg(&ctx, 2),
-            flags: arg(&ctx, 3),
-            addr: arg(&ctx, 4),
-            prot: 0,
-            fd: u64::MAX,
-        });
+        save(
+            tid,
+            &Pending {
+                kind: kind::MREMAP,
+                old_addr: arg(&ctx, 0),
+                old_len: arg(&ctx, 1),
+                len: arg(&ctx, 2),
+                flags: arg(&ctx, 3),
+                addr: arg(&ctx, 4),
+                prot: 0,
+                fd: u64::MAX,
+            },
+        );
     }
     0
 }
 
 #[tracepoint]
 pub fn tp_sys_exit_mremap(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_tid(TRACK_MMAP) else { return 0 };
+    let Some(tid) = target_tid(TRACK_MMAP) else {
+        return 0;
+    };
     let Some(pending) = take(tid) else { return 0 };
     let addr = ret(&ctx);
     if pending.kind != kind::MREMAP || addr < 0 {
@@ -231,23 +246,28 @@ pub fn tp_sys_exit_mremap(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_sys_enter_brk(ctx: TracePointContext) -> u32 {
     if let Some(tid) = target_tid(TRACK_BRK) {
-        save(tid, &Pending {
-            kind: kind::BRK,
-            old_addr: arg(&ctx, 0),
-            addr: 0,
-            len: 0,
-            flags: 0,
-            prot: 0,
-            fd: u64::MAX,
-            old_len: 0,
-        });
+        save(
+            tid,
+            &Pending {
+                kind: kind::BRK,
+                old_addr: arg(&ctx, 0),
+                addr: 0,
+                len: 0,
+                flags: 0,
+                prot: 0,
+                fd: u64::MAX,
+                old_len: 0,
+            },
+        );
     }
     0
 }
 
 #[tracepoint]
 pub fn tp_sys_exit_brk(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_tid(TRACK_BRK) else { return 0 };
+    let Some(tid) = target_tid(TRACK_BRK) else {
+        return 0;
+    };
     let Some(pending) = take(tid) else { return 0 };
     // brk(0) only asks for the current break: nothing changes.
     if pending.kind != kind::BRK || pending.old_addr == 0 {
@@ -262,23 +282,28 @@ pub fn tp_sys_exit_brk(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tp_sys_enter_mprotect(ctx: TracePointContext) -> u32 {
     if let Some(tid) = target_tid(TRACK_MMAP) {
-        save(tid, &Pending {
-            kind: kind::MPROTECT,
-            addr: arg(&ctx, 0),
-            len: arg(&ctx, 1),
-            prot: arg(&ctx, 2) as u32,
-            flags: 0,
-            fd: u64::MAX,
-            old_addr: 0,
-            old_len: 0,
-        });
+        save(
+            tid,
+            &Pending {
+                kind: kind::MPROTECT,
+                addr: arg(&ctx, 0),
+                len: arg(&ctx, 1),
+                prot: arg(&ctx, 2) as u32,
+                flags: 0,
+                fd: u64::MAX,
+                old_addr: 0,
+                old_len: 0,
+            },
+        );
     }
     0
 }
 
 #[tracepoint]
 pub fn tp_sys_exit_mprotect(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_tid(TRACK_MMAP) else { return 0 };
+    let Some(tid) = target_tid(TRACK_MMAP) else {
+        return 0;
+    };
     let Some(pending) = take(tid) else { return 0 };
     if pending.kind == kind::MPROTECT && ret(&ctx) == 0 {
         send(&event_from(&pending, kind::MPROTECT, tid, 0));
@@ -292,16 +317,19 @@ pub fn tp_sys_enter_madvise(ctx: TracePointContext) -> u32 {
         let advice = arg(&ctx, 2);
         // Only advice that gives pages back changes what the target holds.
         if advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE {
-            save(tid, &Pending {
-                kind: kind::MADVISE,
-                addr: arg(&ctx, 0),
-                len: arg(&ctx, 1),
-                flags: advice,
-                prot: 0,
-                fd: u64::MAX,
-                old_addr: 0,
-                old_len: 0,
-            });
+            save(
+                tid,
+                &Pending {
+                    kind: kind::MADVISE,
+                    addr: arg(&ctx, 0),
+                    len: arg(&ctx, 1),
+                    flags: advice,
+                    prot: 0,
+                    fd: u64::MAX,
+                    old_addr: 0,
+                    old_len: 0,
+                },
+            );
         }
     }
     0
@@ -309,7 +337,9 @@ pub fn tp_sys_enter_madvise(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn tp_sys_exit_madvise(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_tid(TRACK_MMAP) else { return 0 };
+    let Some(tid) = target_tid(TRACK_MMAP) else {
+        return 0;
+    };
     let Some(pending) = take(tid) else { return 0 };
     if pending.kind == kind::MADVISE && ret(&ctx) == 0 {
         let mut event = event_from(&pending, kind::MADVISE, tid, 0);

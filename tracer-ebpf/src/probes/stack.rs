@@ -5,7 +5,9 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, pt_regs},
     helpers::{
         bpf_probe_read_kernel,
-        generated::{bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs},
+        generated::{
+            bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
+        },
     },
 };
 use tracer_common::{COUNTER_STACK_READ_FAILED, FP_STACK_DEPTH, STACK_COPY_MAX, UserStack};

@@ -153,7 +153,7 @@ pub struct LoadOptions {
 /// The loaded and attached programs with the maps userspace reads.
 pub struct Tracer {
     /// Kept alive: dropping it detaches the programs.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     events: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -212,6 +212,11 @@ impl Tracer {
             events: Some(events),
             counters,
         })
+    }
+
+    /// The loaded object, for probe families that attach or read maps of their own.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// The ring buffer, to be polled by the caller (once).
