@@ -208,7 +208,7 @@ impl Tracer {
             source,
         })?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             events: Some(events),
             counters,
         })
