@@ -174,7 +174,7 @@ impl Tracer {
             .override_global(GLOBAL_TARGET_TGID, &options.target_tgid, true)
             .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
             .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)
-            .set_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
+            .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
             .load(OBJECT)
             .map_err(BpfError::Load)?;
         for a in ATTACHMENTS.iter().filter(|a| a.family & options.track != 0) {
