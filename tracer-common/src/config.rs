@@ -17,6 +17,10 @@ pub const GLOBAL_TRACK_FLAGS: &str = "TRACK_FLAGS";
 /// at most [`crate::STACK_COPY_MAX`]).
 pub const GLOBAL_STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
 
+/// Name of the global holding the page-fault sampling period (`u32`): one
+/// not-present fault in this many is sent with its stack.
+pub const GLOBAL_FAULT_SAMPLE_PERIOD: &str = "FAULT_SAMPLE_PERIOD";
+
 /// Name of the ring buffer map.
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Name of the per-CPU counters map, indexed by the `COUNTER_*` constants.
@@ -30,5 +34,7 @@ pub const COUNTER_PENDING_FULL: u32 = 1;
 pub const COUNTER_STACK_READ_FAILED: u32 = 2;
 /// Events sent to userspace.
 pub const COUNTER_EVENTS_SENT: u32 = 3;
+/// Not-present user page faults of the target (all of them, sampled or not).
+pub const COUNTER_FAULTS: u32 = 4;
 /// Number of counters.
-pub const COUNTER_COUNT: u32 = 4;
+pub const COUNTER_COUNT: u32 = 5;

@@ -22,6 +22,9 @@ pub mod kind {
     pub const BRK: u32 = 4;
     pub const MADVISE: u32 = 5;
     pub const MPROTECT: u32 = 6;
+    /// A sampled first touch of a page: `addr` is the faulting address, `len` the bytes
+    /// this sample stands for (page size times the sampling period).
+    pub const FAULT: u32 = 7;
     pub const OOM_MARK_VICTIM: u32 = 32;
 }
 

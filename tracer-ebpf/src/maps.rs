@@ -12,6 +12,15 @@ pub static TRACK_FLAGS: u32 = 0;
 #[unsafe(no_mangle)]
 pub static STACK_COPY_BYTES: u32 = 0;
 
+#[unsafe(no_mangle)]
+pub static FAULT_SAMPLE_PERIOD: u32 = 64;
+
+#[inline(always)]
+pub fn fault_sample_period() -> u32 {
+    // SAFETY: as in `target_tgid`.
+    unsafe { core::ptr::read_volatile(&raw const FAULT_SAMPLE_PERIOD) }
+}
+
 #[inline(always)]
 pub fn target_tgid() -> u32 {
     // SAFETY: a plain read of a global that userspace writes before load; volatile so

@@ -31,10 +31,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run { trace, command } => {
             let (child, release) = spawn_held(&command)?;
-            let target = TraceTarget {
-                pid: child.id(),
-                release: Some(release),
-            };
+            let target = TraceTarget { pid: child.id(), release: Some(release) };
             trace_and_report(target, &trace, Some(child))
         }
         Command::Oom { duration, json } => crate::oomwatch::watch(duration, json.as_deref()),
@@ -46,17 +43,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("start the async runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
 }
 
-fn trace_and_report(
-    target: TraceTarget,
-    args: &TraceArgs,
-    child: Option<Child>,
-) -> anyhow::Result<ExitCode> {
+fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let result = rt.block_on(session::trace(target, args));
     if let Some(child) = child {
@@ -81,14 +71,11 @@ pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
     export::text::write_text(report, out.top, &mut lock).context("write the report to stdout")?;
     lock.flush().context("flush stdout")?;
     let create = |path: &Path| -> anyhow::Result<BufWriter<File>> {
-        Ok(BufWriter::new(
-            File::create(path).with_context(|| format!("create {}", path.display()))?,
-        ))
+        Ok(BufWriter::new(File::create(path).with_context(|| format!("create {}", path.display()))?))
     };
     if let Some(path) = &out.json {
         let mut w = create(path)?;
-        export::json::write_json(report, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
+        export::json::write_json(report, &mut w).with_context(|| format!("write {}", path.display()))?;
         w.flush()?;
         eprintln!("memtrace: wrote JSON report to {}", path.display());
     }
@@ -101,19 +88,14 @@ pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &out.flamegraph {
         let mut w = create(path)?;
-        export::flamegraph::write_flamegraph(
-            report,
-            export::folded::FlameValue::Outstanding,
-            &mut w,
-        )
-        .with_context(|| format!("write {}", path.display()))?;
+        export::flamegraph::write_flamegraph(report, export::folded::FlameValue::Outstanding, &mut w)
+            .with_context(|| format!("write {}", path.display()))?;
         w.flush()?;
         eprintln!("memtrace: wrote flamegraph to {}", path.display());
     }
     if let Some(path) = &out.pprof {
         let mut w = create(path)?;
-        export::pprof::write_pprof(report, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
+        export::pprof::write_pprof(report, &mut w).with_context(|| format!("write {}", path.display()))?;
         w.flush()?;
         eprintln!("memtrace: wrote pprof profile to {}", path.display());
     }
@@ -132,9 +114,7 @@ pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
 fn protect_from_oom_killer() {
     const ADJ: &str = "-900";
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", ADJ) {
-        log::info!(
-            "could not lower memtrace's oom_score_adj to {ADJ} (needs CAP_SYS_RESOURCE): {e}"
-        );
+        log::info!("could not lower memtrace's oom_score_adj to {ADJ} (needs CAP_SYS_RESOURCE): {e}");
     }
 }
 
@@ -163,12 +143,8 @@ fn doctor() -> ExitCode {
 
 /// Spawns `command` held before exec until the returned closure is called, so that
 /// tracing sees it from its first instruction.
-fn spawn_held(
-    command: &[String],
-) -> anyhow::Result<(Child, Box<dyn FnOnce() -> anyhow::Result<()>>)> {
-    let [program, args @ ..] = command else {
-        bail!("memtrace run needs a command after --")
-    };
+fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Box<dyn FnOnce() -> anyhow::Result<()>>)> {
+    let [program, args @ ..] = command else { bail!("memtrace run needs a command after --") };
     let mut fds = [0; 2];
     // SAFETY: valid pointer to two ints; O_CLOEXEC keeps both ends out of the exec'd program.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

@@ -67,7 +67,7 @@ pub enum Track {
     Mmap,
     /// brk (the glibc main heap growing and shrinking).
     Brk,
-    /// First-touch page faults (RSS attribution).
+    /// First-touch page faults, sampled (RSS attribution: who made RSS grow).
     Faults,
     /// malloc family uprobes: exact but costly (~5 µs per call).
     Malloc,
@@ -94,11 +94,16 @@ pub struct TraceArgs {
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// What to trace (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "mmap,brk,oom")]
+    #[arg(long, value_delimiter = ',', default_value = "mmap,brk,faults,oom")]
     pub track: Vec<Track>,
-    /// How often to take a timeline snapshot.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    pub interval: Duration,
+    /// How often to take a timeline snapshot (default: a twentieth of --duration,
+    /// between 1s and 10s; 5s without --duration).
+    #[arg(long, value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// Page faults: send one in N first touches with its stack (each stands for N pages).
+    /// Lower is more precise and costs more.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub fault_sample: u32,
     /// Report only memory older than this.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,

@@ -45,11 +45,7 @@ pub fn watch(duration: Option<Duration>, json: Option<&Path>) -> anyhow::Result<
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&entries).context("encode OOM records")?;
         std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))?;
-        eprintln!(
-            "memtrace: wrote {} OOM record(s) to {}",
-            entries.len(),
-            path.display()
-        );
+        eprintln!("memtrace: wrote {} OOM record(s) to {}", entries.len(), path.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -61,11 +57,11 @@ async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomEntry>
         track: TRACK_OOM,
         stack_copy_bytes: 512,
         ring_buffer_bytes: 1 << 20,
+        fault_sample_period: 1,
     })
     .context("attach to oom:mark_victim")?;
-    let mut events =
-        crate::session::readable_fd(tracer.take_events().context("ring buffer already taken")?)
-            .context("poll the ring buffer")?;
+    let mut events = crate::session::readable_fd(tracer.take_events().context("ring buffer already taken")?)
+        .context("poll the ring buffer")?;
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint =

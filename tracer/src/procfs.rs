@@ -27,11 +27,7 @@ pub fn parse_status(text: &str) -> Status {
         };
         let mut words = value.split_whitespace();
         let num: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-        let bytes = if words.next() == Some("kB") {
-            num * 1024
-        } else {
-            num
-        };
+        let bytes = if words.next() == Some("kB") { num * 1024 } else { num };
         match key {
             "Tgid" => s.tgid = num as u32,
             "VmRSS" => s.mem.rss = bytes,
@@ -50,9 +46,7 @@ pub fn status(pid: u32) -> io::Result<Status> {
 
 #[must_use]
 pub fn comm(pid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_string())
-        .unwrap_or_default()
+    fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim_end().to_string()).unwrap_or_default()
 }
 
 #[must_use]
@@ -82,10 +76,7 @@ pub fn program_break(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised comm; start_brk is field 47 (1-based).
     let after = stat.rsplit_once(')')?.1;
-    after
-        .split_whitespace()
-        .nth(47 - 3)
-        .and_then(|f| f.parse().ok())
+    after.split_whitespace().nth(47 - 3).and_then(|f| f.parse().ok())
 }
 
 /// Memory cgroup of a process and its limit.
@@ -134,23 +125,15 @@ pub fn memcg(pid: u32) -> Option<Memcg> {
     let (v1, path) = parse_cgroup(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)?;
     let rel = path.trim_start_matches('/');
     let candidates: Vec<PathBuf> = if v1 {
-        vec![
-            PathBuf::from("/sys/fs/cgroup/memory")
-                .join(rel)
-                .join("memory.limit_in_bytes"),
-        ]
+        vec![PathBuf::from("/sys/fs/cgroup/memory").join(rel).join("memory.limit_in_bytes")]
     } else {
         vec![
             PathBuf::from("/sys/fs/cgroup").join(rel).join("memory.max"),
-            PathBuf::from("/sys/fs/cgroup/unified")
-                .join(rel)
-                .join("memory.max"),
+            PathBuf::from("/sys/fs/cgroup/unified").join(rel).join("memory.max"),
         ]
     };
-    let limit_bytes = candidates
-        .iter()
-        .find_map(|p| fs::read_to_string(p).ok())
-        .map_or(0, |t| parse_limit(&t));
+    let limit_bytes =
+        candidates.iter().find_map(|p| fs::read_to_string(p).ok()).map_or(0, |t| parse_limit(&t));
     Some(Memcg { path, limit_bytes })
 }
 
@@ -180,10 +163,7 @@ mod tests {
         let v1 = "12:pids:/\n4:memory:/memtrace-test\n0::/\n";
         assert_eq!(parse_cgroup(v1), Some((true, "/memtrace-test".into())));
         let v2 = "0::/system.slice/app.service\n";
-        assert_eq!(
-            parse_cgroup(v2),
-            Some((false, "/system.slice/app.service".into()))
-        );
+        assert_eq!(parse_cgroup(v2), Some((false, "/system.slice/app.service".into())));
         assert_eq!(parse_limit("max\n"), 0);
         assert_eq!(parse_limit("9223372036854771712\n"), 0);
         assert_eq!(parse_limit("209715200\n"), 200 << 20);

@@ -36,6 +36,10 @@ pub struct Totals {
     pub outstanding_bytes: u64,
     pub allocated_bytes: u64,
     pub freed_bytes: u64,
+    /// Resident bytes first touched while tracing and still held, by the page-fault
+    /// samples (a second view of the same memory: not part of `outstanding_bytes`).
+    #[serde(default)]
+    pub resident_bytes: u64,
 }
 
 /// Outstanding memory grouped by the stack that allocated it.
@@ -50,6 +54,13 @@ pub struct Leak {
     pub sources: Vec<String>,
     /// Leaf first.
     pub frames: Vec<Frame>,
+    /// `leak` (still growing at the end), `warm-up` (grew, then flat), `churn` (gives
+    /// memory back), or `unknown` (too few snapshots).
+    #[serde(default)]
+    pub verdict: String,
+    /// Why it was ranked so, e.g. "grew 31 MB/min in 9 of 10 intervals".
+    #[serde(default)]
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -89,6 +100,15 @@ pub struct TimelinePoint {
     pub t_s: f64,
     pub rss_bytes: u64,
     pub outstanding_bytes: u64,
+    #[serde(default)]
+    pub rss_anon_bytes: u64,
+    #[serde(default)]
+    pub rss_file_bytes: u64,
+    #[serde(default)]
+    pub rss_shmem_bytes: u64,
+    /// Resident bytes attributed to stacks by page-fault samples.
+    #[serde(default)]
+    pub resident_bytes: u64,
 }
 
 impl Frame {
@@ -96,11 +116,7 @@ impl Frame {
     /// `function` plus ` file:line` where known, or the module when there is no file.
     #[must_use]
     pub fn label(&self) -> String {
-        let function = if self.function.is_empty() {
-            "[unknown]"
-        } else {
-            &self.function
-        };
+        let function = if self.function.is_empty() { "[unknown]" } else { &self.function };
         if !self.file.is_empty() && self.line > 0 {
             let file = self.file.rsplit('/').next().unwrap_or(&self.file);
             format!("{function} {file}:{}", self.line)

@@ -11,11 +11,12 @@ use anyhow::{Context as _, bail};
 use log::{debug, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracer_common::{
-    COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL, COUNTER_STACK_READ_FAILED, TRACK_BRK, TRACK_MMAP,
-    TRACK_OOM,
+    COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL, COUNTER_STACK_READ_FAILED, TRACK_BRK, TRACK_FAULTS,
+    TRACK_MMAP, TRACK_OOM,
 };
 
 use crate::{
+    analysis::History,
     analysis::{ReportInputs, build_report},
     bpf::{LoadOptions, Tracer},
     cli::{TraceArgs, Track},
@@ -30,14 +31,15 @@ use crate::{
 const STACK_TABLE_CAPACITY: usize = 200_000;
 /// Timeline points kept at most; older points are thinned out beyond it.
 const TIMELINE_CAPACITY: usize = 4096;
+/// Snapshots of per-stack held bytes kept for the growth verdict (resolution halves
+/// beyond it), and stacks followed at most.
+const HISTORY_POINTS: usize = 512;
+const HISTORY_SERIES: usize = 8192;
 
 /// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
 #[must_use]
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid pointer to a local timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -66,10 +68,7 @@ fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 pub fn resolve_target(pid: u32) -> anyhow::Result<u32> {
     match procfs::status(pid) {
         Ok(s) if s.tgid != 0 && s.tgid != pid => {
-            log::info!(
-                "{pid} is a thread of process {}; tracing the whole process",
-                s.tgid
-            );
+            log::info!("{pid} is a thread of process {}; tracing the whole process", s.tgid);
             Ok(s.tgid)
         }
         Ok(_) => Ok(pid),
@@ -96,9 +95,7 @@ pub fn track_bits(track: &[Track]) -> anyhow::Result<u32> {
             Track::Mmap => TRACK_MMAP,
             Track::Brk => TRACK_BRK,
             Track::Oom => TRACK_OOM,
-            Track::Faults => bail!(
-                "--track faults (page-fault attribution) is not available in this version yet; use --track mmap,brk,oom"
-            ),
+            Track::Faults => TRACK_FAULTS,
             Track::Malloc => bail!(
                 "--track malloc (allocator uprobes) is not available in this version yet; use --track mmap,brk,oom"
             ),
@@ -118,11 +115,12 @@ struct Session {
     oom_format: Option<OomFormat>,
     ooms: Vec<OomRecord>,
     timeline: Vec<TimelinePoint>,
+    history: History,
     start_ns: u64,
     events: u64,
     decode_errors: u64,
     target_oom_killed: bool,
-    last_rss: u64,
+    last_mem: procfs::MemStatus,
 }
 
 impl Session {
@@ -132,11 +130,7 @@ impl Session {
             Ok(Event::Mem { event, stack }) => {
                 let id = match stack {
                     Some(s) => {
-                        let regs = Regs {
-                            ip: s.ip,
-                            sp: s.sp,
-                            bp: s.bp,
-                        };
+                        let regs = Regs { ip: s.ip, sp: s.sp, bp: s.bp };
                         let addrs = self.symbols.unwind(regs, s.data, &s.fp_frames());
                         self.stacks.intern(&addrs)
                     }
@@ -159,11 +153,7 @@ impl Session {
                             crate::units::human_bytes(rec.anon_rss_bytes),
                             crate::units::human_bytes(rec.file_rss_bytes),
                             crate::units::human_bytes(rec.shmem_rss_bytes),
-                            if rec.pid == self.pid {
-                                " — the traced process"
-                            } else {
-                                ""
-                            }
+                            if rec.pid == self.pid { " — the traced process" } else { "" }
                         );
                         if rec.pid == self.pid {
                             self.target_oom_killed = true;
@@ -193,12 +183,7 @@ impl Session {
         for id in (self.symbolized_upto + 1)..=total {
             let id = StackId(id as u32);
             let addrs = self.stacks.get(id).to_vec();
-            let frames = self
-                .symbols
-                .symbolize(&addrs)
-                .into_iter()
-                .flatten()
-                .collect();
+            let frames = self.symbols.symbolize(&addrs).into_iter().flatten().collect();
             self.frames.insert(id, frames);
         }
         self.symbolized_upto = total;
@@ -210,13 +195,18 @@ impl Session {
 
     fn snapshot(&mut self) {
         if let Ok(s) = procfs::status(self.pid) {
-            self.last_rss = s.mem.rss;
+            self.last_mem = s.mem;
         }
         let t_s = (monotonic_ns().saturating_sub(self.start_ns)) as f64 / 1e9;
+        self.history.record(t_s, &self.model.by_stack());
         self.timeline.push(TimelinePoint {
             t_s,
-            rss_bytes: self.last_rss,
+            rss_bytes: self.last_mem.rss,
             outstanding_bytes: self.model.outstanding_bytes(),
+            rss_anon_bytes: self.last_mem.rss_anon,
+            rss_file_bytes: self.last_mem.rss_file,
+            rss_shmem_bytes: self.last_mem.rss_shmem,
+            resident_bytes: self.model.resident_bytes(),
         });
         if self.timeline.len() > TIMELINE_CAPACITY {
             // Keep every other point: resolution halves, coverage stays whole.
@@ -236,13 +226,14 @@ impl Session {
     fn status_line(&self, started: Instant) -> String {
         let elapsed = started.elapsed().as_secs_f64();
         format!(
-            "memtrace: {:>6.1}s  events {} ({:.0}/s)  stacks {}  outstanding {}  rss {}  lost {}",
+            "memtrace: {:>6.1}s  events {} ({:.0}/s)  stacks {}  mapped {}  touched {}  rss {}  lost {}",
             elapsed,
             self.events,
             self.events as f64 / elapsed.max(0.001),
             self.stacks.len(),
             crate::units::human_bytes(self.model.outstanding_bytes()),
-            crate::units::human_bytes(self.last_rss),
+            crate::units::human_bytes(self.model.resident_bytes()),
+            crate::units::human_bytes(self.last_mem.rss),
             self.lost_events()
         )
     }
@@ -259,8 +250,7 @@ pub struct TraceTarget {
 pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
     let attach_started = Instant::now();
     let pid = resolve_target(target.pid)?;
-    let pidfd =
-        pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
+    let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     let track = track_bits(&args.track)?;
     if args.record.is_some() {
         bail!("--record is not available in this version yet; use --json to keep the report");
@@ -283,6 +273,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         track,
         stack_copy_bytes: args.stack_bytes,
         ring_buffer_bytes,
+        fault_sample_period: args.fault_sample,
     })
     .with_context(|| format!("attach to process {pid}"))?;
     let events = tracer.take_events().context("ring buffer already taken")?;
@@ -291,8 +282,8 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         release()?;
         wait_for_exec(pid).await;
     }
-    let symbols = ProcessSymbols::new(pid)
-        .with_context(|| format!("read the memory map of process {pid}"))?;
+    let symbols =
+        ProcessSymbols::new(pid).with_context(|| format!("read the memory map of process {pid}"))?;
     let mut model = LiveModel::new();
     if let Some(brk) = procfs::program_break(pid) {
         model.set_initial_brk(brk);
@@ -317,11 +308,12 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         oom_format,
         ooms: Vec::new(),
         timeline: Vec::new(),
+        history: History::new(HISTORY_POINTS, HISTORY_SERIES),
         start_ns: monotonic_ns(),
         events: 0,
         decode_errors: 0,
         target_oom_killed: false,
-        last_rss: 0,
+        last_mem: procfs::MemStatus::default(),
     };
     s.snapshot();
 
@@ -333,7 +325,12 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let started = Instant::now();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut next_snapshot = Instant::now() + args.interval;
+    let interval = args.interval.unwrap_or_else(|| {
+        args.duration.map_or(Duration::from_secs(5), |d| {
+            (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
+        })
+    });
+    let mut next_snapshot = Instant::now() + interval;
     let tty = std::io::stderr().is_terminal();
     let mut last_status_line = Instant::now();
     let reason = loop {
@@ -359,7 +356,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
                 s.symbolize_new();
                 if Instant::now() >= next_snapshot {
                     s.snapshot();
-                    next_snapshot += args.interval;
+                    next_snapshot += interval;
                 }
                 if tty {
                     eprint!("\r{}\x1b[K", s.status_line(started));
@@ -377,19 +374,12 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
             s.handle(&item);
         }
     }
-    let reason = if s.target_oom_killed {
-        StopReason::TargetOomKilled
-    } else {
-        reason
-    };
+    let reason = if s.target_oom_killed { StopReason::TargetOomKilled } else { reason };
     if tty {
         eprintln!();
     }
     eprintln!("{}", s.status_line(started));
-    let exited = matches!(
-        reason,
-        StopReason::TargetExited | StopReason::TargetOomKilled
-    );
+    let exited = matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled);
     if !exited {
         s.snapshot();
     }
@@ -400,27 +390,19 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         warn!("{stack_failures} stack copies failed; those allocations have partial stacks");
     }
     if s.stacks.overflowed() > 0 {
-        warn!(
-            "{} new stacks found the stack table full and are reported as unknown",
-            s.stacks.overflowed()
-        );
+        warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
     }
     let frames = |id: StackId| s.frames.get(&id).cloned().unwrap_or_default();
     let model_totals = s.model.totals();
     let report = build_report(&ReportInputs {
-        target: Target {
-            pid,
-            comm,
-            cmdline,
-            exited,
-            oom_killed: s.target_oom_killed,
-        },
+        target: Target { pid, comm, cmdline, exited, oom_killed: s.target_oom_killed },
         duration_s: started.elapsed().as_secs_f64(),
         tracked,
         totals: Totals {
             outstanding_bytes: 0,
             allocated_bytes: model_totals.allocated_bytes,
             freed_bytes: model_totals.freed_bytes,
+            resident_bytes: 0,
         },
         stacks: s.model.by_stack(),
         end_ns,
@@ -429,6 +411,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         ooms: &s.ooms,
         memcg: memcg.as_ref(),
         timeline: s.timeline.clone(),
+        history: &s.history,
         lost_events: s.lost_events(),
     });
     debug!("stopped: {reason:?}");

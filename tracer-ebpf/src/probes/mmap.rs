@@ -30,7 +30,7 @@ const MADV_REMOVE: u64 = 9;
 
 /// Returns the current thread id when it belongs to the target and `family` is tracked.
 #[inline(always)]
-fn target_tid(family: u32) -> Option<u32> {
+pub(crate) fn target_tid(family: u32) -> Option<u32> {
     if track_flags() & family == 0 {
         return None;
     }
@@ -72,7 +72,7 @@ fn take(tid: u32) -> Option<Pending> {
 }
 
 #[inline(always)]
-fn header(kind: u32, tid: u32, has_stack: u32) -> EventHeader {
+pub(crate) fn header(kind: u32, tid: u32, has_stack: u32) -> EventHeader {
     EventHeader {
         kind,
         tgid: target_tgid(),
@@ -109,7 +109,7 @@ fn send(event: &MemEvent) {
 
 /// Sends an event followed by the current user stack.
 #[inline(always)]
-fn send_with_stack(ctx: &TracePointContext, event: MemEvent) {
+pub(crate) fn send_with_stack(ctx: &TracePointContext, event: MemEvent) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };

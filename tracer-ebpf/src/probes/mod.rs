@@ -1,3 +1,4 @@
+mod fault;
 mod mmap;
 mod oom;
 mod stack;

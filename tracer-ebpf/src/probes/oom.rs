@@ -3,15 +3,12 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
-    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_buf},
     macros::tracepoint,
     programs::TracePointContext,
 };
 use tracer_common::{
-    COUNTER_EVENTS_SENT, COUNTER_RINGBUF_FULL, EventHeader, OOM_RECORD_MAX, OomEvent, TRACK_OOM,
-    kind,
+    COUNTER_EVENTS_SENT, COUNTER_RINGBUF_FULL, EventHeader, OOM_RECORD_MAX, OomEvent, TRACK_OOM, kind,
 };
 
 use crate::maps::{EVENTS, count, track_flags};

@@ -5,9 +5,7 @@ use aya_ebpf::{
     bindings::{BPF_F_USER_STACK, pt_regs},
     helpers::{
         bpf_probe_read_kernel,
-        generated::{
-            bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs,
-        },
+        generated::{bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_user, bpf_task_pt_regs},
     },
 };
 use tracer_common::{COUNTER_STACK_READ_FAILED, FP_STACK_DEPTH, STACK_COPY_MAX, UserStack};
@@ -59,11 +57,7 @@ pub fn capture(ctx: *mut core::ffi::c_void, stack: &mut UserStack) {
         }
         // SAFETY: `bounded` <= the size of `data`.
         let ret = unsafe {
-            bpf_probe_read_user(
-                stack.data.as_mut_ptr().cast(),
-                bounded,
-                stack.sp as *const core::ffi::c_void,
-            )
+            bpf_probe_read_user(stack.data.as_mut_ptr().cast(), bounded, stack.sp as *const core::ffi::c_void)
         };
         if ret == 0 {
             stack.stack_len = bounded;

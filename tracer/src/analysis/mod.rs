@@ -1,5 +1,9 @@
 //! From the model to the report: leak suspects ranked, OOM kills, the timeline.
 
+pub mod trend;
+
+pub use trend::{History, Trend, Verdict, assess, series_key};
+
 use crate::{
     events::OomRecord,
     model::{StackAgg, StackId},
@@ -23,6 +27,7 @@ pub struct ReportInputs<'a> {
     pub ooms: &'a [OomRecord],
     pub memcg: Option<&'a Memcg>,
     pub timeline: Vec<TimelinePoint>,
+    pub history: &'a History,
     pub lost_events: u64,
 }
 
@@ -42,11 +47,15 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         .stacks
         .iter()
         .filter(|agg| agg.bytes > 0)
-        .filter(|agg| {
-            (inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS) >= inputs.min_age_s
-        })
+        .filter(|agg| (inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS) >= inputs.min_age_s)
         .map(|agg| {
-            let growth_bytes_per_s = growth(agg, inputs.end_ns);
+            let series = inputs.history.series(series_key(agg)).unwrap_or(&[]);
+            let trend = assess(inputs.history.times(), series);
+            let growth_bytes_per_s = if trend.verdict == Verdict::Unknown {
+                growth(agg, inputs.end_ns)
+            } else {
+                trend.slope_bytes_per_s
+            };
             let mut frames = (inputs.frames)(agg.stack);
             if frames.is_empty() {
                 frames.push(Frame {
@@ -60,10 +69,11 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
                 count: agg.count,
                 oldest_age_s: inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS,
                 growth_bytes_per_s,
-                // Outstanding MiB: the memory a suspect holds is what a user acts on.
-                score: agg.bytes as f64 / f64::from(1 << 20),
+                score: trend.score,
                 sources: agg.sources.iter().map(|s| s.name().to_string()).collect(),
                 frames,
+                verdict: trend.verdict.name().to_string(),
+                reason: trend.reason,
             }
         })
         .collect();
@@ -92,7 +102,18 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         duration_s: inputs.duration_s,
         tracked: inputs.tracked.clone(),
         totals: Totals {
-            outstanding_bytes: inputs.stacks.iter().map(|a| a.bytes).sum(),
+            outstanding_bytes: inputs
+                .stacks
+                .iter()
+                .filter(|a| !a.sources.contains(&crate::model::Source::Faults))
+                .map(|a| a.bytes)
+                .sum(),
+            resident_bytes: inputs
+                .stacks
+                .iter()
+                .filter(|a| a.sources.contains(&crate::model::Source::Faults))
+                .map(|a| a.bytes)
+                .sum(),
             ..inputs.totals
         },
         leaks,
@@ -108,53 +129,38 @@ mod tests {
     use crate::model::Source;
 
     fn agg(stack: u32, bytes: u64, oldest_ts_ns: u64) -> StackAgg {
-        StackAgg {
-            stack: StackId(stack),
-            bytes,
-            count: 1,
-            oldest_ts_ns,
-            sources: vec![Source::Mmap],
-        }
+        StackAgg { stack: StackId(stack), bytes, count: 1, oldest_ts_ns, sources: vec![Source::Mmap] }
     }
 
     #[test]
     fn ranks_by_score_and_applies_min_age() {
         let frames = |id: StackId| {
-            vec![Frame {
-                function: format!("f{}", id.0),
-                kind: FrameKind::Native,
-                ..Frame::default()
-            }]
+            vec![Frame { function: format!("f{}", id.0), kind: FrameKind::Native, ..Frame::default() }]
         };
         let ooms = [];
         let inputs = ReportInputs {
-            target: crate::report::Target {
-                pid: 7,
-                ..Default::default()
-            },
+            target: crate::report::Target { pid: 7, ..Default::default() },
             duration_s: 10.0,
             tracked: vec!["mmap".into()],
             totals: Totals::default(),
-            stacks: vec![
-                agg(1, 100, 0),
-                agg(2, 5000, 9_500_000_000),
-                agg(3, 300, 2_000_000_000),
-            ],
+            stacks: vec![agg(1, 100, 0), agg(2, 5000, 9_500_000_000), agg(3, 300, 2_000_000_000)],
             end_ns: 10_000_000_000,
             min_age_s: 1.0,
             frames: &frames,
             ooms: &ooms,
             memcg: None,
             timeline: vec![],
+            history: &History::new(16, 16),
             lost_events: 0,
         };
         let r = build_report(&inputs);
-        let names: Vec<_> = r
-            .leaks
-            .iter()
-            .map(|l| l.frames[0].function.as_str())
-            .collect();
-        assert_eq!(names, vec!["f3", "f1"], "stack 2 is younger than --min-age");
+        let names: Vec<_> = r.leaks.iter().map(|l| l.frames[0].function.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["f3", "f1"],
+            "stack 2 is younger than --min-age; without history, biggest first"
+        );
+        assert_eq!(r.leaks[0].verdict, "unknown");
         assert_eq!(r.totals.outstanding_bytes, 5400);
         assert!((r.leaks[0].growth_bytes_per_s - 300.0 / 8.0).abs() < 1e-9);
         assert!((r.leaks[0].oldest_age_s - 8.0).abs() < 1e-9);

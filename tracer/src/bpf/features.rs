@@ -22,19 +22,11 @@ pub struct Check {
 }
 
 fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
-    Check {
-        name,
-        status,
-        detail: detail.into(),
-    }
+    Check { name, status, detail: detail.into() }
 }
 
 fn tracepoint_exists(category: &str, name: &str) -> bool {
-    Path::new("/sys/kernel/tracing/events")
-        .join(category)
-        .join(name)
-        .join("id")
-        .exists()
+    Path::new("/sys/kernel/tracing/events").join(category).join(name).join("id").exists()
 }
 
 /// Runs every check. Mounting tracefs is attempted (as `attach` would) when root.
@@ -46,11 +38,7 @@ pub fn run_checks() -> Vec<Check> {
     checks.push(if root {
         check("root", Status::Ok, "running as root")
     } else {
-        check(
-            "root",
-            Status::Fail,
-            "not root: loading eBPF programs needs root (sudo memtrace ...)",
-        )
+        check("root", Status::Fail, "not root: loading eBPF programs needs root (sudo memtrace ...)")
     });
     checks.push(if Path::new("/sys/kernel/btf/vmlinux").exists() {
         check("BTF", Status::Ok, "/sys/kernel/btf/vmlinux present (kernel type information)")
@@ -61,11 +49,7 @@ pub fn run_checks() -> Vec<Check> {
             "/sys/kernel/btf/vmlinux missing: the kernel needs CONFIG_DEBUG_INFO_BTF=y (used to read user registers at syscalls)",
         )
     });
-    let tracefs = if root {
-        super::ensure_tracefs().map_err(|e| e.to_string())
-    } else {
-        Ok(())
-    };
+    let tracefs = if root { super::ensure_tracefs().map_err(|e| e.to_string()) } else { Ok(()) };
     let events = Path::new("/sys/kernel/tracing/events").is_dir();
     checks.push(match (events, tracefs) {
         (true, _) => check("tracefs", Status::Ok, "mounted at /sys/kernel/tracing"),
@@ -77,19 +61,9 @@ pub fn run_checks() -> Vec<Check> {
         ),
     });
     for (category, name, what, required) in [
-        (
-            "syscalls",
-            "sys_enter_mmap",
-            "mapped-memory tracing (mmap, munmap, mremap, brk)",
-            true,
-        ),
+        ("syscalls", "sys_enter_mmap", "mapped-memory tracing (mmap, munmap, mremap, brk)", true),
         ("oom", "mark_victim", "OOM kill records", true),
-        (
-            "exceptions",
-            "page_fault_user",
-            "page-fault attribution of RSS",
-            false,
-        ),
+        ("exceptions", "page_fault_user", "page-fault attribution of RSS", false),
     ] {
         let status = match (tracepoint_exists(category, name), events, required) {
             (true, _, _) => Status::Ok,
@@ -111,70 +85,34 @@ pub fn run_checks() -> Vec<Check> {
         checks.push(if ringbuf {
             check("ring buffer", Status::Ok, "BPF ring buffer maps supported")
         } else {
-            check(
-                "ring buffer",
-                Status::Fail,
-                "BPF ring buffer maps unsupported (needs kernel >= 5.8)",
-            )
+            check("ring buffer", Status::Fail, "BPF ring buffer maps unsupported (needs kernel >= 5.8)")
         });
         let tracepoint = aya::sys::is_program_supported(ProgramType::TracePoint).unwrap_or(false);
         checks.push(if tracepoint {
-            check(
-                "tracepoint programs",
-                Status::Ok,
-                "BPF tracepoint programs load",
-            )
+            check("tracepoint programs", Status::Ok, "BPF tracepoint programs load")
         } else {
-            check(
-                "tracepoint programs",
-                Status::Fail,
-                "BPF tracepoint programs cannot be loaded",
-            )
+            check("tracepoint programs", Status::Fail, "BPF tracepoint programs cannot be loaded")
         });
     }
-    checks.push(
-        if Path::new("/sys/bus/event_source/devices/uprobe").exists() {
-            check(
-                "uprobes",
-                Status::Ok,
-                "available (needed only for --track malloc)",
-            )
-        } else {
-            check(
-                "uprobes",
-                Status::Warn,
-                "unavailable: --track malloc will not work (CONFIG_UPROBE_EVENTS)",
-            )
-        },
-    );
-    checks.push(
-        if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
-            check(
-                "kprobes",
-                Status::Ok,
-                "available (memtrace does not need them)",
-            )
-        } else {
-            check(
-                "kprobes",
-                Status::Ok,
-                "absent (CONFIG_KPROBES off); memtrace uses tracepoints and uprobes only",
-            )
-        },
-    );
-    let object = !super::OBJECT.is_empty();
-    checks.push(if object {
-        check(
-            "eBPF object",
-            Status::Ok,
-            format!("built in ({} bytes)", super::OBJECT.len()),
-        )
+    checks.push(if Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        check("uprobes", Status::Ok, "available (needed only for --track malloc)")
+    } else {
+        check("uprobes", Status::Warn, "unavailable: --track malloc will not work (CONFIG_UPROBE_EVENTS)")
+    });
+    checks.push(if Path::new("/sys/bus/event_source/devices/kprobe").exists() {
+        check("kprobes", Status::Ok, "available (memtrace does not need them)")
     } else {
         check(
-            "eBPF object",
-            Status::Fail,
-            "this binary was built with AYA_BUILD_SKIP; rebuild it",
+            "kprobes",
+            Status::Ok,
+            "absent (CONFIG_KPROBES off); memtrace uses tracepoints and uprobes only",
         )
+    });
+    let object = !super::OBJECT.is_empty();
+    checks.push(if object {
+        check("eBPF object", Status::Ok, format!("built in ({} bytes)", super::OBJECT.len()))
+    } else {
+        check("eBPF object", Status::Fail, "this binary was built with AYA_BUILD_SKIP; rebuild it")
     });
     checks
 }

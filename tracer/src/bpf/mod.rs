@@ -11,8 +11,8 @@ use aya::{
 };
 use log::{debug, warn};
 use tracer_common::{
-    COUNTER_COUNT, GLOBAL_STACK_COPY_BYTES, GLOBAL_TARGET_TGID, GLOBAL_TRACK_FLAGS, MAP_COUNTERS,
-    MAP_EVENTS, TRACK_BRK, TRACK_MMAP, TRACK_OOM,
+    COUNTER_COUNT, GLOBAL_FAULT_SAMPLE_PERIOD, GLOBAL_STACK_COPY_BYTES, GLOBAL_TARGET_TGID,
+    GLOBAL_TRACK_FLAGS, MAP_COUNTERS, MAP_EVENTS, TRACK_BRK, TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -62,78 +62,24 @@ struct Attachment {
     family: u32,
 }
 
-const fn tp(
-    program: &'static str,
-    category: &'static str,
-    name: &'static str,
-    family: u32,
-) -> Attachment {
-    Attachment {
-        program,
-        category,
-        name,
-        family,
-    }
+const fn tp(program: &'static str, category: &'static str, name: &'static str, family: u32) -> Attachment {
+    Attachment { program, category, name, family }
 }
 
 const ATTACHMENTS: &[Attachment] = &[
-    tp(
-        "tp_sys_enter_mmap",
-        "syscalls",
-        "sys_enter_mmap",
-        TRACK_MMAP,
-    ),
+    tp("tp_sys_enter_mmap", "syscalls", "sys_enter_mmap", TRACK_MMAP),
     tp("tp_sys_exit_mmap", "syscalls", "sys_exit_mmap", TRACK_MMAP),
-    tp(
-        "tp_sys_enter_munmap",
-        "syscalls",
-        "sys_enter_munmap",
-        TRACK_MMAP,
-    ),
-    tp(
-        "tp_sys_exit_munmap",
-        "syscalls",
-        "sys_exit_munmap",
-        TRACK_MMAP,
-    ),
-    tp(
-        "tp_sys_enter_mremap",
-        "syscalls",
-        "sys_enter_mremap",
-        TRACK_MMAP,
-    ),
-    tp(
-        "tp_sys_exit_mremap",
-        "syscalls",
-        "sys_exit_mremap",
-        TRACK_MMAP,
-    ),
-    tp(
-        "tp_sys_enter_mprotect",
-        "syscalls",
-        "sys_enter_mprotect",
-        TRACK_MMAP,
-    ),
-    tp(
-        "tp_sys_exit_mprotect",
-        "syscalls",
-        "sys_exit_mprotect",
-        TRACK_MMAP,
-    ),
-    tp(
-        "tp_sys_enter_madvise",
-        "syscalls",
-        "sys_enter_madvise",
-        TRACK_MMAP,
-    ),
-    tp(
-        "tp_sys_exit_madvise",
-        "syscalls",
-        "sys_exit_madvise",
-        TRACK_MMAP,
-    ),
+    tp("tp_sys_enter_munmap", "syscalls", "sys_enter_munmap", TRACK_MMAP),
+    tp("tp_sys_exit_munmap", "syscalls", "sys_exit_munmap", TRACK_MMAP),
+    tp("tp_sys_enter_mremap", "syscalls", "sys_enter_mremap", TRACK_MMAP),
+    tp("tp_sys_exit_mremap", "syscalls", "sys_exit_mremap", TRACK_MMAP),
+    tp("tp_sys_enter_mprotect", "syscalls", "sys_enter_mprotect", TRACK_MMAP),
+    tp("tp_sys_exit_mprotect", "syscalls", "sys_exit_mprotect", TRACK_MMAP),
+    tp("tp_sys_enter_madvise", "syscalls", "sys_enter_madvise", TRACK_MMAP),
+    tp("tp_sys_exit_madvise", "syscalls", "sys_exit_madvise", TRACK_MMAP),
     tp("tp_sys_enter_brk", "syscalls", "sys_enter_brk", TRACK_BRK),
     tp("tp_sys_exit_brk", "syscalls", "sys_exit_brk", TRACK_BRK),
+    tp("tp_page_fault_user", "exceptions", "page_fault_user", TRACK_FAULTS),
     tp("tp_oom_mark_victim", "oom", "mark_victim", TRACK_OOM),
 ];
 
@@ -148,6 +94,8 @@ pub struct LoadOptions {
     pub stack_copy_bytes: u32,
     /// Ring buffer size in bytes (a power of two, at least one page).
     pub ring_buffer_bytes: u32,
+    /// One not-present page fault in this many is sent with its stack.
+    pub fault_sample_period: u32,
 }
 
 /// The loaded and attached programs with the maps userspace reads.
@@ -174,16 +122,13 @@ impl Tracer {
             .override_global(GLOBAL_TARGET_TGID, &options.target_tgid, true)
             .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
             .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)
+            .override_global(GLOBAL_FAULT_SAMPLE_PERIOD, &options.fault_sample_period, true)
             .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
             .load(OBJECT)
             .map_err(BpfError::Load)?;
         for a in ATTACHMENTS.iter().filter(|a| a.family & options.track != 0) {
-            let attach_err = |source| BpfError::Attach {
-                program: a.program,
-                category: a.category,
-                name: a.name,
-                source,
-            };
+            let attach_err =
+                |source| BpfError::Attach { program: a.program, category: a.category, name: a.name, source };
             let program: &mut TracePoint = ebpf
                 .program_mut(a.program)
                 .ok_or(BpfError::MissingProgram { program: a.program })?
@@ -193,25 +138,13 @@ impl Tracer {
             program.attach(a.category, a.name).map_err(attach_err)?;
             debug!("attached {} to {}:{}", a.program, a.category, a.name);
         }
-        let events = ebpf
-            .take_map(MAP_EVENTS)
-            .ok_or(BpfError::MissingMap(MAP_EVENTS))?;
-        let events = RingBuf::try_from(events).map_err(|source| BpfError::Map {
-            name: MAP_EVENTS,
-            source,
-        })?;
-        let counters = ebpf
-            .take_map(MAP_COUNTERS)
-            .ok_or(BpfError::MissingMap(MAP_COUNTERS))?;
-        let counters = PerCpuArray::try_from(counters).map_err(|source| BpfError::Map {
-            name: MAP_COUNTERS,
-            source,
-        })?;
-        Ok(Self {
-            ebpf,
-            events: Some(events),
-            counters,
-        })
+        let events = ebpf.take_map(MAP_EVENTS).ok_or(BpfError::MissingMap(MAP_EVENTS))?;
+        let events =
+            RingBuf::try_from(events).map_err(|source| BpfError::Map { name: MAP_EVENTS, source })?;
+        let counters = ebpf.take_map(MAP_COUNTERS).ok_or(BpfError::MissingMap(MAP_COUNTERS))?;
+        let counters =
+            PerCpuArray::try_from(counters).map_err(|source| BpfError::Map { name: MAP_COUNTERS, source })?;
+        Ok(Self { ebpf, events: Some(events), counters })
     }
 
     /// The loaded object, for probe families that attach or read maps of their own.
@@ -252,18 +185,13 @@ pub fn ensure_tracefs() -> Result<(), BpfError> {
         debug!("mounted tracefs at {TRACEFS}");
         Ok(())
     } else {
-        Err(BpfError::Tracefs(std::io::Error::other(format!(
-            "mount exited with {status}"
-        ))))
+        Err(BpfError::Tracefs(std::io::Error::other(format!("mount exited with {status}"))))
     }
 }
 
 /// Kernels >= 5.11 account BPF memory to the cgroup, so a refused raise is only a warning.
 fn raise_memlock() {
-    let limit = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: passes a valid pointer to a local rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
         warn!(

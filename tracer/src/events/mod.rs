@@ -9,11 +9,7 @@ pub use oom::{OomFormat, OomRecord};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than its {what} ({need} bytes)")]
-    Short {
-        what: &'static str,
-        len: usize,
-        need: usize,
-    },
+    Short { what: &'static str, len: usize, need: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
 }
@@ -39,13 +35,8 @@ impl StackCapture<'_> {
 
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
-    Mem {
-        event: MemEvent,
-        stack: Option<StackCapture<'a>>,
-    },
-    Oom {
-        event: &'a [u8],
-    },
+    Mem { event: MemEvent, stack: Option<StackCapture<'a>> },
+    Oom { event: &'a [u8] },
 }
 
 fn read_u64(b: &[u8]) -> u64 {
@@ -61,15 +52,7 @@ fn read_u32(b: &[u8]) -> u32 {
 }
 
 fn need(what: &'static str, bytes: &[u8], need: usize) -> Result<(), DecodeError> {
-    if bytes.len() < need {
-        Err(DecodeError::Short {
-            what,
-            len: bytes.len(),
-            need,
-        })
-    } else {
-        Ok(())
-    }
+    if bytes.len() < need { Err(DecodeError::Short { what, len: bytes.len(), need }) } else { Ok(()) }
 }
 
 /// Reads a `repr(C)` POD value from the front of `bytes` (length checked by the caller).
@@ -84,7 +67,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     need("header", bytes, size_of::<EventHeader>())?;
     let header: EventHeader = read_pod(bytes);
     match header.kind {
-        kind::MMAP | kind::MUNMAP | kind::MREMAP | kind::BRK | kind::MADVISE | kind::MPROTECT => {
+        kind::MMAP
+        | kind::MUNMAP
+        | kind::MREMAP
+        | kind::BRK
+        | kind::MADVISE
+        | kind::MPROTECT
+        | kind::FAULT => {
             let fixed = size_of::<MemEvent>();
             need("memory event", bytes, fixed)?;
             let event: MemEvent = read_pod(bytes);
@@ -100,13 +89,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 let stack_len = read_u32(&rest[28..]) as usize;
                 let data = &rest[UserStack::DATA_OFFSET..];
                 let data = &data[..stack_len.min(data.len())];
-                Some(StackCapture {
-                    ip,
-                    sp,
-                    bp,
-                    fp_frames: &rest[32..32 + fp_depth * 8],
-                    data,
-                })
+                Some(StackCapture { ip, sp, bp, fp_frames: &rest[32..32 + fp_depth * 8], data })
             };
             Ok(Event::Mem { event, stack })
         }
@@ -130,20 +113,12 @@ mod tests {
     #[test]
     fn decodes_event_without_stack() {
         let ev = MemEvent {
-            header: EventHeader {
-                kind: kind::MUNMAP,
-                tgid: 7,
-                tid: 8,
-                has_stack: 0,
-                ts_ns: 99,
-            },
+            header: EventHeader { kind: kind::MUNMAP, tgid: 7, tid: 8, has_stack: 0, ts_ns: 99 },
             addr: 0x1000,
             len: 0x2000,
             ..MemEvent::default()
         };
-        let Ok(Event::Mem { event, stack }) = decode(as_bytes(&ev)) else {
-            panic!("not a mem event")
-        };
+        let Ok(Event::Mem { event, stack }) = decode(as_bytes(&ev)) else { panic!("not a mem event") };
         assert_eq!(event, ev);
         assert!(stack.is_none());
     }
@@ -152,13 +127,7 @@ mod tests {
     fn decodes_truncated_stack_record() {
         let mut rec = Box::new(tracer_common::MemEventWithStack {
             event: MemEvent {
-                header: EventHeader {
-                    kind: kind::MMAP,
-                    tgid: 1,
-                    tid: 1,
-                    has_stack: 1,
-                    ts_ns: 5,
-                },
+                header: EventHeader { kind: kind::MMAP, tgid: 1, tid: 1, has_stack: 1, ts_ns: 5 },
                 addr: 0x7000_0000,
                 len: 4096,
                 ..MemEvent::default()
@@ -179,13 +148,7 @@ mod tests {
         // The kernel sends only the used part of the stack copy.
         let used = size_of::<MemEvent>() + UserStack::DATA_OFFSET + 16;
         let bytes = &as_bytes(&*rec)[..used];
-        let Ok(Event::Mem {
-            event,
-            stack: Some(stack),
-        }) = decode(bytes)
-        else {
-            panic!("no stack")
-        };
+        let Ok(Event::Mem { event, stack: Some(stack) }) = decode(bytes) else { panic!("no stack") };
         assert_eq!(event.addr, 0x7000_0000);
         assert_eq!((stack.ip, stack.sp, stack.bp), (0x1111, 0x2222, 0x3333));
         assert_eq!(stack.fp_frames(), vec![0xaaaa, 0xbbbb]);
@@ -195,22 +158,9 @@ mod tests {
     #[test]
     fn rejects_short_and_unknown_records() {
         assert!(matches!(decode(&[0; 4]), Err(DecodeError::Short { .. })));
-        let h = EventHeader {
-            kind: 999,
-            ..EventHeader::default()
-        };
-        assert_eq!(
-            decode(as_bytes(&h)).err(),
-            Some(DecodeError::UnknownKind(999))
-        );
-        let h = EventHeader {
-            kind: kind::MMAP,
-            has_stack: 1,
-            ..EventHeader::default()
-        };
-        assert!(matches!(
-            decode(as_bytes(&h)),
-            Err(DecodeError::Short { .. })
-        ));
+        let h = EventHeader { kind: 999, ..EventHeader::default() };
+        assert_eq!(decode(as_bytes(&h)).err(), Some(DecodeError::UnknownKind(999)));
+        let h = EventHeader { kind: kind::MMAP, has_stack: 1, ..EventHeader::default() };
+        assert!(matches!(decode(as_bytes(&h)), Err(DecodeError::Short { .. })));
     }
 }

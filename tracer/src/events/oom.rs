@@ -83,14 +83,8 @@ impl OomFormat {
             let name = decl.rsplit(' ').next().unwrap_or_default();
             let name = name.split('[').next().unwrap_or(name);
             if let (Some(offset), Some(size)) = (offset, size) {
-                fields.insert(
-                    name.to_string(),
-                    Field {
-                        offset,
-                        size,
-                        data_loc: decl.contains("__data_loc"),
-                    },
-                );
+                fields
+                    .insert(name.to_string(), Field { offset, size, data_loc: decl.contains("__data_loc") });
             }
         }
         let get = |n: &'static str| fields.get(n).copied().ok_or(FormatError::MissingField(n));
@@ -126,11 +120,7 @@ impl OomFormat {
             }
         };
         let unsigned = |f: Field| -> u64 {
-            if f.size == 8 {
-                int(f) as u64
-            } else {
-                (int(f) as u64) & ((1u64 << (f.size * 8)) - 1)
-            }
+            if f.size == 8 { int(f) as u64 } else { (int(f) as u64) & ((1u64 << (f.size * 8)) - 1) }
         };
         let kib = |f: Field| unsigned(f).saturating_mul(1024);
         let comm = if self.comm.data_loc {
@@ -139,10 +129,7 @@ impl OomFormat {
             let (off, n) = ((loc & 0xffff) as usize, (loc >> 16) as usize);
             record.get(off..off + n).map(c_string).unwrap_or_default()
         } else {
-            record
-                .get(self.comm.offset..self.comm.offset + self.comm.size)
-                .map(c_string)
-                .unwrap_or_default()
+            record.get(self.comm.offset..self.comm.offset + self.comm.size).map(c_string).unwrap_or_default()
         };
         Ok(OomRecord {
             ts_ns: event.header.ts_ns,
@@ -195,13 +182,7 @@ format:
     fn decodes_mark_victim_record_of_kernel_6_18() {
         let format = OomFormat::parse(FORMAT).expect("format parses");
         let mut event = OomEvent {
-            header: EventHeader {
-                kind: kind::OOM_MARK_VICTIM,
-                tgid: 42,
-                tid: 43,
-                has_stack: 0,
-                ts_ns: 1,
-            },
+            header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 42, tid: 43, has_stack: 0, ts_ns: 1 },
             record_len: 96,
             _pad: 0,
             current_comm: [0; 16],
@@ -221,10 +202,7 @@ format:
         r[72..77].copy_from_slice(b"leak\0");
         // SAFETY: test-only byte view of a POD struct.
         let bytes = unsafe {
-            core::slice::from_raw_parts(
-                core::ptr::from_ref(&event).cast::<u8>(),
-                size_of::<OomEvent>(),
-            )
+            core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())
         };
         let rec = format.decode(bytes).expect("decodes");
         assert_eq!(rec.pid, 1234);
@@ -241,8 +219,7 @@ format:
 
     #[test]
     fn missing_field_is_named() {
-        let err = OomFormat::parse("format:\n\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n")
-            .unwrap_err();
+        let err = OomFormat::parse("format:\n\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n").unwrap_err();
         assert!(err.to_string().contains("comm"), "{err}");
     }
 }

@@ -1,17 +1,9 @@
 //! A small report shared by the exporter tests.
 
-use crate::report::{
-    Frame, FrameKind, Leak, OomKill, REPORT_VERSION, Report, Target, TimelinePoint, Totals,
-};
+use crate::report::{Frame, FrameKind, Leak, OomKill, REPORT_VERSION, Report, Target, TimelinePoint, Totals};
 
 pub(crate) fn frame(function: &str, module: &str, file: &str, line: u32, kind: FrameKind) -> Frame {
-    Frame {
-        function: function.to_string(),
-        module: module.to_string(),
-        file: file.to_string(),
-        line,
-        kind,
-    }
+    Frame { function: function.to_string(), module: module.to_string(), file: file.to_string(), line, kind }
 }
 
 fn leak(
@@ -31,6 +23,7 @@ fn leak(
         score,
         sources: sources.iter().map(ToString::to_string).collect(),
         frames,
+        ..Leak::default()
     }
 }
 
@@ -54,6 +47,7 @@ pub(crate) fn sample_report() -> Report {
             outstanding_bytes: outstanding,
             allocated_bytes: 41_943_040,
             freed_bytes: 41_943_040 - outstanding,
+            ..Totals::default()
         },
         leaks,
         oom_kills: vec![OomKill {
@@ -67,17 +61,14 @@ pub(crate) fn sample_report() -> Report {
             cgroup: "/memtrace-demo".to_string(),
             memcg_limit_bytes: 536_870_912,
         }],
-        timeline: [
-            (0.0, 104_857_600, 0),
-            (15.0, 314_572_800, 6_291_456),
-            (30.0, 304_087_040, outstanding),
-        ]
-        .map(|(t_s, rss_bytes, outstanding_bytes)| TimelinePoint {
-            t_s,
-            rss_bytes,
-            outstanding_bytes,
-        })
-        .to_vec(),
+        timeline: [(0.0, 104_857_600, 0), (15.0, 314_572_800, 6_291_456), (30.0, 304_087_040, outstanding)]
+            .map(|(t_s, rss_bytes, outstanding_bytes)| TimelinePoint {
+                t_s,
+                rss_bytes,
+                outstanding_bytes,
+                ..TimelinePoint::default()
+            })
+            .to_vec(),
         lost_events: 7,
     }
 }
@@ -94,13 +85,7 @@ fn sample_leaks() -> Vec<Leak> {
     let libc = "/lib/x86_64-linux-gnu/libc.so.6";
     let native_stack = vec![
         frame("malloc", libc, "", 0, FrameKind::Native),
-        frame(
-            "v8::internal::Heap::AllocateRaw",
-            "/usr/bin/node",
-            "/src/heap.cc",
-            120,
-            FrameKind::Native,
-        ),
+        frame("v8::internal::Heap::AllocateRaw", "/usr/bin/node", "/src/heap.cc", 120, FrameKind::Native),
         frame("main", "/usr/bin/node", "", 0, FrameKind::Native),
     ];
     let kernel_stack = vec![
@@ -109,15 +94,7 @@ fn sample_leaks() -> Vec<Leak> {
         frame("main", "/usr/bin/node", "", 0, FrameKind::Native),
     ];
     vec![
-        leak(
-            12_582_912,
-            300,
-            29.5,
-            409_600.0,
-            0.9,
-            &["mmap", "faults"],
-            js_stack.clone(),
-        ),
+        leak(12_582_912, 300, 29.5, 409_600.0, 0.9, &["mmap", "faults"], js_stack.clone()),
         leak(1_048_576, 2, 12.3, 0.0, 0.4, &["brk"], native_stack),
         leak(4096, 1, 3.0, -10.5, 0.1, &["faults"], kernel_stack),
         // Symbolizes to the same stack as the first leak.

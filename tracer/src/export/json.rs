@@ -27,12 +27,8 @@ mod tests {
     }
 
     fn keys(value: &Value) -> Vec<&str> {
-        let mut keys: Vec<&str> = value
-            .as_object()
-            .expect("a JSON object")
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let mut keys: Vec<&str> =
+            value.as_object().expect("a JSON object").keys().map(String::as_str).collect();
         keys.sort_unstable();
         keys
     }
@@ -67,13 +63,10 @@ mod tests {
             ])
         );
         assert_eq!(json["version"], 1);
-        assert_eq!(
-            keys(&json["target"]),
-            sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"])
-        );
+        assert_eq!(keys(&json["target"]), sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]));
         assert_eq!(
             keys(&json["totals"]),
-            sorted(vec!["outstanding_bytes", "allocated_bytes", "freed_bytes"])
+            sorted(vec!["outstanding_bytes", "allocated_bytes", "freed_bytes", "resident_bytes"])
         );
         let leak = &json["leaks"][0];
         assert_eq!(
@@ -86,12 +79,11 @@ mod tests {
                 "score",
                 "sources",
                 "frames",
+                "verdict",
+                "reason",
             ])
         );
-        assert_eq!(
-            keys(&leak["frames"][0]),
-            sorted(vec!["function", "module", "file", "line", "kind"])
-        );
+        assert_eq!(keys(&leak["frames"][0]), sorted(vec!["function", "module", "file", "line", "kind"]));
         assert_eq!(leak["frames"][0]["kind"], "js");
         assert_eq!(json["leaks"][2]["frames"][0]["kind"], "kernel");
         assert_eq!(
@@ -110,7 +102,15 @@ mod tests {
         );
         assert_eq!(
             keys(&json["timeline"][0]),
-            sorted(vec!["t_s", "rss_bytes", "outstanding_bytes"])
+            sorted(vec![
+                "t_s",
+                "rss_bytes",
+                "outstanding_bytes",
+                "rss_anon_bytes",
+                "rss_file_bytes",
+                "rss_shmem_bytes",
+                "resident_bytes"
+            ])
         );
     }
 }

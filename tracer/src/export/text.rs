@@ -26,11 +26,7 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     if target.comm.is_empty() {
         writeln!(out, "memtrace report for pid {}", target.pid)?;
     } else {
-        writeln!(
-            out,
-            "memtrace report for pid {} ({})",
-            target.pid, target.comm
-        )?;
+        writeln!(out, "memtrace report for pid {} ({})", target.pid, target.comm)?;
     }
     if report.lost_events > 0 {
         writeln!(
@@ -49,11 +45,7 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     };
     writeln!(out, "  status:       {status}")?;
     writeln!(out, "  traced for:   {}", duration(report.duration_s))?;
-    let tracked = if report.tracked.is_empty() {
-        "nothing".to_string()
-    } else {
-        report.tracked.join(", ")
-    };
+    let tracked = if report.tracked.is_empty() { "nothing".to_string() } else { report.tracked.join(", ") };
     writeln!(out, "  tracking:     {tracked}")?;
     let totals = &report.totals;
     writeln!(
@@ -63,21 +55,35 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         bytes(totals.allocated_bytes),
         bytes(totals.freed_bytes)
     )?;
+    if totals.resident_bytes > 0 || report.tracked.iter().any(|t| t == "faults") {
+        let rss_growth = match (report.timeline.first(), report.timeline.last()) {
+            (Some(a), Some(b)) => b.rss_bytes.saturating_sub(a.rss_bytes),
+            _ => 0,
+        };
+        let explained = if rss_growth > 0 {
+            format!(
+                ", {:.0}% of the RSS growth of {}",
+                totals.resident_bytes as f64 * 100.0 / rss_growth as f64,
+                bytes(rss_growth)
+            )
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "  touched:      {} of pages first touched while tracing and still held (sampled){explained}",
+            bytes(totals.resident_bytes)
+        )?;
+    }
     writeln!(out, "  lost events:  {}", report.lost_events)
 }
 
 fn write_leaks(report: &Report, top: usize, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out)?;
     if report.leaks.is_empty() {
-        return writeln!(
-            out,
-            "No leak suspects: no outstanding memory was attributed to a stack."
-        );
+        return writeln!(out, "No leak suspects: no outstanding memory was attributed to a stack.");
     }
-    writeln!(
-        out,
-        "Leak suspects (unfreed memory by allocating stack, most suspect first):"
-    )?;
+    writeln!(out, "Leak suspects (unfreed memory by allocating stack, most suspect first):")?;
     let mut leaks: Vec<&Leak> = report.leaks.iter().collect();
     // Stable, so equal scores keep the report's order.
     leaks.sort_by(|a, b| b.score.total_cmp(&a.score));
@@ -87,9 +93,7 @@ fn write_leaks(report: &Report, top: usize, out: &mut impl Write) -> std::io::Re
     }
     let rest = &leaks[top.min(leaks.len())..];
     if !rest.is_empty() {
-        let rest_bytes = rest
-            .iter()
-            .fold(0_u64, |sum, leak| sum.saturating_add(leak.bytes));
+        let rest_bytes = rest.iter().fold(0_u64, |sum, leak| sum.saturating_add(leak.bytes));
         writeln!(out)?;
         writeln!(
             out,
@@ -113,6 +117,9 @@ fn write_leak(rank: usize, leak: &Leak, out: &mut impl Write) -> std::io::Result
     )?;
     if !leak.sources.is_empty() {
         writeln!(out, "    from {}", leak.sources.join(", "))?;
+    }
+    if !leak.verdict.is_empty() {
+        writeln!(out, "    verdict: {} — {}", leak.verdict, leak.reason)?;
     }
     if leak.frames.is_empty() {
         return writeln!(out, "      (no stack)");
@@ -139,11 +146,7 @@ fn write_oom_kills(kills: &[OomKill], out: &mut impl Write) -> std::io::Result<(
     writeln!(out)?;
     writeln!(out, "OOM kills ({}):", kills.len())?;
     for kill in kills {
-        let comm = if kill.comm.is_empty() {
-            "?"
-        } else {
-            &kill.comm
-        };
+        let comm = if kill.comm.is_empty() { "?" } else { &kill.comm };
         writeln!(
             out,
             "  pid {} ({comm}): anon-rss {}, file-rss {}, shmem-rss {}, total-vm {}, oom_score_adj {}",
@@ -154,11 +157,7 @@ fn write_oom_kills(kills: &[OomKill], out: &mut impl Write) -> std::io::Result<(
             bytes(kill.total_vm_bytes),
             kill.oom_score_adj
         )?;
-        let cgroup = if kill.cgroup.is_empty() {
-            "unknown"
-        } else {
-            &kill.cgroup
-        };
+        let cgroup = if kill.cgroup.is_empty() { "unknown" } else { &kill.cgroup };
         let limit = match kill.memcg_limit_bytes {
             0 => "unknown".to_string(),
             n if n >= UNLIMITED => "none".to_string(),
@@ -184,16 +183,10 @@ fn write_timeline(points: &[TimelinePoint], out: &mut impl Write) -> std::io::Re
         duration(first.t_s),
         duration(last.t_s)
     )?;
-    let series: [Series; 2] = [
-        ("rss", |p| p.rss_bytes),
-        ("outstanding", |p| p.outstanding_bytes),
-    ];
+    let series: [Series; 2] = [("rss", |p| p.rss_bytes), ("outstanding", |p| p.outstanding_bytes)];
     for (name, value) in series {
         // The first of equal maxima, so the output does not depend on the sort.
-        let peak = points.iter().fold(
-            first,
-            |best, p| if value(p) > value(best) { p } else { best },
-        );
+        let peak = points.iter().fold(first, |best, p| if value(p) > value(best) { p } else { best });
         writeln!(
             out,
             "  {name:<12} {} -> {}, peak {} at {}",
@@ -263,9 +256,7 @@ Timeline (3 samples from 0.0s to 30.0s):
         let mut report = sample_report();
         report.leaks.reverse();
         let text = render(&report, 10);
-        let first = text
-            .find("#1  12.0 MiB")
-            .expect("biggest score ranked first");
+        let first = text.find("#1  12.0 MiB").expect("biggest score ranked first");
         let third = text.find("#3  4.0 KiB").expect("kernel stack ranked third");
         assert!(first < third);
         assert!(text.contains("      do_anonymous_page [kernel]\n      [unknown]\n"));
@@ -274,10 +265,7 @@ Timeline (3 samples from 0.0s to 30.0s):
 
     #[test]
     fn quiet_report_has_no_warning_and_says_there_is_nothing() {
-        let report = Report {
-            lost_events: 0,
-            ..Report::default()
-        };
+        let report = Report { lost_events: 0, ..Report::default() };
         let text = render(&report, 10);
         assert!(!text.contains("WARNING"));
         assert!(text.contains("No leak suspects"));

@@ -61,9 +61,7 @@ impl RangeMap {
         self.split_at(start);
         self.split_at(end);
         let keys: Vec<u64> = self.segs.range(start..end).map(|(k, _)| *k).collect();
-        keys.into_iter()
-            .filter_map(|k| self.segs.remove(&k).map(|s| (k, s)))
-            .collect()
+        keys.into_iter().filter_map(|k| self.segs.remove(&k).map(|s| (k, s))).collect()
     }
 
     /// Inserts a segment over `[start, seg.end)`, replacing what was there (returned).
@@ -96,11 +94,7 @@ impl RangeMap {
     /// Bytes of usable (not reserved) memory.
     #[must_use]
     pub fn usable_bytes(&self) -> u64 {
-        self.segs
-            .iter()
-            .filter(|(_, s)| !s.reserved)
-            .map(|(k, s)| s.end - k)
-            .sum()
+        self.segs.iter().filter(|(_, s)| !s.reserved).map(|(k, s)| s.end - k).sum()
     }
 }
 
@@ -136,10 +130,7 @@ mod tests {
         m.insert(0x1000, seg(0x2000, 1, 1));
         m.insert(0x4000, seg(0x6000, 2, 2));
         let removed = m.remove(0x1800, 0x5000);
-        assert_eq!(
-            removed.iter().map(|(s, g)| g.end - s).sum::<u64>(),
-            0x800 + 0x1000
-        );
+        assert_eq!(removed.iter().map(|(s, g)| g.end - s).sum::<u64>(), 0x800 + 0x1000);
         let pieces: Vec<_> = m.iter().map(|(s, g)| (s, g.end, g.stack.0)).collect();
         assert_eq!(pieces, vec![(0x1000, 0x1800, 1), (0x5000, 0x6000, 2)]);
     }
@@ -164,9 +155,6 @@ mod tests {
         let changed = m.set_reserved(0x4000, 0x8000, false);
         assert_eq!(changed.len(), 1);
         assert_eq!(m.usable_bytes(), 0x4000);
-        assert!(
-            m.set_reserved(0x4000, 0x8000, false).is_empty(),
-            "no change the second time"
-        );
+        assert!(m.set_reserved(0x4000, 0x8000, false).is_empty(), "no change the second time");
     }
 }

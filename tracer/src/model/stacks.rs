@@ -16,12 +16,7 @@ pub struct StackTable {
 impl StackTable {
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        Self {
-            ids: HashMap::new(),
-            stacks: vec![Box::new([])],
-            capacity,
-            overflowed: 0,
-        }
+        Self { ids: HashMap::new(), stacks: vec![Box::new([])], capacity, overflowed: 0 }
     }
 
     /// The id of `frames` (leaf first), adding it if new. When the table is full, new
@@ -77,11 +72,7 @@ mod tests {
         assert_eq!(t.intern(&[1, 2, 3]), a);
         let b = t.intern(&[4]);
         assert_ne!(a, b);
-        assert_eq!(
-            t.intern(&[5]),
-            StackId(0),
-            "full table gives the unknown stack"
-        );
+        assert_eq!(t.intern(&[5]), StackId(0), "full table gives the unknown stack");
         assert_eq!(t.overflowed(), 1);
         assert_eq!(t.get(a), &[1, 2, 3]);
         assert_eq!(t.intern(&[]), StackId(0));
