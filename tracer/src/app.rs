@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     bpf::features::{Status, run_checks},
     cli::{Cli, Command, OutputArgs, TraceArgs},
-    export,
+    export, record,
     report::Report,
     session::{self, StopReason, TraceTarget},
 };
@@ -22,6 +22,9 @@ use crate::{
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if !matches!(cli.command, Command::Doctor | Command::Report { .. }) {
         protect_from_oom_killer();
+    }
+    if let Command::Attach { trace, .. } | Command::Run { trace, .. } = &cli.command {
+        check_before_tracing(trace)?;
     }
     match cli.command {
         Command::Doctor => Ok(doctor()),
@@ -35,11 +38,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trace_and_report(target, &trace, Some(child))
         }
         Command::Oom { duration, json } => crate::oomwatch::watch(duration, json.as_deref()),
-        Command::Report { recording, .. } => bail!(
-            "cannot read {}: recordings (--record) are not available in this version yet",
-            recording.display()
-        ),
+        Command::Report { recording, diff, output } => report_recording(&recording, diff.as_deref(), &output),
     }
+}
+
+/// Fails before a long trace on what would only fail when writing its outputs.
+fn check_before_tracing(args: &TraceArgs) -> anyhow::Result<()> {
+    let tracked: Vec<&str> = args.track.iter().map(|t| t.name()).collect();
+    args.output.flamegraph_kind.flame_value(&tracked).map_err(anyhow::Error::msg)?;
+    if let Some(path) = &args.record {
+        record::check_destination(path)?;
+    }
+    Ok(())
+}
+
+/// `memtrace report`: renders a recording, or the diff of two.
+fn report_recording(path: &Path, later: Option<&Path>, out: &OutputArgs) -> anyhow::Result<ExitCode> {
+    let a = record::read(path)?;
+    match later {
+        None => write_outputs(&a.report, out)?,
+        Some(later) => {
+            let b = record::read(later)?;
+            let (a_name, b_name) = (path.display().to_string(), later.display().to_string());
+            let diff = record::diff::diff(&a_name, &a.report, &b_name, &b.report);
+            record::diff::write_outputs(&diff, out)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -53,7 +78,14 @@ fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>)
         finish_child(child);
     }
     let (report, reason) = result?;
+    // The recording goes first, and the other outputs are written even if it fails.
+    let recorded = args.record.as_deref().map(|path| {
+        record::write_report(path, &report)?;
+        eprintln!("memtrace: wrote recording to {}", path.display());
+        anyhow::Ok(())
+    });
     write_outputs(&report, &args.output)?;
+    recorded.transpose()?;
     match reason {
         StopReason::TargetOomKilled => {
             eprintln!("memtrace: the traced process was OOM-killed; report written")
@@ -66,6 +98,11 @@ fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>)
 
 /// Writes every requested output; the text report goes to stdout.
 pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
+    let flame = if out.flamegraph.is_some() || out.folded.is_some() {
+        out.flamegraph_kind.flame_value(&report.tracked).map_err(anyhow::Error::msg)?
+    } else {
+        export::FlameValue::Outstanding
+    };
     let stdout = std::io::stdout();
     let mut lock = stdout.lock();
     export::text::write_text(report, out.top, &mut lock).context("write the report to stdout")?;
@@ -81,14 +118,14 @@ pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &out.folded {
         let mut w = create(path)?;
-        export::folded::write_folded(report, export::folded::FlameValue::Outstanding, &mut w)
+        export::folded::write_folded(report, flame, &mut w)
             .with_context(|| format!("write {}", path.display()))?;
         w.flush()?;
         eprintln!("memtrace: wrote folded stacks to {}", path.display());
     }
     if let Some(path) = &out.flamegraph {
         let mut w = create(path)?;
-        export::flamegraph::write_flamegraph(report, export::folded::FlameValue::Outstanding, &mut w)
+        export::flamegraph::write_flamegraph(report, flame, &mut w)
             .with_context(|| format!("write {}", path.display()))?;
         w.flush()?;
         eprintln!("memtrace: wrote flamegraph to {}", path.display());

@@ -4,7 +4,15 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::duration::parse_duration;
+use crate::{duration::parse_duration, export::FlameValue};
+
+/// `80%` or `0.8` → 0.8.
+fn parse_share(s: &str) -> Result<f64, String> {
+    let (num, scale) = s.strip_suffix('%').map_or((s, 1.0), |n| (n, 100.0));
+    let v: f64 = num.trim().parse().map_err(|_| format!("invalid share {s:?}: expected e.g. 80%"))?;
+    let v = v / scale;
+    if v > 0.0 && v <= 1.0 { Ok(v) } else { Err(format!("{s} is not between 0% and 100%")) }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,9 +58,22 @@ pub enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Render a recording made with --record.
+    /// Render a recording made with --record, or show what grew between two.
     Report {
+        /// A recording written by `memtrace attach|run --record FILE`.
         recording: PathBuf,
+        /// Show what grew from RECORDING (earlier) to this later recording.
+        ///
+        /// Stacks are matched by their frames (function, module, file and line) and
+        /// weighed by outstanding bytes in the later recording minus the earlier one.
+        /// The text report lists the stacks that grew, most first, then those that
+        /// shrank. --json writes a diff document (`diff_version` 1) with both sides and
+        /// every changed stack's `delta_bytes` (negative when it shrank). --folded and
+        /// --flamegraph show only the stacks that grew, weighed by the bytes they grew
+        /// (folded stacks cannot carry negative values). --pprof, --speedscope and
+        /// --flamegraph-kind do not apply.
+        #[arg(long, value_name = "LATER")]
+        diff: Option<PathBuf>,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -104,6 +125,10 @@ pub struct TraceArgs {
     /// Lower is more precise and costs more.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub fault_sample: u32,
+    /// Warn (on stderr and in the report) when the target's memory cgroup usage reaches
+    /// this share of its limit, e.g. `80%`, with the stacks growing at that moment.
+    #[arg(long, value_parser = parse_share)]
+    pub warn_at: Option<f64>,
     /// Report only memory older than this.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub min_age: Duration,
@@ -116,11 +141,49 @@ pub struct TraceArgs {
     /// Serve Prometheus metrics at this address (loopback unless told otherwise).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// Write a recording of the run for `memtrace report`.
+    /// Write a recording of the run for `memtrace report` (written when tracing stops,
+    /// however it stops).
     #[arg(long)]
     pub record: Option<PathBuf>,
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+/// What the flamegraph weighs each stack by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlameKind {
+    /// Bytes still allocated at the end.
+    #[default]
+    Outstanding,
+    /// Allocations still not freed at the end.
+    Count,
+    /// How fast each stack's outstanding bytes grew, in bytes per second.
+    Growth,
+    /// All bytes allocated while tracing, freed or not (not kept per stack yet).
+    Allocated,
+    /// Resident bytes by the stack that first touched them (needs --track faults).
+    Faults,
+}
+
+impl FlameKind {
+    /// The exporters' value for this kind, or why a report of the `tracked` sources
+    /// cannot provide it.
+    pub fn flame_value<S: AsRef<str>>(self, tracked: &[S]) -> Result<FlameValue, String> {
+        match self {
+            Self::Outstanding => Ok(FlameValue::Outstanding),
+            Self::Count => Ok(FlameValue::Count),
+            Self::Growth => Ok(FlameValue::Growth),
+            Self::Allocated => Err(
+                "--flamegraph-kind allocated: reports keep outstanding bytes, counts and growth per stack, not bytes allocated; use outstanding, count or growth"
+                    .to_string(),
+            ),
+            Self::Faults if tracked.iter().any(|t| t.as_ref() == "faults") => Ok(FlameValue::Faults),
+            Self::Faults => Err(format!(
+                "--flamegraph-kind faults: page faults were not traced (tracked: {}); trace with --track including faults, or use outstanding, count or growth",
+                tracked.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(",")
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -131,6 +194,9 @@ pub struct OutputArgs {
     /// Write an interactive flamegraph SVG of outstanding bytes by stack.
     #[arg(long)]
     pub flamegraph: Option<PathBuf>,
+    /// What --flamegraph and --folded weigh stacks by.
+    #[arg(long, value_enum, default_value_t = FlameKind::Outstanding)]
+    pub flamegraph_kind: FlameKind,
     /// Write collapsed stacks (`frame;frame bytes`).
     #[arg(long)]
     pub folded: Option<PathBuf>,

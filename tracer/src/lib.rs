@@ -14,6 +14,7 @@ pub mod export;
 pub mod model;
 pub mod oomwatch;
 pub mod procfs;
+pub mod record;
 pub mod report;
 pub mod session;
 pub mod symbolize;

@@ -3,7 +3,6 @@
 use std::{path::Path, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
-use serde::Serialize;
 use tokio::signal::unix::SignalKind;
 use tracer_common::TRACK_OOM;
 
@@ -11,30 +10,9 @@ use crate::{
     bpf::{LoadOptions, Tracer},
     events::{Event, OomFormat, decode},
     procfs,
+    report::OomKill,
     units::human_bytes,
 };
-
-/// One OOM kill as `memtrace oom --json` writes it.
-#[derive(Clone, Debug, Serialize)]
-pub struct OomEntry {
-    /// Seconds since the watch started.
-    pub t_s: f64,
-    pub pid: u32,
-    pub comm: String,
-    pub cmdline: String,
-    pub anon_rss_bytes: u64,
-    pub file_rss_bytes: u64,
-    pub shmem_rss_bytes: u64,
-    pub total_vm_bytes: u64,
-    pub pgtables_bytes: Option<u64>,
-    pub oom_score_adj: i64,
-    pub uid: Option<u32>,
-    pub cgroup: String,
-    pub memcg_limit_bytes: u64,
-    /// Pid and comm of the task that was running (allocating) when the kill was decided.
-    pub trigger_pid: u32,
-    pub trigger_comm: String,
-}
 
 pub fn watch(duration: Option<Duration>, json: Option<&Path>) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -50,7 +28,7 @@ pub fn watch(duration: Option<Duration>, json: Option<&Path>) -> anyhow::Result<
     Ok(ExitCode::SUCCESS)
 }
 
-async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomEntry>> {
+async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomKill>> {
     let format = OomFormat::load().context("read the oom:mark_victim tracepoint format")?;
     let mut tracer = Tracer::load(&LoadOptions {
         target_tgid: 0,
@@ -78,30 +56,22 @@ async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomEntry>
                     let Ok(Event::Oom { event }) = decode(&item) else { continue };
                     match format.decode(event) {
                         Ok(rec) => {
-                            let memcg = procfs::memcg(rec.pid).unwrap_or_default();
-                            let entry = OomEntry {
-                                t_s: rec.ts_ns.saturating_sub(started) as f64 / 1e9,
-                                pid: rec.pid,
-                                cmdline: procfs::cmdline(rec.pid),
-                                comm: rec.comm,
-                                anon_rss_bytes: rec.anon_rss_bytes,
-                                file_rss_bytes: rec.file_rss_bytes,
-                                shmem_rss_bytes: rec.shmem_rss_bytes,
-                                total_vm_bytes: rec.total_vm_bytes,
-                                pgtables_bytes: rec.pgtables_bytes,
-                                oom_score_adj: rec.oom_score_adj,
-                                uid: rec.uid,
-                                cgroup: memcg.path,
-                                memcg_limit_bytes: memcg.limit_bytes,
-                                trigger_pid: rec.trigger_pid,
-                                trigger_comm: rec.trigger_comm,
-                            };
+                            let t_s = rec.ts_ns.saturating_sub(started) as f64 / 1e9;
+                            let entry = crate::analysis::oom_kill(&rec, None, procfs::cmdline(rec.pid), t_s);
                             println!(
-                                "OOM kill: pid {} ({}) anon-rss {} file-rss {} shmem-rss {} total-vm {} oom_score_adj {} cgroup {} limit {}",
-                                entry.pid, entry.comm, human_bytes(entry.anon_rss_bytes), human_bytes(entry.file_rss_bytes),
-                                human_bytes(entry.shmem_rss_bytes), human_bytes(entry.total_vm_bytes), entry.oom_score_adj,
+                                "OOM kill: pid {} ({}) anon-rss {} file-rss {} shmem-rss {} total-vm {} oom_score_adj {} scope {} cgroup {} limit {} (allocating: {} {})",
+                                entry.pid,
+                                entry.comm,
+                                human_bytes(entry.anon_rss_bytes),
+                                human_bytes(entry.file_rss_bytes),
+                                human_bytes(entry.shmem_rss_bytes),
+                                human_bytes(entry.total_vm_bytes),
+                                entry.oom_score_adj,
+                                entry.scope,
                                 if entry.cgroup.is_empty() { "?" } else { &entry.cgroup },
                                 if entry.memcg_limit_bytes == 0 { "none".to_string() } else { human_bytes(entry.memcg_limit_bytes) },
+                                entry.trigger_pid,
+                                entry.trigger_comm,
                             );
                             entries.push(entry);
                         }

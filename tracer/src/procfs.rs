@@ -1,6 +1,9 @@
 //! What memtrace reads about a process from /proc.
 
-use std::{fs, io, path::PathBuf};
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 /// Memory figures from /proc/PID/status, in bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -86,6 +89,38 @@ pub struct Memcg {
     pub path: String,
     /// Limit in bytes; 0 when unlimited or unknown.
     pub limit_bytes: u64,
+    /// The cgroup's directory (v1 memory controller or v2 unified hierarchy).
+    pub dir: PathBuf,
+    pub v1: bool,
+}
+
+impl Memcg {
+    fn read(&self, v1_file: &str, v2_file: &str) -> Option<String> {
+        fs::read_to_string(self.dir.join(if self.v1 { v1_file } else { v2_file })).ok()
+    }
+
+    /// Memory charged to the cgroup now.
+    #[must_use]
+    pub fn usage_bytes(&self) -> Option<u64> {
+        self.read("memory.usage_in_bytes", "memory.current")?.trim().parse().ok()
+    }
+
+    /// OOM kills the kernel made in this cgroup (`oom_kill` of memory.oom_control on v1,
+    /// of memory.events on v2).
+    #[must_use]
+    pub fn oom_kills(&self) -> Option<u64> {
+        let text = self.read("memory.oom_control", "memory.events")?;
+        parse_keyed(&text, "oom_kill")
+    }
+}
+
+/// The value of `key` in a `key value` per line file.
+#[must_use]
+pub fn parse_keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
 }
 
 /// Parses /proc/PID/cgroup: the v1 `memory` controller line wins, else the v2 `0::` line.
@@ -120,21 +155,26 @@ pub fn parse_limit(text: &str) -> u64 {
     }
 }
 
+/// The memory cgroup of `pid`, found under `root` (normally `/sys/fs/cgroup`).
+#[must_use]
+pub fn memcg_under(root: &Path, cgroup_file: &str) -> Option<Memcg> {
+    let (v1, path) = parse_cgroup(cgroup_file)?;
+    let rel = path.trim_start_matches('/');
+    let candidates: Vec<(PathBuf, &str)> = if v1 {
+        vec![(root.join("memory").join(rel), "memory.limit_in_bytes")]
+    } else {
+        vec![(root.join(rel), "memory.max"), (root.join("unified").join(rel), "memory.max")]
+    };
+    let (dir, limit_bytes) = candidates
+        .iter()
+        .find_map(|(dir, file)| fs::read_to_string(dir.join(file)).ok().map(|t| (dir.clone(), parse_limit(&t))))
+        .unwrap_or_else(|| (candidates[0].0.clone(), 0));
+    Some(Memcg { path, limit_bytes, dir, v1 })
+}
+
 #[must_use]
 pub fn memcg(pid: u32) -> Option<Memcg> {
-    let (v1, path) = parse_cgroup(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)?;
-    let rel = path.trim_start_matches('/');
-    let candidates: Vec<PathBuf> = if v1 {
-        vec![PathBuf::from("/sys/fs/cgroup/memory").join(rel).join("memory.limit_in_bytes")]
-    } else {
-        vec![
-            PathBuf::from("/sys/fs/cgroup").join(rel).join("memory.max"),
-            PathBuf::from("/sys/fs/cgroup/unified").join(rel).join("memory.max"),
-        ]
-    };
-    let limit_bytes =
-        candidates.iter().find_map(|p| fs::read_to_string(p).ok()).map_or(0, |t| parse_limit(&t));
-    Some(Memcg { path, limit_bytes })
+    memcg_under(Path::new("/sys/fs/cgroup"), &fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
 }
 
 #[cfg(test)]
@@ -167,6 +207,29 @@ mod tests {
         assert_eq!(parse_limit("max\n"), 0);
         assert_eq!(parse_limit("9223372036854771712\n"), 0);
         assert_eq!(parse_limit("209715200\n"), 200 << 20);
+    }
+
+    #[test]
+    fn memcg_files_on_v1_and_v2_layouts() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let v1 = root.path().join("memory/app");
+        fs::create_dir_all(&v1).expect("mkdir");
+        fs::write(v1.join("memory.limit_in_bytes"), "209715200\n").expect("write");
+        fs::write(v1.join("memory.usage_in_bytes"), "104857600\n").expect("write");
+        fs::write(v1.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").expect("write");
+        let m = memcg_under(root.path(), "4:memory:/app\n0::/\n").expect("v1 memcg");
+        assert!(m.v1);
+        assert_eq!((m.limit_bytes, m.usage_bytes(), m.oom_kills()), (200 << 20, Some(100 << 20), Some(2)));
+
+        let v2 = root.path().join("svc");
+        fs::create_dir_all(&v2).expect("mkdir");
+        fs::write(v2.join("memory.max"), "max\n").expect("write");
+        fs::write(v2.join("memory.current"), "4096\n").expect("write");
+        fs::write(v2.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").expect("write");
+        let m = memcg_under(root.path(), "0::/svc\n").expect("v2 memcg");
+        assert!(!m.v1);
+        assert_eq!((m.limit_bytes, m.usage_bytes(), m.oom_kills()), (0, Some(4096), Some(1)));
+        assert_eq!(m.path, "/svc");
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct Report {
     pub oom_kills: Vec<OomKill>,
     pub timeline: Vec<TimelinePoint>,
     pub lost_events: u64,
+    #[serde(default)]
+    pub warnings: Vec<Warning>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +84,7 @@ pub enum FrameKind {
     Unknown,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct OomKill {
     pub pid: u32,
     pub comm: String,
@@ -93,6 +95,27 @@ pub struct OomKill {
     pub oom_score_adj: i64,
     pub cgroup: String,
     pub memcg_limit_bytes: u64,
+    /// Seconds since tracing started.
+    #[serde(default)]
+    pub t_s: f64,
+    #[serde(default)]
+    pub cmdline: String,
+    /// `cgroup` when the victim's memory cgroup hit its limit, `machine` when the whole
+    /// machine ran out, `unknown` when the victim's cgroup could not be read.
+    #[serde(default)]
+    pub scope: String,
+    /// The task that was running (allocating) when the kernel chose the victim.
+    #[serde(default)]
+    pub trigger_pid: u32,
+    #[serde(default)]
+    pub trigger_comm: String,
+    #[serde(default)]
+    pub pgtables_bytes: u64,
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// Memory charged to the victim's cgroup when the kill was seen.
+    #[serde(default)]
+    pub memcg_usage_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -109,6 +132,18 @@ pub struct TimelinePoint {
     /// Resident bytes attributed to stacks by page-fault samples.
     #[serde(default)]
     pub resident_bytes: u64,
+    /// Memory charged to the target's cgroup, and its limit (0: none or unknown).
+    #[serde(default)]
+    pub memcg_usage_bytes: u64,
+    #[serde(default)]
+    pub memcg_limit_bytes: u64,
+}
+
+/// Something the user was told during the run (e.g. `--warn-at` crossed).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Warning {
+    pub t_s: f64,
+    pub message: String,
 }
 
 impl Frame {

@@ -20,7 +20,7 @@ use crate::{
     analysis::{ReportInputs, build_report},
     bpf::{LoadOptions, Tracer},
     cli::{TraceArgs, Track},
-    events::{Event, OomFormat, OomRecord, decode},
+    events::{Event, OomFormat, decode},
     model::{LiveModel, MemOp, StackId, StackTable},
     procfs,
     report::{Frame, Report, Target, TimelinePoint, Totals},
@@ -113,7 +113,10 @@ struct Session {
     frames: HashMap<StackId, Vec<Frame>>,
     symbolized_upto: usize,
     oom_format: Option<OomFormat>,
-    ooms: Vec<OomRecord>,
+    ooms: Vec<crate::report::OomKill>,
+    warnings: Vec<crate::report::Warning>,
+    memcg: Option<procfs::Memcg>,
+    cmdline: String,
     timeline: Vec<TimelinePoint>,
     history: History,
     start_ns: u64,
@@ -155,10 +158,14 @@ impl Session {
                             crate::units::human_bytes(rec.shmem_rss_bytes),
                             if rec.pid == self.pid { " — the traced process" } else { "" }
                         );
-                        if rec.pid == self.pid {
+                        let t_s = rec.ts_ns.saturating_sub(self.start_ns) as f64 / 1e9;
+                        let kill = if rec.pid == self.pid {
                             self.target_oom_killed = true;
-                        }
-                        self.ooms.push(rec);
+                            crate::analysis::oom_kill(&rec, self.memcg.clone(), self.cmdline.clone(), t_s)
+                        } else {
+                            crate::analysis::oom_kill(&rec, None, procfs::cmdline(rec.pid), t_s)
+                        };
+                        self.ooms.push(kill);
                     }
                     Err(e) => warn!("undecodable OOM record: {e}"),
                 }
@@ -207,6 +214,8 @@ impl Session {
             rss_file_bytes: self.last_mem.rss_file,
             rss_shmem_bytes: self.last_mem.rss_shmem,
             resident_bytes: self.model.resident_bytes(),
+            memcg_usage_bytes: self.memcg.as_ref().and_then(procfs::Memcg::usage_bytes).unwrap_or(0),
+            memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
         });
         if self.timeline.len() > TIMELINE_CAPACITY {
             // Keep every other point: resolution halves, coverage stays whole.
@@ -216,6 +225,41 @@ impl Session {
                 i % 2 == 1
             });
         }
+    }
+
+    /// `--warn-at`: the first time cgroup usage reaches the share of its limit, say so
+    /// with the stacks that hold the most.
+    fn check_warn_at(&mut self, share: f64) {
+        if !self.warnings.is_empty() {
+            return;
+        }
+        let Some(memcg) = self.memcg.clone() else { return };
+        let (Some(usage), limit) = (memcg.usage_bytes(), memcg.limit_bytes) else { return };
+        if limit == 0 || (usage as f64) < share * limit as f64 {
+            return;
+        }
+        self.symbolize_new();
+        let top: Vec<String> = self
+            .model
+            .by_stack()
+            .iter()
+            .take(3)
+            .map(|agg| {
+                let frames = self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice);
+                format!("{} by {}", crate::units::human_bytes(agg.bytes), culprit(frames))
+            })
+            .collect();
+        let t_s = monotonic_ns().saturating_sub(self.start_ns) as f64 / 1e9;
+        let message = format!(
+            "cgroup {} at {} of its {} limit ({:.0}%); top holders: {}",
+            memcg.path,
+            crate::units::human_bytes(usage),
+            crate::units::human_bytes(limit),
+            usage as f64 * 100.0 / limit as f64,
+            if top.is_empty() { "none traced".to_string() } else { top.join("; ") }
+        );
+        eprintln!("memtrace: WARNING: {message}");
+        self.warnings.push(crate::report::Warning { t_s, message });
     }
 
     fn lost_events(&self) -> u64 {
@@ -252,9 +296,6 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let pid = resolve_target(target.pid)?;
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     let track = track_bits(&args.track)?;
-    if args.record.is_some() {
-        bail!("--record is not available in this version yet; use --json to keep the report");
-    }
     if args.metrics.is_some() {
         bail!("--metrics is not available in this version yet");
     }
@@ -307,6 +348,9 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         symbolized_upto: 0,
         oom_format,
         ooms: Vec::new(),
+        warnings: Vec::new(),
+        memcg: memcg.clone(),
+        cmdline: cmdline.clone(),
         timeline: Vec::new(),
         history: History::new(HISTORY_POINTS, HISTORY_SERIES),
         start_ns: monotonic_ns(),
@@ -354,6 +398,9 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
             }
             _ = tick.tick() => {
                 s.symbolize_new();
+                if let Some(share) = args.warn_at {
+                    s.check_warn_at(share);
+                }
                 if Instant::now() >= next_snapshot {
                     s.snapshot();
                     next_snapshot += interval;
@@ -380,9 +427,9 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     }
     eprintln!("{}", s.status_line(started));
     let exited = matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled);
-    if !exited {
-        s.snapshot();
-    }
+    // The last point holds the final state (RSS keeps its last reading once the target
+    // is gone).
+    s.snapshot();
     s.symbolize_new();
     let end_ns = monotonic_ns();
     let stack_failures = s.tracer.counters()[COUNTER_STACK_READ_FAILED as usize];
@@ -409,14 +456,26 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         min_age_s: args.min_age.as_secs_f64(),
         frames: &frames,
         ooms: &s.ooms,
-        memcg: memcg.as_ref(),
         timeline: s.timeline.clone(),
         history: &s.history,
         lost_events: s.lost_events(),
     });
+    let mut report = report;
+    report.warnings = s.warnings.clone();
     debug!("stopped: {reason:?}");
     let _ = std::io::stderr().flush();
     Ok((report, reason))
+}
+
+/// The frame a person would look at first: the innermost JS frame, else the innermost
+/// frame outside libc.
+fn culprit(frames: &[Frame]) -> String {
+    frames
+        .iter()
+        .find(|f| f.kind == crate::report::FrameKind::Js)
+        .or_else(|| frames.iter().find(|f| !f.module.contains("libc.so") && !f.function.starts_with("0x")))
+        .or(frames.first())
+        .map_or_else(|| "[unknown stack]".to_string(), Frame::label)
 }
 
 /// `memtrace run`: the child execs right after release; its memory map is only worth

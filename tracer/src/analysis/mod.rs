@@ -7,7 +7,7 @@ pub use trend::{History, Trend, Verdict, assess, series_key};
 use crate::{
     events::OomRecord,
     model::{StackAgg, StackId},
-    procfs::Memcg,
+    procfs::{self, Memcg},
     report::{Frame, FrameKind, Leak, OomKill, Report, TimelinePoint, Totals},
 };
 
@@ -24,8 +24,7 @@ pub struct ReportInputs<'a> {
     pub min_age_s: f64,
     /// Symbolized frames of a stack, leaf first.
     pub frames: &'a dyn Fn(StackId) -> Vec<Frame>,
-    pub ooms: &'a [OomRecord],
-    pub memcg: Option<&'a Memcg>,
+    pub ooms: &'a [OomKill],
     pub timeline: Vec<TimelinePoint>,
     pub history: &'a History,
     pub lost_events: u64,
@@ -50,7 +49,10 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         .filter(|agg| (inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS) >= inputs.min_age_s)
         .map(|agg| {
             let series = inputs.history.series(series_key(agg)).unwrap_or(&[]);
-            let trend = assess(inputs.history.times(), series);
+            let mut trend = assess(inputs.history.times(), series);
+            if series.is_empty() {
+                trend.reason = "allocated after the last snapshot".to_string();
+            }
             let growth_bytes_per_s = if trend.verdict == Verdict::Unknown {
                 growth(agg, inputs.end_ns)
             } else {
@@ -78,24 +80,7 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         })
         .collect();
     leaks.sort_by(|a, b| b.score.total_cmp(&a.score).then(b.bytes.cmp(&a.bytes)));
-    let oom_kills = inputs
-        .ooms
-        .iter()
-        .map(|o| {
-            let memcg = inputs.memcg.filter(|_| o.pid == inputs.target.pid);
-            OomKill {
-                pid: o.pid,
-                comm: o.comm.clone(),
-                anon_rss_bytes: o.anon_rss_bytes,
-                file_rss_bytes: o.file_rss_bytes,
-                shmem_rss_bytes: o.shmem_rss_bytes,
-                total_vm_bytes: o.total_vm_bytes,
-                oom_score_adj: o.oom_score_adj,
-                cgroup: memcg.map(|m| m.path.clone()).unwrap_or_default(),
-                memcg_limit_bytes: memcg.map_or(0, |m| m.limit_bytes),
-            }
-        })
-        .collect();
+    let oom_kills = inputs.ooms.to_vec();
     Report {
         version: crate::report::REPORT_VERSION,
         target: inputs.target.clone(),
@@ -120,6 +105,43 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         oom_kills,
         timeline: inputs.timeline.clone(),
         lost_events: inputs.lost_events,
+        warnings: Vec::new(),
+    }
+}
+
+/// Whether a kill was made because the victim's cgroup hit its limit.
+#[must_use]
+pub fn oom_scope(memcg: Option<&Memcg>) -> &'static str {
+    match memcg {
+        Some(m) if m.limit_bytes > 0 && m.oom_kills().unwrap_or(0) > 0 => "cgroup",
+        Some(_) => "machine",
+        None => "unknown",
+    }
+}
+
+/// The report's record of a kill: the kernel's figures plus the victim's cgroup, read
+/// now (the caller passes the cgroup it read earlier when the victim may be gone).
+#[must_use]
+pub fn oom_kill(rec: &OomRecord, memcg: Option<Memcg>, cmdline: String, t_s: f64) -> OomKill {
+    let memcg = memcg.or_else(|| procfs::memcg(rec.pid));
+    OomKill {
+        pid: rec.pid,
+        comm: rec.comm.clone(),
+        anon_rss_bytes: rec.anon_rss_bytes,
+        file_rss_bytes: rec.file_rss_bytes,
+        shmem_rss_bytes: rec.shmem_rss_bytes,
+        total_vm_bytes: rec.total_vm_bytes,
+        oom_score_adj: rec.oom_score_adj,
+        cgroup: memcg.as_ref().map(|m| m.path.clone()).unwrap_or_default(),
+        memcg_limit_bytes: memcg.as_ref().map_or(0, |m| m.limit_bytes),
+        t_s,
+        cmdline,
+        scope: oom_scope(memcg.as_ref()).to_string(),
+        trigger_pid: rec.trigger_pid,
+        trigger_comm: rec.trigger_comm.clone(),
+        pgtables_bytes: rec.pgtables_bytes.unwrap_or(0),
+        uid: rec.uid,
+        memcg_usage_bytes: memcg.as_ref().and_then(Memcg::usage_bytes).unwrap_or(0),
     }
 }
 
@@ -148,7 +170,6 @@ mod tests {
             min_age_s: 1.0,
             frames: &frames,
             ooms: &ooms,
-            memcg: None,
             timeline: vec![],
             history: &History::new(16, 16),
             lost_events: 0,

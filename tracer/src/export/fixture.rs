@@ -60,6 +60,7 @@ pub(crate) fn sample_report() -> Report {
             oom_score_adj: 0,
             cgroup: "/memtrace-demo".to_string(),
             memcg_limit_bytes: 536_870_912,
+            ..OomKill::default()
         }],
         timeline: [(0.0, 104_857_600, 0), (15.0, 314_572_800, 6_291_456), (30.0, 304_087_040, outstanding)]
             .map(|(t_s, rss_bytes, outstanding_bytes)| TimelinePoint {
@@ -70,6 +71,7 @@ pub(crate) fn sample_report() -> Report {
             })
             .to_vec(),
         lost_events: 7,
+        warnings: Vec::new(),
     }
 }
 

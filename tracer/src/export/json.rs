@@ -33,6 +33,13 @@ mod tests {
         keys
     }
 
+    /// Every key of the contract is there with its name; fields may be added.
+    fn assert_contract(actual: Vec<&str>, contract: Vec<&str>) {
+        for key in &contract {
+            assert!(actual.contains(key), "missing contract key {key:?} in {actual:?}");
+        }
+    }
+
     fn sorted(mut keys: Vec<&str>) -> Vec<&str> {
         keys.sort_unstable();
         keys
@@ -46,10 +53,9 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_exactly_the_contract() {
+    fn keys_of_the_contract_are_all_there() {
         let json: Value = serde_json::from_slice(&render(&sample_report())).expect("valid JSON");
-        assert_eq!(
-            keys(&json),
+        assert_contract(keys(&json),
             sorted(vec![
                 "version",
                 "target",
@@ -63,14 +69,12 @@ mod tests {
             ])
         );
         assert_eq!(json["version"], 1);
-        assert_eq!(keys(&json["target"]), sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]));
-        assert_eq!(
-            keys(&json["totals"]),
+        assert_contract(keys(&json["target"]), sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]));
+        assert_contract(keys(&json["totals"]),
             sorted(vec!["outstanding_bytes", "allocated_bytes", "freed_bytes", "resident_bytes"])
         );
         let leak = &json["leaks"][0];
-        assert_eq!(
-            keys(leak),
+        assert_contract(keys(leak),
             sorted(vec![
                 "bytes",
                 "count",
@@ -83,11 +87,10 @@ mod tests {
                 "reason",
             ])
         );
-        assert_eq!(keys(&leak["frames"][0]), sorted(vec!["function", "module", "file", "line", "kind"]));
+        assert_contract(keys(&leak["frames"][0]), sorted(vec!["function", "module", "file", "line", "kind"]));
         assert_eq!(leak["frames"][0]["kind"], "js");
         assert_eq!(json["leaks"][2]["frames"][0]["kind"], "kernel");
-        assert_eq!(
-            keys(&json["oom_kills"][0]),
+        assert_contract(keys(&json["oom_kills"][0]),
             sorted(vec![
                 "pid",
                 "comm",
@@ -100,8 +103,7 @@ mod tests {
                 "memcg_limit_bytes",
             ])
         );
-        assert_eq!(
-            keys(&json["timeline"][0]),
+        assert_contract(keys(&json["timeline"][0]),
             sorted(vec![
                 "t_s",
                 "rss_bytes",

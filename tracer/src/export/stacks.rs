@@ -15,6 +15,9 @@ pub enum FlameValue {
     Count,
     /// Growth in bytes per second, rounded; shrinking stacks count as zero.
     Growth,
+    /// Resident bytes by the stack that first touched them: the bytes of leaks from
+    /// page-fault samples (source `faults`); other leaks count as zero.
+    Faults,
 }
 
 impl FlameValue {
@@ -26,6 +29,8 @@ impl FlameValue {
             Self::Count => leak.count,
             // `as` saturates: NaN and negative rates become 0, huge ones u64::MAX.
             Self::Growth => leak.growth_bytes_per_s.round() as u64,
+            Self::Faults if leak.sources.iter().any(|s| s == "faults") => leak.bytes,
+            Self::Faults => 0,
         }
     }
 
@@ -33,7 +38,7 @@ impl FlameValue {
     #[must_use]
     pub fn unit(self) -> &'static str {
         match self {
-            Self::Outstanding => "bytes",
+            Self::Outstanding | Self::Faults => "bytes",
             Self::Count => "allocations",
             Self::Growth => "bytes/s",
         }
@@ -146,6 +151,12 @@ mod tests {
         let growing = weighted_stacks(&report, FlameValue::Growth);
         assert_eq!(growing.len(), 1);
         assert_eq!(growing[0].value, 409_600);
+        let faulted = weighted_stacks(&report, FlameValue::Faults);
+        assert_eq!(
+            faulted.iter().map(|s| s.value).collect::<Vec<_>>(),
+            vec![12_582_912, 4096],
+            "only leaks with the faults source"
+        );
     }
 
     #[test]

@@ -55,7 +55,7 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
         bytes(totals.allocated_bytes),
         bytes(totals.freed_bytes)
     )?;
-    if totals.resident_bytes > 0 || report.tracked.iter().any(|t| t == "faults") {
+    if totals.resident_bytes > 0 {
         let rss_growth = match (report.timeline.first(), report.timeline.last()) {
             (Some(a), Some(b)) => b.rss_bytes.saturating_sub(a.rss_bytes),
             _ => 0,
