@@ -19,9 +19,8 @@ pub struct ReportInputs<'a> {
     pub totals: Totals,
     /// Outstanding memory by stack, as the model groups it.
     pub stacks: Vec<StackAgg>,
-    /// Seconds from each allocation's `ts_ns` to the end of the trace: `end_ns - ts`.
+    /// End of the trace (`bpf_ktime_get_ns` clock), for ages.
     pub end_ns: u64,
-    pub min_age_s: f64,
     /// Symbolized frames of a stack, leaf first.
     pub frames: &'a dyn Fn(StackId) -> Vec<Frame>,
     pub ooms: &'a [OomKill],
@@ -32,48 +31,80 @@ pub struct ReportInputs<'a> {
 
 const NS: f64 = 1e9;
 
-/// Growth rate of a stack's outstanding memory: the bytes it holds over the time since
-/// its oldest live allocation (at least one second, so one fresh allocation does not
-/// look like an infinite rate).
-fn growth(agg: &StackAgg, end_ns: u64) -> f64 {
-    let age_s = (end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS).max(1.0);
-    agg.bytes as f64 / age_s
+/// Stacks that symbolize to the same frames are one suspect: JIT code moves between
+/// tiers and addresses, the function stays the same.
+struct Group {
+    frames: Vec<Frame>,
+    bytes: u64,
+    count: u64,
+    oldest_ts_ns: u64,
+    sources: Vec<crate::model::Source>,
+    series: Vec<u64>,
+    has_series: bool,
 }
 
 #[must_use]
 pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
-    let mut leaks: Vec<Leak> = inputs
-        .stacks
-        .iter()
-        .filter(|agg| agg.bytes > 0)
-        .filter(|agg| (inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS) >= inputs.min_age_s)
-        .map(|agg| {
-            let series = inputs.history.series(series_key(agg)).unwrap_or(&[]);
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: std::collections::HashMap<(Vec<Frame>, bool), usize> = std::collections::HashMap::new();
+    let points = inputs.history.times().len();
+    for agg in inputs.stacks.iter().filter(|agg| agg.bytes > 0) {
+        let mut frames = (inputs.frames)(agg.stack);
+        if frames.is_empty() {
+            frames.push(Frame { function: "[no stack captured]".into(), kind: FrameKind::Unknown, ..Frame::default() });
+        }
+        let key = (frames, series_key(agg).1);
+        let i = *index.entry(key.clone()).or_insert_with(|| {
+            groups.push(Group {
+                frames: key.0,
+                bytes: 0,
+                count: 0,
+                oldest_ts_ns: u64::MAX,
+                sources: Vec::new(),
+                series: vec![0; points],
+                has_series: false,
+            });
+            groups.len() - 1
+        });
+        let g = &mut groups[i];
+        g.bytes += agg.bytes;
+        g.count += agg.count;
+        g.oldest_ts_ns = g.oldest_ts_ns.min(agg.oldest_ts_ns);
+        for s in &agg.sources {
+            if !g.sources.contains(s) {
+                g.sources.push(*s);
+            }
+        }
+        if let Some(series) = inputs.history.series(series_key(agg)) {
+            g.has_series = true;
+            for (sum, v) in g.series.iter_mut().zip(series) {
+                *sum += v;
+            }
+        }
+    }
+    let mut leaks: Vec<Leak> = groups
+        .into_iter()
+        .map(|g| {
+            let series = if g.has_series { g.series.as_slice() } else { &[] };
             let mut trend = assess(inputs.history.times(), series);
-            if series.is_empty() {
+            if !g.has_series {
                 trend.reason = "allocated after the last snapshot".to_string();
             }
+            let age_s = inputs.end_ns.saturating_sub(g.oldest_ts_ns) as f64 / NS;
             let growth_bytes_per_s = if trend.verdict == Verdict::Unknown {
-                growth(agg, inputs.end_ns)
+                // Without a history: what it holds over its age (at least a second).
+                g.bytes as f64 / age_s.max(1.0)
             } else {
                 trend.slope_bytes_per_s
             };
-            let mut frames = (inputs.frames)(agg.stack);
-            if frames.is_empty() {
-                frames.push(Frame {
-                    function: "[no stack captured]".into(),
-                    kind: FrameKind::Unknown,
-                    ..Frame::default()
-                });
-            }
             Leak {
-                bytes: agg.bytes,
-                count: agg.count,
-                oldest_age_s: inputs.end_ns.saturating_sub(agg.oldest_ts_ns) as f64 / NS,
+                bytes: g.bytes,
+                count: g.count,
+                oldest_age_s: age_s,
                 growth_bytes_per_s,
                 score: trend.score,
-                sources: agg.sources.iter().map(|s| s.name().to_string()).collect(),
-                frames,
+                sources: g.sources.iter().map(|s| s.name().to_string()).collect(),
+                frames: g.frames,
                 verdict: trend.verdict.name().to_string(),
                 reason: trend.reason,
             }
@@ -155,7 +186,40 @@ mod tests {
     }
 
     #[test]
-    fn ranks_by_score_and_applies_min_age() {
+    fn stacks_with_the_same_frames_are_one_suspect() {
+        let frames = |id: StackId| {
+            let name = if id.0 == 3 { "other" } else { "rememberOrder" };
+            vec![Frame { function: name.into(), kind: FrameKind::Js, ..Frame::default() }]
+        };
+        let mut history = History::new(16, 16);
+        for t in 0..5u32 {
+            let b = u64::from(t) * 100;
+            history.record(f64::from(t), &[agg(1, b, 0), agg(2, 2 * b, 0), agg(3, 50, 0)]);
+        }
+        let inputs = ReportInputs {
+            target: crate::report::Target::default(),
+            duration_s: 4.0,
+            tracked: vec![],
+            totals: Totals::default(),
+            stacks: vec![agg(1, 400, 0), agg(2, 800, 1_000_000_000), agg(3, 50, 0)],
+            end_ns: 4_000_000_000,
+            frames: &frames,
+            ooms: &[],
+            timeline: vec![],
+            history: &history,
+            lost_events: 0,
+        };
+        let r = build_report(&inputs);
+        assert_eq!(r.leaks.len(), 2);
+        let top = &r.leaks[0];
+        assert_eq!((top.frames[0].function.as_str(), top.bytes, top.count), ("rememberOrder", 1200, 2));
+        assert_eq!(top.verdict, "leak");
+        assert!((top.growth_bytes_per_s - 300.0).abs() < 1e-6, "summed series grow 300 B/s: {}", top.growth_bytes_per_s);
+        assert!((top.oldest_age_s - 4.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn ranks_by_bytes_without_history() {
         let frames = |id: StackId| {
             vec![Frame { function: format!("f{}", id.0), kind: FrameKind::Native, ..Frame::default() }]
         };
@@ -165,9 +229,8 @@ mod tests {
             duration_s: 10.0,
             tracked: vec!["mmap".into()],
             totals: Totals::default(),
-            stacks: vec![agg(1, 100, 0), agg(2, 5000, 9_500_000_000), agg(3, 300, 2_000_000_000)],
+            stacks: vec![agg(1, 100, 0), agg(3, 300, 2_000_000_000)],
             end_ns: 10_000_000_000,
-            min_age_s: 1.0,
             frames: &frames,
             ooms: &ooms,
             timeline: vec![],
@@ -179,10 +242,10 @@ mod tests {
         assert_eq!(
             names,
             vec!["f3", "f1"],
-            "stack 2 is younger than --min-age; without history, biggest first"
+            "without history, biggest first"
         );
         assert_eq!(r.leaks[0].verdict, "unknown");
-        assert_eq!(r.totals.outstanding_bytes, 5400);
+        assert_eq!(r.totals.outstanding_bytes, 400);
         assert!((r.leaks[0].growth_bytes_per_s - 300.0 / 8.0).abs() < 1e-9);
         assert!((r.leaks[0].oldest_age_s - 8.0).abs() < 1e-9);
     }

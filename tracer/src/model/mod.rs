@@ -24,6 +24,8 @@ pub enum Source {
     Brk,
     /// Resident pages first touched by the stack (sampled page faults).
     Faults,
+    /// Heap blocks from the malloc family (`--track malloc`, see `crate::heap`).
+    Malloc,
 }
 
 impl Source {
@@ -33,6 +35,7 @@ impl Source {
             Self::Mmap => "mmap",
             Self::Brk => "brk",
             Self::Faults => "faults",
+            Self::Malloc => "malloc",
         }
     }
 }
@@ -355,15 +358,22 @@ impl LiveModel {
     /// that first touched them.
     #[must_use]
     pub fn by_stack(&self) -> Vec<StackAgg> {
-        let mut out = self.mapped_by_stack();
-        out.extend(self.faults_by_stack());
+        self.by_stack_before(u64::MAX)
+    }
+
+    /// [`Self::by_stack`] counting only memory allocated at or before `cutoff_ns`
+    /// (`--min-age`).
+    #[must_use]
+    pub fn by_stack_before(&self, cutoff_ns: u64) -> Vec<StackAgg> {
+        let mut out = self.mapped_by_stack(cutoff_ns);
+        out.extend(self.faults_by_stack(cutoff_ns));
         out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
         out
     }
 
-    fn faults_by_stack(&self) -> Vec<StackAgg> {
+    fn faults_by_stack(&self, cutoff_ns: u64) -> Vec<StackAgg> {
         let mut aggs: HashMap<StackId, StackAgg> = HashMap::new();
-        for f in self.faults.values() {
+        for f in self.faults.values().filter(|f| f.ts_ns <= cutoff_ns) {
             let agg = aggs.entry(f.stack).or_insert_with(|| StackAgg {
                 stack: f.stack,
                 oldest_ts_ns: u64::MAX,
@@ -377,9 +387,9 @@ impl LiveModel {
         aggs.into_values().collect()
     }
 
-    fn mapped_by_stack(&self) -> Vec<StackAgg> {
+    fn mapped_by_stack(&self, cutoff_ns: u64) -> Vec<StackAgg> {
         let mut aggs: HashMap<StackId, (StackAgg, HashSet<AllocId>)> = HashMap::new();
-        for (start, seg) in self.ranges.iter().filter(|(_, s)| !s.reserved) {
+        for (start, seg) in self.ranges.iter().filter(|(_, s)| !s.reserved && s.ts_ns <= cutoff_ns) {
             let (agg, allocs) = aggs.entry(seg.stack).or_insert_with(|| {
                 (StackAgg { stack: seg.stack, oldest_ts_ns: u64::MAX, ..StackAgg::default() }, HashSet::new())
             });
@@ -421,6 +431,18 @@ mod tests {
         assert_eq!((leak.bytes, leak.count, leak.oldest_ts_ns), (MIB, 1, 1));
         assert_eq!(m.totals().allocated_bytes, 2 * MIB);
         assert_eq!(m.totals().freed_bytes, MIB);
+    }
+
+    #[test]
+    fn min_age_cutoff_counts_only_older_memory() {
+        let mut m = LiveModel::new();
+        m.apply(MemOp::Map { addr: 0x10_0000, len: MIB, reserved: false }, StackId(1), 100);
+        m.apply(MemOp::Map { addr: 0x40_0000, len: MIB, reserved: false }, StackId(1), 900);
+        m.apply(MemOp::Fault { addr: 0x40_0000, bytes: 4096 }, StackId(2), 950);
+        let old = m.by_stack_before(500);
+        assert_eq!(old.len(), 1);
+        assert_eq!((old[0].bytes, old[0].count), (MIB, 1));
+        assert_eq!(m.by_stack().len(), 2);
     }
 
     #[test]

@@ -1,0 +1,89 @@
+//! Continuous tracing of a real Node.js HTTP service (the bundled Express example) under
+//! `wrk` load: the JavaScript function that leaks must be in the top suspect's stack.
+
+use std::{process::Command, time::Duration};
+
+use integration_tests::{Memtrace, TestProcess, node_bin, perf_map_path, require_root, workspace_root};
+use serde_json::Value;
+
+#[test]
+fn leaking_js_function_is_the_top_suspect_under_load() {
+    if !require_root("leaking_js_function_is_the_top_suspect_under_load") {
+        return;
+    }
+    let service = workspace_root().join("examples/leaky-service");
+    if !service.join("node_modules/express").is_dir() {
+        panic!("examples/leaky-service has no node_modules: run `cargo xtask setup` (npm install)");
+    }
+    let Ok(wrk) = which_wrk() else {
+        panic!("wrk is not installed: run `cargo xtask setup`");
+    };
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let mut cmd = Command::new(node_bin());
+    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack", "server.js"])
+        .current_dir(&service)
+        .env("PORT", "0")
+        .env("LEAK_CAP_MB", "1500");
+    let mut node = TestProcess::spawn("leaky-service", cmd);
+    node.remove_on_drop(perf_map_path(node.pid()));
+    let line = node.wait_for_stdout("listening on", Duration::from_secs(30));
+    let url = line.split_whitespace().find(|w| w.starts_with("http://")).expect("service URL").to_string();
+
+    let json = dir.path().join("report.json");
+    let pid = node.pid().to_string();
+    let mut memtrace = Memtrace::spawn([
+        "attach",
+        &pid,
+        "--duration",
+        "20s",
+        "--interval",
+        "1s",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
+    let load = Command::new(wrk)
+        .args(["-t2", "-c16", "-d19s", "-s"])
+        .arg(service.join("load.lua"))
+        .arg(&url)
+        .env("ORDER_EVERY", "200")
+        .output()
+        .expect("run wrk");
+    assert!(load.status.success(), "wrk failed: {}", String::from_utf8_lossy(&load.stderr));
+    let out = memtrace.wait(Duration::from_mins(1));
+    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("read report")).expect("JSON");
+    let leaks = report["leaks"].as_array().expect("leaks");
+    let describe = leaks
+        .iter()
+        .take(6)
+        .map(|l| {
+            let frames: Vec<&str> = l["frames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["kind"] == "js")
+                .filter_map(|f| f["function"].as_str())
+                .collect();
+            format!("{} B {} {} js={frames:?}", l["bytes"], l["verdict"], l["score"])
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!("{}\n{describe}", String::from_utf8_lossy(&load.stdout));
+    let top = &leaks[0];
+    let names_it =
+        top["frames"].as_array().into_iter().flatten().any(|f| f["function"] == "rememberOrder" && f["kind"] == "js");
+    assert!(names_it, "the top suspect's stack does not name rememberOrder:\n{describe}");
+    assert_eq!(top["verdict"], "leak", "{describe}");
+    assert_eq!(report["lost_events"], 0, "events were lost under load");
+}
+
+fn which_wrk() -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("wrk"))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
