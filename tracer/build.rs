@@ -14,19 +14,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = root
-        .parent()
-        .ok_or_else(|| anyhow!("tracer crate has no parent directory"))?
-        .join("tracer-ebpf");
-    let ebpf_dir = ebpf_dir
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    let ebpf_dir =
+        root.parent().ok_or_else(|| anyhow!("tracer crate has no parent directory"))?.join("tracer-ebpf");
+    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
     aya_build::build_ebpf(
-        [Package {
-            name: "tracer-ebpf",
-            root_dir: ebpf_dir,
-            ..Default::default()
-        }],
+        [Package { name: "tracer-ebpf", root_dir: ebpf_dir, ..Default::default() }],
         Toolchain::Nightly,
     )
 }

@@ -17,7 +17,7 @@ use std::{
     ffi::OsStr,
     fmt::Write as _,
     fs,
-    io::{BufRead as _, BufReader, Read},
+    io::{self, BufRead as _, BufReader, Read, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -40,11 +40,14 @@ pub fn require_root(test: &str) -> bool {
     if euid == 0 {
         return true;
     }
-    eprintln!();
-    eprintln!("==================================================================");
-    eprintln!("SKIPPED: needs root: {test} loads BPF programs (euid is {euid}).");
-    eprintln!("Run the integration tests as root: sudo -E cargo test -p integration-tests");
-    eprintln!("==================================================================");
+    // Straight to fd 2: the test harness captures eprintln! of passing tests.
+    let _ = write!(
+        io::stderr(),
+        "\n==================================================================\n\
+         SKIPPED: needs root: {test} loads BPF programs (euid is {euid}).\n\
+         Run the integration tests as root: sudo -E cargo test -p integration-tests\n\
+         ==================================================================\n"
+    );
     false
 }
 
@@ -66,16 +69,11 @@ pub fn fixtures_dir() -> PathBuf {
 pub fn memtrace_bin() -> PathBuf {
     if let Some(bin) = env::var_os("MEMTRACE_BIN") {
         let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "MEMTRACE_BIN={} is not a file",
-            bin.display()
-        );
+        assert!(bin.is_file(), "MEMTRACE_BIN={} is not a file", bin.display());
         return bin;
     }
     let root = workspace_root();
-    let target =
-        env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir));
+    let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir));
     let bin = target.join("debug").join("memtrace");
     assert!(
         bin.is_file(),
@@ -92,13 +90,7 @@ pub fn build_c_fixture(name: &str, out_dir: &Path) -> PathBuf {
     let src = fixtures_dir().join(format!("{name}.c"));
     let bin = out_dir.join(name);
     let output = Command::new("gcc")
-        .args([
-            "-O1",
-            "-g",
-            "-fno-omit-frame-pointer",
-            "-fno-inline",
-            "-fno-optimize-sibling-calls",
-        ])
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-fno-inline", "-fno-optimize-sibling-calls"])
         .arg("-o")
         .arg(&bin)
         .arg(&src)
@@ -128,9 +120,7 @@ pub struct StartGate {
 impl StartGate {
     #[must_use]
     pub fn new(dir: &Path) -> Self {
-        Self {
-            path: dir.join("start"),
-        }
+        Self { path: dir.join("start") }
     }
 
     #[must_use]
@@ -166,11 +156,7 @@ impl LineReader {
                 let _ = tx.send(line);
             }
         });
-        Self {
-            lines,
-            all,
-            thread: Some(thread),
-        }
+        Self { lines, all, thread: Some(thread) }
     }
 
     /// Waits for a line containing `needle` (case-insensitive).
@@ -191,10 +177,7 @@ impl LineReader {
     }
 
     fn text(&self) -> String {
-        self.all
-            .lock()
-            .map(|lines| lines.join("\n"))
-            .unwrap_or_default()
+        self.all.lock().map(|lines| lines.join("\n")).unwrap_or_default()
     }
 
     fn finish(&mut self) -> String {
@@ -217,22 +200,10 @@ impl TestProcess {
     /// Spawns `cmd` with stdout piped (for [`Self::wait_for_stdout`]) and stderr inherited.
     #[must_use]
     pub fn spawn(name: &str, mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn fixture {name} ({cmd:?}): {e}"));
-        let stdout = child
-            .stdout
-            .take()
-            .unwrap_or_else(|| panic!("fixture {name}: no stdout pipe"));
-        Self {
-            name: name.to_owned(),
-            child,
-            stdout: LineReader::spawn(stdout),
-            remove_on_drop: Vec::new(),
-        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn fixture {name} ({cmd:?}): {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("fixture {name}: no stdout pipe"));
+        Self { name: name.to_owned(), child, stdout: LineReader::spawn(stdout), remove_on_drop: Vec::new() }
     }
 
     #[must_use]
@@ -285,10 +256,7 @@ impl RunOutput {
     /// Both streams, for messages and for searching.
     #[must_use]
     pub fn combined(&self) -> String {
-        format!(
-            "--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.stdout, self.stderr
-        )
+        format!("--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout, self.stderr)
     }
 }
 
@@ -308,24 +276,11 @@ impl Memtrace {
     {
         let bin = memtrace_bin();
         let mut cmd = Command::new(&bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-        let stdout = child
-            .stdout
-            .take()
-            .unwrap_or_else(|| panic!("memtrace: no stdout pipe"));
-        let stderr = child
-            .stderr
-            .take()
-            .unwrap_or_else(|| panic!("memtrace: no stderr pipe"));
-        Self {
-            child,
-            stdout: LineReader::spawn(stdout),
-            stderr: LineReader::spawn(stderr),
-        }
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("memtrace: no stdout pipe"));
+        let stderr = child.stderr.take().unwrap_or_else(|| panic!("memtrace: no stderr pipe"));
+        Self { child, stdout: LineReader::spawn(stdout), stderr: LineReader::spawn(stderr) }
     }
 
     /// `memtrace attach <pid> --duration <duration> --json <json>`.
@@ -394,11 +349,7 @@ impl Memtrace {
                 Err(e) => panic!("wait for memtrace: {e}"),
             }
         };
-        RunOutput {
-            status,
-            stdout: self.stdout.finish(),
-            stderr: self.stderr.finish(),
-        }
+        RunOutput { status, stdout: self.stdout.finish(), stderr: self.stderr.finish() }
     }
 }
 
@@ -419,8 +370,8 @@ pub struct Report {
 impl Report {
     #[must_use]
     pub fn read(path: &Path) -> Self {
-        let text = fs::read_to_string(path)
-            .unwrap_or_else(|e| panic!("read JSON report {}: {e}", path.display()));
+        let text =
+            fs::read_to_string(path).unwrap_or_else(|e| panic!("read JSON report {}: {e}", path.display()));
         let json = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("parse JSON report {}: {e}", path.display()));
         Self { json }
@@ -443,10 +394,7 @@ impl Report {
     /// Leaks with a frame for which `pred` holds.
     #[must_use]
     pub fn leaks_with_frame(&self, pred: impl Fn(&Frame<'_>) -> bool) -> Vec<Leak<'_>> {
-        self.leaks()
-            .into_iter()
-            .filter(|leak| leak.frames().iter().any(&pred))
-            .collect()
+        self.leaks().into_iter().filter(|leak| leak.frames().iter().any(&pred)).collect()
     }
 
     /// A readable summary of the top leaks, for assertion messages.
@@ -460,7 +408,7 @@ impl Report {
             self.json.get("target").unwrap_or(&Value::Null)
         );
         for leak in leaks.iter().take(15) {
-            let frames: Vec<String> = leak.frames().iter().take(12).map(Frame::label).collect();
+            let frames: Vec<String> = leak.frames().iter().take(32).map(Frame::label).collect();
             let _ = writeln!(
                 out,
                 "  {:>12} bytes {:>6} allocs {:?}: {}",
@@ -556,11 +504,15 @@ impl<'a> Frame<'a> {
 
     #[must_use]
     pub fn label(&self) -> String {
-        let mut label = format!("{}[{}]", self.function(), self.kind());
+        // C++ names with their parameter lists drown the stack; keep the name.
+        let function = self.function().replace("(anonymous namespace)", "{anon}");
+        let function = match function.split_once('(') {
+            Some((name, _)) if self.kind() == "native" => name,
+            _ => function.as_str(),
+        };
+        let mut label = format!("{function}[{}]", self.kind());
         if !self.file().is_empty() {
-            let file = Path::new(self.file())
-                .file_name()
-                .map_or(self.file().into(), |f| f.to_string_lossy());
+            let file = Path::new(self.file()).file_name().map_or(self.file().into(), |f| f.to_string_lossy());
             let _ = write!(label, " {file}:{}", self.line());
         }
         label
@@ -576,8 +528,116 @@ pub fn perf_map_path(pid: u32) -> PathBuf {
 /// A pid that no process has now.
 #[must_use]
 pub fn unused_pid() -> u32 {
-    (100_000..=999_999)
-        .rev()
-        .find(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-        .unwrap_or(999_999)
+    (100_000..=999_999).rev().find(|pid| !Path::new(&format!("/proc/{pid}")).exists()).unwrap_or(999_999)
+}
+
+/// A browser for the tests that open memtrace's SVG: `$CHROMIUM`, else `chromium`,
+/// `chromium-browser` or `google-chrome` on `PATH`.
+#[must_use]
+pub fn chromium_bin() -> Option<PathBuf> {
+    if let Some(bin) = env::var_os("CHROMIUM") {
+        return Some(PathBuf::from(bin));
+    }
+    let path = env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .flat_map(|name| env::split_paths(&path).map(move |dir| dir.join(name)))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The browser, or `None` after a loud message on stderr when there is none.
+#[must_use]
+pub fn require_chromium(test: &str) -> Option<PathBuf> {
+    let bin = chromium_bin();
+    if bin.is_none() {
+        eprintln!();
+        eprintln!("==================================================================");
+        eprintln!("SKIPPED: needs a browser: {test} opens an SVG in headless Chromium.");
+        eprintln!("Install it (apt-get install -y chromium; `cargo xtask setup` does) or set CHROMIUM.");
+        eprintln!("==================================================================");
+    }
+    bin
+}
+
+/// What headless Chromium made of a page.
+#[derive(Debug)]
+pub struct BrowserPage {
+    /// The document after its load handlers ran (`--dump-dom`).
+    pub dom: String,
+    /// Uncaught exceptions, failed assertions and `console.error` lines.
+    pub script_errors: Vec<String>,
+    /// Everything the browser logged, for assertion messages.
+    pub log: String,
+}
+
+/// Loads `file` (plus `query`, e.g. `?s=term`) in headless Chromium with a fresh
+/// profile under `scratch`, and returns the DOM after `onload` and the script errors
+/// the page logged. Panics if the browser fails or takes longer than `timeout`.
+#[must_use]
+pub fn load_in_chromium(
+    chromium: &Path,
+    file: &Path,
+    query: &str,
+    scratch: &Path,
+    timeout: Duration,
+) -> BrowserPage {
+    let file = file.canonicalize().unwrap_or_else(|e| panic!("resolve {}: {e}", file.display()));
+    let profile = tempfile::tempdir_in(scratch).unwrap_or_else(|e| panic!("make a browser profile: {e}"));
+    let out_path = profile.path().join("dom.out");
+    let log_path = profile.path().join("browser.log");
+    let out = fs::File::create(&out_path).unwrap_or_else(|e| panic!("create {}: {e}", out_path.display()));
+    let log = fs::File::create(&log_path).unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
+    let mut cmd = Command::new(chromium);
+    cmd.args([
+        "--headless",
+        // Tests run as root, where Chromium's sandbox refuses to start.
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--no-first-run",
+        "--no-default-browser-check",
+        // Console messages, uncaught exceptions included, go to stderr as CONSOLE lines.
+        "--enable-logging=stderr",
+        "--v=0",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .arg("--dump-dom")
+    .arg(format!("file://{}{query}", file.display()))
+    .stdin(Stdio::null())
+    .stdout(out)
+    .stderr(log);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", chromium.display()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(100)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "{} still running after {timeout:?}; killed it\n{}",
+                    chromium.display(),
+                    fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            Err(e) => panic!("wait for {}: {e}", chromium.display()),
+        }
+    };
+    let dom = fs::read_to_string(&out_path).unwrap_or_default();
+    let log = fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(status.success(), "{} exited with {status}\n{log}", chromium.display());
+    let script_errors = log
+        .lines()
+        .filter(|line| line.contains("CONSOLE"))
+        .filter(|line| {
+            line.contains("Uncaught") || line.contains("Assertion failed") || line.contains("ERROR:CONSOLE")
+        })
+        .map(str::to_owned)
+        .collect();
+    BrowserPage { dom, script_errors, log }
 }

@@ -10,7 +10,9 @@ use serde_json::Value;
 const SECONDS: u32 = 20;
 
 fn functions(leak: &Value) -> Vec<&str> {
-    leak["frames"].as_array().map_or(Vec::new(), |f| f.iter().filter_map(|fr| fr["function"].as_str()).collect())
+    leak["frames"]
+        .as_array()
+        .map_or(Vec::new(), |f| f.iter().filter_map(|fr| fr["function"].as_str()).collect())
 }
 
 fn describe(report: &Value) -> String {

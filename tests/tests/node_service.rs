@@ -53,7 +53,8 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
     let out = memtrace.wait(Duration::from_mins(1));
     assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
 
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("read report")).expect("JSON");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("read report")).expect("JSON");
     let leaks = report["leaks"].as_array().expect("leaks");
     let describe = leaks
         .iter()
@@ -72,8 +73,11 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         .join("\n");
     eprintln!("{}\n{describe}", String::from_utf8_lossy(&load.stdout));
     let top = &leaks[0];
-    let names_it =
-        top["frames"].as_array().into_iter().flatten().any(|f| f["function"] == "rememberOrder" && f["kind"] == "js");
+    let names_it = top["frames"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|f| f["function"] == "rememberOrder" && f["kind"] == "js");
     assert!(names_it, "the top suspect's stack does not name rememberOrder:\n{describe}");
     assert_eq!(top["verdict"], "leak", "{describe}");
     assert_eq!(report["lost_events"], 0, "events were lost under load");

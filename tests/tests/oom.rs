@@ -68,7 +68,13 @@ fn functions(leak: &Value) -> Vec<String> {
 
 /// Runs `fixture` in a cgroup limited to `limit` bytes under `memtrace attach` and
 /// `memtrace oom` until it is OOM-killed; returns (attach report, oom records, pid).
-fn trace_until_oom(name: &str, mut cmd: Command, gate: &StartGate, limit: u64, dir: &Path) -> Option<(Value, Value, u32)> {
+fn trace_until_oom(
+    name: &str,
+    mut cmd: Command,
+    gate: &StartGate,
+    limit: u64,
+    dir: &Path,
+) -> Option<(Value, Value, u32)> {
     let cgroup = MemoryCgroup::new(name, limit)?;
     cmd.current_dir(dir);
     let mut fixture = TestProcess::spawn(name, cmd);
@@ -78,7 +84,8 @@ fn trace_until_oom(name: &str, mut cmd: Command, gate: &StartGate, limit: u64, d
     let pid = fixture.pid();
 
     let oom_json = dir.join("oom.json");
-    let mut watcher = Memtrace::spawn(["oom", "--duration", "90s", "--json", oom_json.to_str().expect("utf-8")]);
+    let mut watcher =
+        Memtrace::spawn(["oom", "--duration", "90s", "--json", oom_json.to_str().expect("utf-8")]);
     watcher.wait_for_stderr("watching", Duration::from_secs(30));
 
     let json = dir.join("report.json");
@@ -99,8 +106,16 @@ fn trace_until_oom(name: &str, mut cmd: Command, gate: &StartGate, limit: u64, d
     gate.open();
     let out = memtrace.wait(Duration::from_secs(120));
     assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
-    assert!(out.stderr.contains("OOM-killed"), "memtrace did not say the target was OOM-killed\n{}", out.combined());
-    assert!(out.stderr.contains("WARNING: cgroup"), "--warn-at 70% did not warn before the kill\n{}", out.combined());
+    assert!(
+        out.stderr.contains("OOM-killed"),
+        "memtrace did not say the target was OOM-killed\n{}",
+        out.combined()
+    );
+    assert!(
+        out.stderr.contains("WARNING: cgroup"),
+        "--warn-at 70% did not warn before the kill\n{}",
+        out.combined()
+    );
 
     // SAFETY: signals the memtrace process this test spawned, by its pid.
     unsafe { libc::kill(watcher.pid() as libc::pid_t, libc::SIGTERM) };
@@ -109,8 +124,10 @@ fn trace_until_oom(name: &str, mut cmd: Command, gate: &StartGate, limit: u64, d
     drop(fixture);
     drop(cgroup);
 
-    let report: Value = serde_json::from_str(&fs::read_to_string(&json).expect("read report")).expect("report is complete JSON");
-    let ooms: Value = serde_json::from_str(&fs::read_to_string(&oom_json).expect("read oom records")).expect("oom records are JSON");
+    let report: Value = serde_json::from_str(&fs::read_to_string(&json).expect("read report"))
+        .expect("report is complete JSON");
+    let ooms: Value = serde_json::from_str(&fs::read_to_string(&oom_json).expect("read oom records"))
+        .expect("oom records are JSON");
     Some((report, ooms, pid))
 }
 
@@ -119,9 +136,13 @@ fn check_kill(report: &Value, ooms: &Value, pid: u32, limit: u64, leaking_functi
     assert_eq!(report["target"]["pid"], pid, "target pid");
     assert_eq!(report["target"]["oom_killed"], true, "target.oom_killed\n{text}");
     let kills = report["oom_kills"].as_array().expect("oom_kills");
-    let kill = kills.iter().find(|k| k["pid"] == pid).unwrap_or_else(|| panic!("no OOM record for {pid}\n{text}"));
+    let kill =
+        kills.iter().find(|k| k["pid"] == pid).unwrap_or_else(|| panic!("no OOM record for {pid}\n{text}"));
     let anon = kill["anon_rss_bytes"].as_u64().unwrap_or(0);
-    assert!(anon > limit / 2 && anon <= limit + 16 * MIB, "anon RSS {anon} is not plausible for a {limit}-byte cgroup\n{text}");
+    assert!(
+        anon > limit / 2 && anon <= limit + 16 * MIB,
+        "anon RSS {anon} is not plausible for a {limit}-byte cgroup\n{text}"
+    );
     assert_eq!(kill["memcg_limit_bytes"], limit, "cgroup limit\n{text}");
     assert_eq!(kill["scope"], "cgroup", "kill scope\n{text}");
     assert!(kill["cgroup"].as_str().is_some_and(|c| c.contains("memtrace-test")), "cgroup path\n{text}");
@@ -129,7 +150,10 @@ fn check_kill(report: &Value, ooms: &Value, pid: u32, limit: u64, leaking_functi
     let leaks = report["leaks"].as_array().expect("leaks");
     let named = leaks.iter().filter(|l| functions(l).iter().any(|f| f == leaking_function));
     let bytes: u64 = named.map(|l| l["bytes"].as_u64().unwrap_or(0)).max().unwrap_or(0);
-    assert!(bytes > limit / 3, "the leaking function {leaking_function} holds only {bytes} bytes in the report");
+    assert!(
+        bytes > limit / 3,
+        "the leaking function {leaking_function} holds only {bytes} bytes in the report"
+    );
     assert!(report["leaks"][0]["frames"].as_array().is_some_and(|f| !f.is_empty()));
     assert!(
         report["warnings"].as_array().is_some_and(|w| !w.is_empty()),
@@ -137,7 +161,10 @@ fn check_kill(report: &Value, ooms: &Value, pid: u32, limit: u64, leaking_functi
     );
 
     let watched = ooms.as_array().expect("memtrace oom writes an array");
-    let same = watched.iter().find(|k| k["pid"] == pid).unwrap_or_else(|| panic!("memtrace oom missed the kill of {pid}: {ooms}"));
+    let same = watched
+        .iter()
+        .find(|k| k["pid"] == pid)
+        .unwrap_or_else(|| panic!("memtrace oom missed the kill of {pid}: {ooms}"));
     assert_eq!(same["anon_rss_bytes"], kill["anon_rss_bytes"], "both saw the same kill");
     assert_eq!(same["scope"], "cgroup");
 }

@@ -8,6 +8,8 @@ pub const TRACK_BRK: u32 = 1 << 1;
 pub const TRACK_FAULTS: u32 = 1 << 2;
 /// Bit in [`TRACK_FLAGS`]: OOM kills, machine-wide.
 pub const TRACK_OOM: u32 = 1 << 3;
+/// Bit in [`TRACK_FLAGS`]: malloc-family uprobes (see [`crate::malloc`]).
+pub const TRACK_MALLOC: u32 = 1 << 4;
 
 /// Name of the global holding the traced process's tgid (`u32`).
 pub const GLOBAL_TARGET_TGID: &str = "TARGET_TGID";

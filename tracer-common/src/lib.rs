@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod event;
+pub mod malloc;
 
 pub use config::*;
 pub use event::*;
+pub use malloc::*;

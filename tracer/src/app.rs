@@ -3,7 +3,10 @@
 use std::{
     fs::File,
     io::{BufWriter, Write as _},
-    os::unix::process::CommandExt as _,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::process::CommandExt as _,
+    },
     path::Path,
     process::{Child, ExitCode},
     time::Duration,
@@ -180,41 +183,47 @@ fn doctor() -> ExitCode {
 
 /// Spawns `command` held before exec until the returned closure is called, so that
 /// tracing sees it from its first instruction.
+///
+/// `std::process::Command::spawn` returns only once the child has exec'd, so the child
+/// cannot wait in `pre_exec`. Instead it execs a shell that waits for the gate pipe
+/// (fd 3) to close and then execs the command in the same process: the pid memtrace
+/// traces is the command's.
 fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Box<dyn FnOnce() -> anyhow::Result<()>>)> {
-    let [program, args @ ..] = command else { bail!("memtrace run needs a command after --") };
+    const GATE_FD: i32 = 3;
+    if command.is_empty() {
+        bail!("memtrace run needs a command after --");
+    }
     let mut fds = [0; 2];
-    // SAFETY: valid pointer to two ints; O_CLOEXEC keeps both ends out of the exec'd program.
+    // SAFETY: valid pointer to two ints; O_CLOEXEC keeps both ends out of other programs.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(std::io::Error::last_os_error()).context("create a pipe");
     }
-    let (read_end, write_end) = (fds[0], fds[1]);
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    // SAFETY: the hook only calls async-signal-safe read(2) and close(2) between fork
-    // and exec.
+    // SAFETY: the kernel just gave us these fds; each is owned once.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut cmd = std::process::Command::new("/bin/sh");
+    cmd.arg("-c").arg(format!("read _ <&{GATE_FD}; exec {GATE_FD}<&-; exec \"$0\" \"$@\"")).args(command);
+    let raw_read = read_end.as_raw_fd();
+    // SAFETY: between fork and exec the hook only calls async-signal-safe dup2(2) and
+    // fcntl(2); dup2
+    // onto fd 3 clears close-on-exec there, so the shell inherits the gate.
     unsafe {
         cmd.pre_exec(move || {
-            let mut byte = 0u8;
-            libc::close(write_end);
-            libc::read(read_end, (&raw mut byte).cast(), 1);
+            if raw_read == GATE_FD {
+                // dup2 onto itself keeps close-on-exec: clear it by hand.
+                if libc::fcntl(GATE_FD, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw_read, GATE_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
-    let spawned = cmd.spawn();
-    // SAFETY: closing our copy of the read end, which we own.
-    unsafe { libc::close(read_end) };
-    let child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            // SAFETY: closing the write end we own.
-            unsafe { libc::close(write_end) };
-            return Err(e).with_context(|| format!("start {program}"));
-        }
-    };
+    let child = cmd.spawn().with_context(|| format!("start {}", command[0]))?;
+    drop(read_end);
     let release = Box::new(move || {
-        // Closing the write end makes the child's read return: it then execs.
-        // SAFETY: closing the write end we own, once.
-        unsafe { libc::close(write_end) };
+        // EOF on the gate: the shell execs the command.
+        drop(write_end);
         Ok(())
     });
     Ok((child, release))

@@ -147,6 +147,8 @@ pub struct TraceArgs {
     pub record: Option<PathBuf>,
     #[command(flatten)]
     pub output: OutputArgs,
+    #[command(flatten)]
+    pub malloc: crate::heap::MallocArgs,
 }
 
 /// What the flamegraph weighs each stack by.

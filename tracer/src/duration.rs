@@ -4,22 +4,17 @@ use std::time::Duration;
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 5m, 1h"))?;
+    let value: f64 =
+        num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 5m, 1h"))?;
     let secs = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
         _ => {
-            return Err(format!(
-                "invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"
-            ));
+            return Err(format!("invalid duration unit {unit:?} in {s:?}: use ms, s, m or h"));
         }
     };
     if !secs.is_finite() || secs < 0.0 {

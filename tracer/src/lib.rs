@@ -11,6 +11,7 @@ pub mod cli;
 pub mod duration;
 pub mod events;
 pub mod export;
+pub mod heap;
 pub mod model;
 pub mod oomwatch;
 pub mod procfs;

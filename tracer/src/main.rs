@@ -8,10 +8,7 @@ fn main() -> std::process::ExitCode {
         2 => log::LevelFilter::Debug,
         _ => log::LevelFilter::Trace,
     };
-    env_logger::Builder::new()
-        .filter_level(level)
-        .parse_default_env()
-        .init();
+    env_logger::Builder::new().filter_level(level).parse_default_env().init();
     match memtrace::app::run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -36,6 +36,7 @@ async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomKill>>
         stack_copy_bytes: 512,
         ring_buffer_bytes: 1 << 20,
         fault_sample_period: 1,
+        malloc: crate::bpf::uprobe::MallocSettings::default(),
     })
     .context("attach to oom:mark_victim")?;
     let mut events = crate::session::readable_fd(tracer.take_events().context("ring buffer already taken")?)

@@ -167,7 +167,9 @@ pub fn memcg_under(root: &Path, cgroup_file: &str) -> Option<Memcg> {
     };
     let (dir, limit_bytes) = candidates
         .iter()
-        .find_map(|(dir, file)| fs::read_to_string(dir.join(file)).ok().map(|t| (dir.clone(), parse_limit(&t))))
+        .find_map(|(dir, file)| {
+            fs::read_to_string(dir.join(file)).ok().map(|t| (dir.clone(), parse_limit(&t)))
+        })
         .unwrap_or_else(|| (candidates[0].0.clone(), 0));
     Some(Memcg { path, limit_bytes, dir, v1 })
 }
@@ -216,7 +218,8 @@ mod tests {
         fs::create_dir_all(&v1).expect("mkdir");
         fs::write(v1.join("memory.limit_in_bytes"), "209715200\n").expect("write");
         fs::write(v1.join("memory.usage_in_bytes"), "104857600\n").expect("write");
-        fs::write(v1.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n").expect("write");
+        fs::write(v1.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+            .expect("write");
         let m = memcg_under(root.path(), "4:memory:/app\n0::/\n").expect("v1 memcg");
         assert!(m.v1);
         assert_eq!((m.limit_bytes, m.usage_bytes(), m.oom_kills()), (200 << 20, Some(100 << 20), Some(2)));

@@ -12,7 +12,7 @@ use log::{debug, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracer_common::{
     COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL, COUNTER_STACK_READ_FAILED, TRACK_BRK, TRACK_FAULTS,
-    TRACK_MMAP, TRACK_OOM,
+    TRACK_MALLOC, TRACK_MMAP, TRACK_OOM,
 };
 
 use crate::{
@@ -96,9 +96,7 @@ pub fn track_bits(track: &[Track]) -> anyhow::Result<u32> {
             Track::Brk => TRACK_BRK,
             Track::Oom => TRACK_OOM,
             Track::Faults => TRACK_FAULTS,
-            Track::Malloc => bail!(
-                "--track malloc (allocator uprobes) is not available in this version yet; use --track mmap,brk,oom"
-            ),
+            Track::Malloc => TRACK_MALLOC,
         };
     }
     Ok(bits)
@@ -124,6 +122,7 @@ struct Session {
     decode_errors: u64,
     target_oom_killed: bool,
     last_mem: procfs::MemStatus,
+    heap: Option<crate::heap::HeapTracker>,
 }
 
 impl Session {
@@ -205,7 +204,11 @@ impl Session {
             self.last_mem = s.mem;
         }
         let t_s = (monotonic_ns().saturating_sub(self.start_ns)) as f64 / 1e9;
-        self.history.record(t_s, &self.model.by_stack());
+        let mut aggs = self.model.by_stack();
+        if let Some(heap) = self.heap.as_mut() {
+            aggs.extend(heap.snapshot(&mut self.stacks));
+        }
+        self.history.record(t_s, &aggs);
         self.timeline.push(TimelinePoint {
             t_s,
             rss_bytes: self.last_mem.rss,
@@ -264,19 +267,21 @@ impl Session {
 
     fn lost_events(&self) -> u64 {
         let c = self.tracer.counters();
-        c[COUNTER_RINGBUF_FULL as usize] + c[COUNTER_PENDING_FULL as usize] + self.decode_errors
+        let heap_lost = self.heap.as_ref().map_or(0, |h| h.counters().lost());
+        c[COUNTER_RINGBUF_FULL as usize] + c[COUNTER_PENDING_FULL as usize] + self.decode_errors + heap_lost
     }
 
     fn status_line(&self, started: Instant) -> String {
         let elapsed = started.elapsed().as_secs_f64();
         format!(
-            "memtrace: {:>6.1}s  events {} ({:.0}/s)  stacks {}  mapped {}  touched {}  rss {}  lost {}",
+            "memtrace: {:>6.1}s  events {} ({:.0}/s)  stacks {}  mapped {}  touched {}{}  rss {}  lost {}",
             elapsed,
             self.events,
             self.events as f64 / elapsed.max(0.001),
             self.stacks.len(),
             crate::units::human_bytes(self.model.outstanding_bytes()),
             crate::units::human_bytes(self.model.resident_bytes()),
+            self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status())),
             crate::units::human_bytes(self.last_mem.rss),
             self.lost_events()
         )
@@ -315,14 +320,25 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         stack_copy_bytes: args.stack_bytes,
         ring_buffer_bytes,
         fault_sample_period: args.fault_sample,
+        malloc: args.malloc.settings(track & TRACK_MALLOC != 0).map_err(anyhow::Error::msg)?,
     })
     .with_context(|| format!("attach to process {pid}"))?;
     let events = tracer.take_events().context("ring buffer already taken")?;
     let mut events = readable_fd(events).context("poll the ring buffer")?;
     if let Some(release) = target.release {
+        let before = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         release()?;
-        wait_for_exec(pid).await;
+        wait_for_exec(pid, before).await;
     }
+    let heap = if track & TRACK_MALLOC == 0 {
+        None
+    } else {
+        let settings = args.malloc.settings(true).map_err(anyhow::Error::msg)?;
+        let heap = crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, settings)
+            .with_context(|| format!("attach the malloc probes to process {pid}"))?;
+        eprintln!("memtrace: malloc: {}", heap.describe());
+        Some(heap)
+    };
     let symbols =
         ProcessSymbols::new(pid).with_context(|| format!("read the memory map of process {pid}"))?;
     let mut model = LiveModel::new();
@@ -358,6 +374,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         decode_errors: 0,
         target_oom_killed: false,
         last_mem: procfs::MemStatus::default(),
+        heap,
     };
     s.snapshot();
 
@@ -397,6 +414,9 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
                 break StopReason::Duration;
             }
             _ = tick.tick() => {
+                if let Some(heap) = s.heap.as_mut() {
+                    heap.poll_new_stacks(&mut s.stacks);
+                }
                 s.symbolize_new();
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
@@ -430,6 +450,10 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     // The last point holds the final state (RSS keeps its last reading once the target
     // is gone).
     s.snapshot();
+    let heap_aggs = s.heap.as_mut().map(|heap| {
+        let cutoff = monotonic_ns().saturating_sub(args.min_age.as_nanos() as u64);
+        heap.finish(cutoff, &mut s.stacks)
+    });
     s.symbolize_new();
     let end_ns = monotonic_ns();
     let stack_failures = s.tracer.counters()[COUNTER_STACK_READ_FAILED as usize];
@@ -451,7 +475,13 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
             freed_bytes: model_totals.freed_bytes,
             resident_bytes: 0,
         },
-        stacks: s.model.by_stack_before(end_ns.saturating_sub(args.min_age.as_nanos() as u64)),
+        stacks: {
+            let mapped = s.model.by_stack_before(end_ns.saturating_sub(args.min_age.as_nanos() as u64));
+            match (&s.heap, heap_aggs) {
+                (Some(heap), Some(heap_aggs)) => heap.merge(mapped, heap_aggs, &s.stacks),
+                _ => mapped,
+            }
+        },
         end_ns,
         frames: &frames,
         ooms: &s.ooms,
@@ -461,6 +491,14 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     });
     let mut report = report;
     report.warnings = s.warnings.clone();
+    if let Some(heap) = &s.heap {
+        let t_s = started.elapsed().as_secs_f64();
+        eprintln!("memtrace: {}", heap.summary());
+        for message in heap.warnings() {
+            eprintln!("memtrace: WARNING: {message}");
+            report.warnings.push(crate::report::Warning { t_s, message });
+        }
+    }
     debug!("stopped: {reason:?}");
     let _ = std::io::stderr().flush();
     Ok((report, reason))
@@ -477,16 +515,15 @@ fn culprit(frames: &[Frame]) -> String {
         .map_or_else(|| "[unknown stack]".to_string(), Frame::label)
 }
 
-/// `memtrace run`: the child execs right after release; its memory map is only worth
-/// reading once it has.
-async fn wait_for_exec(pid: u32) {
-    let own = std::fs::read_link("/proc/self/exe").ok();
-    for _ in 0..200 {
+/// `memtrace run`: once released, the waiting shell execs the command; its memory map
+/// is only worth reading after that.
+async fn wait_for_exec(pid: u32, before: Option<std::path::PathBuf>) {
+    for _ in 0..500 {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-        if exe.is_none() || exe != own {
+        if exe.is_none() || exe != before {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    warn!("process {pid} did not exec within 2s; symbols may be memtrace's own");
+    warn!("process {pid} did not exec within 5s; its symbols may be missing");
 }

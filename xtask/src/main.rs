@@ -1,6 +1,7 @@
 //! memtrace's development tasks: `cargo xtask setup | test | demo | bench overhead`.
 
 mod bench;
+mod bench_malloc;
 mod demo;
 mod proc;
 mod service;
@@ -12,11 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    bin_name = "cargo xtask",
-    about = "memtrace's development tasks"
-)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about = "memtrace's development tasks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,6 +36,8 @@ enum Command {
 enum Bench {
     /// Throughput of the example service with and without memtrace attached.
     Overhead(bench::Args),
+    /// ns per malloc+free pair, untraced and under each `--track malloc` mode.
+    Malloc(bench_malloc::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +47,7 @@ fn main() -> ExitCode {
         Command::Test(args) => test::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(Bench::Overhead(args)) => bench::run(&args),
+        Command::Bench(Bench::Malloc(args)) => bench_malloc::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

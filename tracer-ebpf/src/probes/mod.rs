@@ -1,4 +1,5 @@
 mod fault;
+mod malloc;
 mod mmap;
 mod oom;
 mod stack;

@@ -51,7 +51,11 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
     for agg in inputs.stacks.iter().filter(|agg| agg.bytes > 0) {
         let mut frames = (inputs.frames)(agg.stack);
         if frames.is_empty() {
-            frames.push(Frame { function: "[no stack captured]".into(), kind: FrameKind::Unknown, ..Frame::default() });
+            frames.push(Frame {
+                function: "[no stack captured]".into(),
+                kind: FrameKind::Unknown,
+                ..Frame::default()
+            });
         }
         let key = (frames, series_key(agg).1);
         let i = *index.entry(key.clone()).or_insert_with(|| {
@@ -214,7 +218,11 @@ mod tests {
         let top = &r.leaks[0];
         assert_eq!((top.frames[0].function.as_str(), top.bytes, top.count), ("rememberOrder", 1200, 2));
         assert_eq!(top.verdict, "leak");
-        assert!((top.growth_bytes_per_s - 300.0).abs() < 1e-6, "summed series grow 300 B/s: {}", top.growth_bytes_per_s);
+        assert!(
+            (top.growth_bytes_per_s - 300.0).abs() < 1e-6,
+            "summed series grow 300 B/s: {}",
+            top.growth_bytes_per_s
+        );
         assert!((top.oldest_age_s - 4.0).abs() < 1e-9);
     }
 
@@ -239,11 +247,7 @@ mod tests {
         };
         let r = build_report(&inputs);
         let names: Vec<_> = r.leaks.iter().map(|l| l.frames[0].function.as_str()).collect();
-        assert_eq!(
-            names,
-            vec!["f3", "f1"],
-            "without history, biggest first"
-        );
+        assert_eq!(names, vec!["f3", "f1"], "without history, biggest first");
         assert_eq!(r.leaks[0].verdict, "unknown");
         assert_eq!(r.totals.outstanding_bytes, 400);
         assert!((r.leaks[0].growth_bytes_per_s - 300.0 / 8.0).abs() < 1e-9);

@@ -1,6 +1,7 @@
 //! Loading the eBPF object, attaching its programs, and kernel feature checks.
 
 pub mod features;
+pub mod uprobe;
 
 use std::path::Path;
 
@@ -96,6 +97,8 @@ pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
     /// One not-present page fault in this many is sent with its stack.
     pub fault_sample_period: u32,
+    /// The malloc-family probes (`--track malloc`).
+    pub malloc: uprobe::MallocSettings,
 }
 
 /// The loaded and attached programs with the maps userspace reads.
@@ -118,7 +121,9 @@ impl Tracer {
         }
         ensure_tracefs()?;
         raise_memlock();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        uprobe::configure_loader(&mut loader, &options.malloc);
+        let mut ebpf = loader
             .override_global(GLOBAL_TARGET_TGID, &options.target_tgid, true)
             .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
             .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)

@@ -98,7 +98,7 @@ fn sample_leaks() -> Vec<Leak> {
     vec![
         leak(12_582_912, 300, 29.5, 409_600.0, 0.9, &["mmap", "faults"], js_stack.clone()),
         leak(1_048_576, 2, 12.3, 0.0, 0.4, &["brk"], native_stack),
-        leak(4096, 1, 3.0, -10.5, 0.1, &["faults"], kernel_stack),
+        leak(4096, 1, 3.0, -10.5, 0.1, &["mmap"], kernel_stack),
         // Symbolizes to the same stack as the first leak.
         leak(8192, 2, 1.0, 0.0, 0.05, &["brk"], js_stack),
     ]

@@ -18,11 +18,7 @@ const WIDTH: usize = 1200;
 
 /// Writes the flamegraph of `report`'s leaks weighed by `value`. A report without any
 /// such stack still gets a valid SVG that says so.
-pub fn write_flamegraph<W: Write>(
-    report: &Report,
-    value: FlameValue,
-    mut out: W,
-) -> Result<(), ExportError> {
+pub fn write_flamegraph<W: Write>(report: &Report, value: FlameValue, mut out: W) -> Result<(), ExportError> {
     let title = title(report);
     let stacks = folded_stacks(report, value);
     if stacks.is_empty() {
@@ -30,10 +26,7 @@ pub fn write_flamegraph<W: Write>(
         out.flush()?;
         return Ok(());
     }
-    let lines: Vec<String> = stacks
-        .iter()
-        .map(|(stack, weight)| format!("{stack} {weight}"))
-        .collect();
+    let lines: Vec<String> = stacks.iter().map(|(stack, weight)| format!("{stack} {weight}")).collect();
     let mut palette = palette(report);
     // `Options` is non-exhaustive, so it is filled field by field.
     let mut options = Options::default();
@@ -82,14 +75,7 @@ fn subtitle(report: &Report) -> String {
 fn palette(report: &Report) -> PaletteMap {
     let mut map = PaletteMap::default();
     // inferno's root frame ("all") has the empty name.
-    map.insert(
-        "",
-        Color {
-            r: 0xc8,
-            g: 0xc8,
-            b: 0xc8,
-        },
-    );
+    map.insert("", Color { r: 0xc8, g: 0xc8, b: 0xc8 });
     for frame in report.leaks.iter().flat_map(|leak| &leak.frames) {
         let label = folded_label(frame);
         if map.get(&label).is_none() {
@@ -106,37 +92,21 @@ fn palette(report: &Report) -> PaletteMap {
 
 fn color(kind: FrameKind, label: &str) -> Color {
     // FNV-1a: a stable shade per name so neighbouring frames stay distinguishable.
-    let hash = label.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = label
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
     let shade = |range: u8, shift: u32| ((hash >> shift) % (u64::from(range) + 1)) as u8;
     match kind {
-        FrameKind::Js => Color {
-            r: 50 + shade(60, 0),
-            g: 190 + shade(60, 8),
-            b: 50 + shade(60, 16),
-        },
+        FrameKind::Js => Color { r: 50 + shade(60, 0), g: 190 + shade(60, 8), b: 50 + shade(60, 16) },
         FrameKind::Native => {
             // Red to pink: green and blue move together, which keeps it apart from orange.
             let pale = 50 + shade(80, 8);
-            Color {
-                r: 200 + shade(55, 0),
-                g: pale,
-                b: pale,
-            }
+            Color { r: 200 + shade(55, 0), g: pale, b: pale }
         }
-        FrameKind::Kernel => Color {
-            r: 230 + shade(25, 0),
-            g: 130 + shade(40, 8),
-            b: shade(40, 16),
-        },
+        FrameKind::Kernel => Color { r: 230 + shade(25, 0), g: 130 + shade(40, 8), b: shade(40, 16) },
         FrameKind::Unknown => {
             let grey = 160 + shade(40, 0);
-            Color {
-                r: grey,
-                g: grey,
-                b: grey,
-            }
+            Color { r: grey, g: grey, b: grey }
         }
     }
 }
@@ -235,10 +205,7 @@ mod tests {
     fn svg_is_well_formed_and_names_the_leak() {
         let svg = render(&sample_report());
         let text = well_formed_svg(&svg);
-        assert!(
-            text.contains("rememberOrder app.js:9"),
-            "leaking JS function is drawn"
-        );
+        assert!(text.contains("rememberOrder app.js:9"), "leaking JS function is drawn");
         assert!(text.contains("memtrace: node (pid 4242), 30.0s, 13.0 MiB outstanding"));
         assert!(text.contains("bytes"), "counts are labelled as bytes");
         assert!(text.contains("WARNING: 7 events lost"));
@@ -248,22 +215,12 @@ mod tests {
     fn frame_kinds_get_their_own_colours() {
         let report = sample_report();
         let map = palette(&report);
-        let js = map
-            .get("rememberOrder app.js:9")
-            .expect("JS frame coloured");
-        let native = map
-            .get("malloc [libc.so.6]")
-            .expect("native frame coloured");
+        let js = map.get("rememberOrder app.js:9").expect("JS frame coloured");
+        let native = map.get("malloc [libc.so.6]").expect("native frame coloured");
         let kernel = map.get("do_anonymous_page").expect("kernel frame coloured");
         assert!(js.g > js.r && js.g > js.b, "JS is green: {js:?}");
-        assert!(
-            native.r >= 200 && native.g == native.b && native.b >= 50,
-            "native is red: {native:?}"
-        );
-        assert!(
-            kernel.r >= 230 && kernel.g >= 130 && kernel.b <= 40,
-            "kernel is orange: {kernel:?}"
-        );
+        assert!(native.r >= 200 && native.g == native.b && native.b >= 50, "native is red: {native:?}");
+        assert!(kernel.r >= 230 && kernel.g >= 130 && kernel.b <= 40, "kernel is orange: {kernel:?}");
         // The colours end up in the SVG.
         let svg = render(&report);
         assert!(svg.contains(&format!("rgb({},{},{})", js.r, js.g, js.b)));

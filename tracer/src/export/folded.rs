@@ -10,11 +10,7 @@ use crate::report::Report;
 
 /// Writes one line per distinct stack, sorted, weighed by `value`. Stacks whose value is
 /// zero are left out, so an empty report writes nothing.
-pub fn write_folded<W: Write>(
-    report: &Report,
-    value: FlameValue,
-    mut out: W,
-) -> Result<(), ExportError> {
+pub fn write_folded<W: Write>(report: &Report, value: FlameValue, mut out: W) -> Result<(), ExportError> {
     for (stack, weight) in folded_stacks(report, value) {
         writeln!(out, "{stack} {weight}")?;
     }

@@ -40,20 +40,12 @@ pub(crate) fn duration(secs: f64) -> String {
     }
     let total = secs.round() as u64;
     let (hours, minutes, seconds) = (total / 3600, total / 60 % 60, total % 60);
-    if hours > 0 {
-        format!("{hours}h {minutes}m {seconds}s")
-    } else {
-        format!("{minutes}m {seconds}s")
-    }
+    if hours > 0 { format!("{hours}h {minutes}m {seconds}s") } else { format!("{minutes}m {seconds}s") }
 }
 
 /// "1 allocation", "3 allocations".
 pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
-    if n == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{n} {many}")
-    }
+    if n == 1 { format!("1 {one}") } else { format!("{n} {many}") }
 }
 
 #[cfg(test)]

@@ -55,7 +55,8 @@ mod tests {
     #[test]
     fn keys_of_the_contract_are_all_there() {
         let json: Value = serde_json::from_slice(&render(&sample_report())).expect("valid JSON");
-        assert_contract(keys(&json),
+        assert_contract(
+            keys(&json),
             sorted(vec![
                 "version",
                 "target",
@@ -66,15 +67,20 @@ mod tests {
                 "oom_kills",
                 "timeline",
                 "lost_events",
-            ])
+            ]),
         );
         assert_eq!(json["version"], 1);
-        assert_contract(keys(&json["target"]), sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]));
-        assert_contract(keys(&json["totals"]),
-            sorted(vec!["outstanding_bytes", "allocated_bytes", "freed_bytes", "resident_bytes"])
+        assert_contract(
+            keys(&json["target"]),
+            sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]),
+        );
+        assert_contract(
+            keys(&json["totals"]),
+            sorted(vec!["outstanding_bytes", "allocated_bytes", "freed_bytes", "resident_bytes"]),
         );
         let leak = &json["leaks"][0];
-        assert_contract(keys(leak),
+        assert_contract(
+            keys(leak),
             sorted(vec![
                 "bytes",
                 "count",
@@ -85,12 +91,13 @@ mod tests {
                 "frames",
                 "verdict",
                 "reason",
-            ])
+            ]),
         );
         assert_contract(keys(&leak["frames"][0]), sorted(vec!["function", "module", "file", "line", "kind"]));
         assert_eq!(leak["frames"][0]["kind"], "js");
         assert_eq!(json["leaks"][2]["frames"][0]["kind"], "kernel");
-        assert_contract(keys(&json["oom_kills"][0]),
+        assert_contract(
+            keys(&json["oom_kills"][0]),
             sorted(vec![
                 "pid",
                 "comm",
@@ -101,9 +108,10 @@ mod tests {
                 "oom_score_adj",
                 "cgroup",
                 "memcg_limit_bytes",
-            ])
+            ]),
         );
-        assert_contract(keys(&json["timeline"][0]),
+        assert_contract(
+            keys(&json["timeline"][0]),
             sorted(vec![
                 "t_s",
                 "rss_bytes",
@@ -111,8 +119,8 @@ mod tests {
                 "rss_anon_bytes",
                 "rss_file_bytes",
                 "rss_shmem_bytes",
-                "resident_bytes"
-            ])
+                "resident_bytes",
+            ]),
         );
     }
 }

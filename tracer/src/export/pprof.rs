@@ -15,11 +15,8 @@ use super::ExportError;
 use crate::report::{Frame, Leak, Report};
 
 /// Sample types in value order: (type, unit).
-pub const SAMPLE_TYPES: [(&str, &str); 3] = [
-    ("inuse_objects", "count"),
-    ("inuse_space", "bytes"),
-    ("growth_rate", "bytes_per_second"),
-];
+pub const SAMPLE_TYPES: [(&str, &str); 3] =
+    [("inuse_objects", "count"), ("inuse_space", "bytes"), ("growth_rate", "bytes_per_second")];
 
 /// Writes the profile as gzip-compressed protobuf, as pprof expects on disk.
 pub fn write_pprof<W: Write>(report: &Report, out: W) -> Result<(), ExportError> {
@@ -35,16 +32,9 @@ pub fn profile(report: &Report) -> proto::Profile {
     let mut builder = Builder::default();
     // string_table[0] must be "".
     builder.string("");
-    let sample_type = SAMPLE_TYPES
-        .iter()
-        .map(|(ty, unit)| builder.value_type(ty, unit))
-        .collect();
+    let sample_type = SAMPLE_TYPES.iter().map(|(ty, unit)| builder.value_type(ty, unit)).collect();
     let default_sample_type = builder.string("inuse_space");
-    let samples = report
-        .leaks
-        .iter()
-        .map(|leak| builder.sample(leak))
-        .collect();
+    let samples = report.leaks.iter().map(|leak| builder.sample(leak)).collect();
     let comment = comments(report).iter().map(|c| builder.string(c)).collect();
     proto::Profile {
         sample_type,
@@ -68,10 +58,7 @@ fn comments(report: &Report) -> Vec<String> {
     }
     comments.push(format!("tracked: {}", report.tracked.join(",")));
     if report.lost_events > 0 {
-        comments.push(format!(
-            "WARNING: {} events lost; values are lower bounds",
-            report.lost_events
-        ));
+        comments.push(format!("WARNING: {} events lost; values are lower bounds", report.lost_events));
     }
     comments
 }
@@ -111,18 +98,11 @@ impl Builder {
     }
 
     fn value_type(&mut self, ty: &str, unit: &str) -> proto::ValueType {
-        proto::ValueType {
-            r#type: self.string(ty),
-            unit: self.string(unit),
-        }
+        proto::ValueType { r#type: self.string(ty), unit: self.string(unit) }
     }
 
     fn sample(&mut self, leak: &Leak) -> proto::Sample {
-        let location_id = leak
-            .frames
-            .iter()
-            .map(|frame| self.location(frame))
-            .collect();
+        let location_id = leak.frames.iter().map(|frame| self.location(frame)).collect();
         let mut label = Vec::new();
         if !leak.sources.is_empty() {
             label.push(proto::Label {
@@ -139,11 +119,7 @@ impl Builder {
         });
         // `as` saturates; NaN becomes 0.
         let growth = leak.growth_bytes_per_s.round() as i64;
-        proto::Sample {
-            location_id,
-            value: vec![signed(leak.count), signed(leak.bytes), growth],
-            label,
-        }
+        proto::Sample { location_id, value: vec![signed(leak.count), signed(leak.bytes), growth], label }
     }
 
     fn location(&mut self, frame: &Frame) -> u64 {
@@ -156,11 +132,7 @@ impl Builder {
         self.locations.push(proto::Location {
             id,
             mapping_id,
-            line: vec![proto::Line {
-                function_id,
-                line: i64::from(frame.line),
-                column: 0,
-            }],
+            line: vec![proto::Line { function_id, line: i64::from(frame.line), column: 0 }],
             ..proto::Location::default()
         });
         self.location_ids.insert(frame.clone(), id);
@@ -186,10 +158,7 @@ impl Builder {
             self.mapping_ids.insert(frame.module.clone(), id);
             id
         };
-        if let Some(mapping) = id
-            .checked_sub(1)
-            .and_then(|i| self.mappings.get_mut(i as usize))
-        {
+        if let Some(mapping) = id.checked_sub(1).and_then(|i| self.mappings.get_mut(i as usize)) {
             mapping.has_filenames |= !frame.file.is_empty();
             mapping.has_line_numbers |= frame.line > 0;
         }
@@ -197,11 +166,7 @@ impl Builder {
     }
 
     fn function(&mut self, frame: &Frame) -> u64 {
-        let name = if frame.function.is_empty() {
-            "[unknown]"
-        } else {
-            frame.function.as_str()
-        };
+        let name = if frame.function.is_empty() { "[unknown]" } else { frame.function.as_str() };
         let key = (name.to_string(), frame.file.clone());
         if let Some(&id) = self.function_ids.get(&key) {
             return id;
@@ -209,13 +174,7 @@ impl Builder {
         let id = self.functions.len() as u64 + 1;
         let name = self.string(name);
         let filename = self.string(&frame.file);
-        self.functions.push(proto::Function {
-            id,
-            name,
-            system_name: name,
-            filename,
-            start_line: 0,
-        });
+        self.functions.push(proto::Function { id, name, system_name: name, filename, start_line: 0 });
         self.function_ids.insert(key, id);
         id
     }
@@ -234,9 +193,7 @@ mod tests {
         let mut gz = Vec::new();
         write_pprof(report, &mut gz).expect("write pprof");
         let mut raw = Vec::new();
-        GzDecoder::new(gz.as_slice())
-            .read_to_end(&mut raw)
-            .expect("valid gzip");
+        GzDecoder::new(gz.as_slice()).read_to_end(&mut raw).expect("valid gzip");
         proto::Profile::decode(raw.as_slice()).expect("valid Profile protobuf")
     }
 
@@ -259,22 +216,14 @@ mod tests {
         assert_eq!(profile.duration_nanos, 30_000_000_000);
 
         let total = |i: usize| profile.sample.iter().map(|s| s.value[i]).sum::<i64>();
-        assert_eq!(
-            total(1),
-            i64::try_from(report.totals.outstanding_bytes).expect("fits")
-        );
+        assert_eq!(total(1), i64::try_from(report.totals.outstanding_bytes).expect("fits"));
         assert_eq!(total(0), 305);
         assert_eq!(total(2), 409_600 - 11);
 
         // The biggest sample's leaf names the leaking JS function and its file.
-        let biggest = profile
-            .sample
-            .iter()
-            .max_by_key(|s| s.value[1])
-            .expect("samples");
+        let biggest = profile.sample.iter().max_by_key(|s| s.value[1]).expect("samples");
         let leaf = &profile.location[usize::try_from(biggest.location_id[0] - 1).expect("id")];
-        let function =
-            &profile.function[usize::try_from(leaf.line[0].function_id - 1).expect("id")];
+        let function = &profile.function[usize::try_from(leaf.line[0].function_id - 1).expect("id")];
         assert_eq!(string(&profile, function.name), "rememberOrder");
         assert_eq!(string(&profile, function.filename), "/srv/app.js");
         assert_eq!(leaf.line[0].line, 9);
@@ -305,32 +254,14 @@ mod tests {
                 assert!((1..=profile.location.len() as u64).contains(id));
             }
         }
-        let mappings: Vec<&str> = profile
-            .mapping
-            .iter()
-            .map(|m| string(&profile, m.filename))
-            .collect();
-        assert_eq!(
-            mappings,
-            ["/usr/bin/node", "/lib/x86_64-linux-gnu/libc.so.6"]
-        );
-        assert!(
-            profile.mapping[0].has_line_numbers,
-            "heap.cc:120 is in node"
-        );
+        let mappings: Vec<&str> = profile.mapping.iter().map(|m| string(&profile, m.filename)).collect();
+        assert_eq!(mappings, ["/usr/bin/node", "/lib/x86_64-linux-gnu/libc.so.6"]);
+        assert!(profile.mapping[0].has_line_numbers, "heap.cc:120 is in node");
         assert!(!profile.mapping[1].has_filenames);
-        let mut names: Vec<&str> = profile
-            .function
-            .iter()
-            .map(|f| string(&profile, f.name))
-            .collect();
+        let mut names: Vec<&str> = profile.function.iter().map(|f| string(&profile, f.name)).collect();
         names.sort_unstable();
         names.dedup();
-        assert_eq!(
-            names.len(),
-            profile.function.len(),
-            "one Function per (name, file)"
-        );
+        assert_eq!(names.len(), profile.function.len(), "one Function per (name, file)");
     }
 
     #[test]

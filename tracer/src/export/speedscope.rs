@@ -77,11 +77,7 @@ fn document(report: &Report) -> File<'_> {
         let (samples, weights): (Vec<_>, Vec<_>) = weighted_stacks(report, value)
             .into_iter()
             .map(|stack| {
-                let indices = stack
-                    .frames
-                    .iter()
-                    .map(|frame| frames.index(frame))
-                    .collect();
+                let indices = stack.frames.iter().map(|frame| frames.index(frame)).collect();
                 (indices, stack.value)
             })
             .unzip();
@@ -98,9 +94,7 @@ fn document(report: &Report) -> File<'_> {
     .collect();
     File {
         schema: SCHEMA,
-        shared: Shared {
-            frames: frames.list,
-        },
+        shared: Shared { frames: frames.list },
         profiles,
         name: format!("memtrace: {who}"),
         active_profile_index: 0,
@@ -121,19 +115,12 @@ impl<'a> Frames<'a> {
             return id;
         }
         let id = self.list.len();
-        let name = if frame.function.is_empty() {
-            "[unknown]"
-        } else {
-            frame.function.as_str()
-        };
+        let name = if frame.function.is_empty() { "[unknown]" } else { frame.function.as_str() };
         // Without a source file, the module is the best "where" speedscope can show.
         let (file, line) = if frame.file.is_empty() {
             (Some(frame.module.as_str()).filter(|m| !m.is_empty()), None)
         } else {
-            (
-                Some(frame.file.as_str()),
-                Some(frame.line).filter(|&l| l > 0),
-            )
+            (Some(frame.file.as_str()), Some(frame.line).filter(|&l| l > 0))
         };
         self.list.push(SpeedscopeFrame { name, file, line });
         self.ids.insert(frame, id);
@@ -162,9 +149,7 @@ mod tests {
     /// `$ref`, `type`, `enum`, `required`, `properties`, `items`.
     fn validate(value: &Value, schema: &Value, root: &Value, path: &str) -> Result<(), String> {
         if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
-            let name = reference
-                .strip_prefix("#/definitions/")
-                .ok_or("unsupported $ref")?;
+            let name = reference.strip_prefix("#/definitions/").ok_or("unsupported $ref")?;
             return validate(value, &root["definitions"][name], root, path);
         }
         if let Some(ty) = schema.get("type") {
@@ -190,12 +175,7 @@ mod tests {
         {
             return Err(format!("{path}: {value} is not one of {options:?}"));
         }
-        for key in schema
-            .get("required")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for key in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
             let key = key.as_str().ok_or("bad required")?;
             if value.get(key).is_none() {
                 return Err(format!("{path}: missing required key {key:?}"));
@@ -232,20 +212,13 @@ mod tests {
         let bytes = &doc["profiles"][0];
         assert_eq!(bytes["unit"], "bytes");
         let samples = bytes["samples"].as_array().expect("samples");
-        let weights: Vec<u64> = bytes["weights"]
-            .as_array()
-            .expect("weights")
-            .iter()
-            .filter_map(Value::as_u64)
-            .collect();
+        let weights: Vec<u64> =
+            bytes["weights"].as_array().expect("weights").iter().filter_map(Value::as_u64).collect();
         assert_eq!(samples.len(), weights.len());
         for sample in samples {
             for index in sample.as_array().expect("a sample is an index list") {
                 let index = index.as_u64().expect("integer index");
-                assert!(
-                    index < frames.len() as u64,
-                    "frame index {index} out of range"
-                );
+                assert!(index < frames.len() as u64, "frame index {index} out of range");
             }
         }
         let total: u64 = weights.iter().sum();
@@ -254,8 +227,7 @@ mod tests {
 
         // Root first: the first sample starts at main and ends at the leaking function.
         let first = samples[0].as_array().expect("sample");
-        let frame =
-            |v: &Value| &frames[usize::try_from(v.as_u64().expect("index")).expect("index")];
+        let frame = |v: &Value| &frames[usize::try_from(v.as_u64().expect("index")).expect("index")];
         assert_eq!(frame(&first[0])["name"], "main");
         let leaf = frame(first.last().expect("non-empty stack"));
         assert_eq!(leaf["name"], "rememberOrder");
@@ -263,12 +235,8 @@ mod tests {
         assert_eq!(leaf["line"], 9);
 
         let counts = &doc["profiles"][1];
-        let count_total: u64 = counts["weights"]
-            .as_array()
-            .expect("weights")
-            .iter()
-            .filter_map(Value::as_u64)
-            .sum();
+        let count_total: u64 =
+            counts["weights"].as_array().expect("weights").iter().filter_map(Value::as_u64).sum();
         assert_eq!(count_total, 305);
     }
 
@@ -282,10 +250,7 @@ mod tests {
     #[test]
     fn the_check_rejects_broken_documents() {
         let mut doc = render(&sample_report());
-        doc["profiles"][0]
-            .as_object_mut()
-            .expect("profile")
-            .remove("weights");
+        doc["profiles"][0].as_object_mut().expect("profile").remove("weights");
         assert!(check_schema(&doc).is_err());
         let mut doc = render(&sample_report());
         doc["profiles"][0]["unit"] = Value::from("parsecs");

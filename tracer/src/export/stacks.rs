@@ -24,13 +24,17 @@ impl FlameValue {
     /// The value of `leak` under this selector.
     #[must_use]
     pub fn of(self, leak: &Leak) -> u64 {
+        // Page-fault samples are a second view of memory already counted by the mapping
+        // that holds it: only the `Faults` selector shows them, so no total counts twice.
+        let faulted = !leak.sources.is_empty() && leak.sources.iter().all(|s| s == "faults");
         match self {
+            Self::Faults if leak.sources.iter().any(|s| s == "faults") => leak.bytes,
+            Self::Faults => 0,
+            _ if faulted => 0,
             Self::Outstanding => leak.bytes,
             Self::Count => leak.count,
             // `as` saturates: NaN and negative rates become 0, huge ones u64::MAX.
             Self::Growth => leak.growth_bytes_per_s.round() as u64,
-            Self::Faults if leak.sources.iter().any(|s| s == "faults") => leak.bytes,
-            Self::Faults => 0,
         }
     }
 
@@ -73,11 +77,8 @@ pub fn weighted_stacks(report: &Report, value: FlameValue) -> Vec<WeightedStack<
             if value == 0 {
                 return None;
             }
-            let frames = if leak.frames.is_empty() {
-                vec![&NO_FRAMES]
-            } else {
-                leak.frames.iter().rev().collect()
-            };
+            let frames =
+                if leak.frames.is_empty() { vec![&NO_FRAMES] } else { leak.frames.iter().rev().collect() };
             Some(WeightedStack { frames, value })
         })
         .collect()
@@ -89,12 +90,7 @@ pub fn weighted_stacks(report: &Report, value: FlameValue) -> Vec<WeightedStack<
 pub fn folded_stacks(report: &Report, value: FlameValue) -> BTreeMap<String, u64> {
     let mut folded = BTreeMap::new();
     for stack in weighted_stacks(report, value) {
-        let key = stack
-            .frames
-            .iter()
-            .map(|frame| folded_label(frame))
-            .collect::<Vec<_>>()
-            .join(";");
+        let key = stack.frames.iter().map(|frame| folded_label(frame)).collect::<Vec<_>>().join(";");
         let sum: &mut u64 = folded.entry(key).or_default();
         *sum = sum.saturating_add(stack.value);
     }
@@ -122,11 +118,7 @@ pub fn folded_label(frame: &Frame) -> String {
             label.replace_range(space..=space, "_");
         }
     }
-    if label.is_empty() {
-        "[unknown]".to_string()
-    } else {
-        label
-    }
+    if label.is_empty() { "[unknown]".to_string() } else { label }
 }
 
 #[cfg(test)]
@@ -139,14 +131,8 @@ mod tests {
         let report = sample_report();
         let stacks = weighted_stacks(&report, FlameValue::Outstanding);
         assert_eq!(stacks.len(), report.leaks.len());
-        assert_eq!(
-            stacks[0].frames.first().map(|f| f.function.as_str()),
-            Some("main")
-        );
-        assert_eq!(
-            stacks[0].frames.last().map(|f| f.function.as_str()),
-            Some("rememberOrder")
-        );
+        assert_eq!(stacks[0].frames.first().map(|f| f.function.as_str()), Some("main"));
+        assert_eq!(stacks[0].frames.last().map(|f| f.function.as_str()), Some("rememberOrder"));
         // Only the first leak grows; the others are flat or shrinking.
         let growing = weighted_stacks(&report, FlameValue::Growth);
         assert_eq!(growing.len(), 1);
@@ -154,7 +140,7 @@ mod tests {
         let faulted = weighted_stacks(&report, FlameValue::Faults);
         assert_eq!(
             faulted.iter().map(|s| s.value).collect::<Vec<_>>(),
-            vec![12_582_912, 4096],
+            vec![12_582_912],
             "only leaks with the faults source"
         );
     }

@@ -466,7 +466,7 @@ mod tests {
         assert_eq!(json["diff_version"], 1);
         assert_eq!(json["a"]["recording"], "a.mtr");
         assert_eq!(json["stacks"][0]["delta_bytes"], 3 << 20);
-        assert_eq!(json["stacks"][2]["delta_bytes"], -(3 << 20));
+        assert_eq!(json["stacks"][3]["delta_bytes"], -(3 << 20));
         assert_eq!(json["stacks"][0]["frames"][0]["function"], "rememberOrder");
 
         let mut folded = Vec::new();

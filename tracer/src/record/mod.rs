@@ -130,7 +130,19 @@ pub fn write_report(path: &Path, report: &Report) -> Result<(), RecordError> {
 /// Reads the recording at `path`.
 pub fn read(path: &Path) -> Result<Recording, RecordError> {
     let bytes = fs::read(path).map_err(|error| RecordError::Read { path: path.to_path_buf(), error })?;
-    decode(&bytes).map_err(|error| RecordError::Format { path: path.to_path_buf(), error })
+    let recording =
+        decode(&bytes).map_err(|error| RecordError::Format { path: path.to_path_buf(), error })?;
+    let meta = &recording.meta;
+    log::info!(
+        "{}: recorded by memtrace {} on {} (kernel {}) at {} s since the epoch: {}",
+        path.display(),
+        meta.memtrace_version,
+        meta.hostname,
+        meta.kernel,
+        meta.created_unix_s,
+        meta.command.join(" ")
+    );
+    Ok(recording)
 }
 
 /// Fails now, before a long trace, if `path` could not be written at its end.
@@ -203,7 +215,6 @@ pub(crate) mod tests {
             sources: vec!["mmap".to_string()],
             frames,
             verdict: "leak".to_string(),
-            reason: "grew in 9 of 10 intervals".to_string(),
             ..Leak::default()
         }
     }
@@ -299,6 +310,20 @@ pub(crate) mod tests {
             .map(|e| e.expect("dir entry").file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("run.mtr")]);
+    }
+
+    #[test]
+    fn floats_survive_exactly() {
+        // Values from a real run that serde_json's default float parser got wrong.
+        let rates = [13_787_164.047_650_801, 941_517.597_040_593_9, 0.1 + 0.2, 1.0 / 3.0, 5e-324, 1e300];
+        let mut report = sample();
+        report.leaks = rates
+            .iter()
+            .map(|&rate| Leak { growth_bytes_per_s: rate, score: rate / 7.0, ..leak(1, 1, Vec::new()) })
+            .collect();
+        let back = decode(&encode(&Meta::default(), &report).expect("encode")).expect("decode");
+        assert_eq!(back.report, report);
+        assert_eq!(json(&back.report), json(&report));
     }
 
     #[test]

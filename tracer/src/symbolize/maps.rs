@@ -99,16 +99,9 @@ pub(crate) fn parse_status(text: &str) -> ProcStatus {
     let mut status = ProcStatus::default();
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("Uid:") {
-            status.uids = rest
-                .split_whitespace()
-                .take(2)
-                .filter_map(|uid| uid.parse().ok())
-                .collect();
+            status.uids = rest.split_whitespace().take(2).filter_map(|uid| uid.parse().ok()).collect();
         } else if let Some(rest) = line.strip_prefix("NSpid:") {
-            status.ns_pid = rest
-                .split_whitespace()
-                .last()
-                .and_then(|pid| pid.parse().ok());
+            status.ns_pid = rest.split_whitespace().last().and_then(|pid| pid.parse().ok());
         }
     }
     status
@@ -146,10 +139,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         assert_eq!(maps.len(), 9, "garbage line must be skipped: {maps:#?}");
 
         let text = &maps[1];
-        assert_eq!(
-            (text.start, text.end, text.offset),
-            (0xb6_f000, 0xb7_1000, 0x76_f000)
-        );
+        assert_eq!((text.start, text.end, text.offset), (0xb6_f000, 0xb7_1000, 0x76_f000));
         assert!(text.readable && text.executable && !text.writable);
         assert_eq!(text.dev, (0xfe << 32) | 1);
         assert_eq!(text.inode, 1_048_602);
@@ -179,17 +169,14 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
     fn parses_own_maps() {
         let text = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
         let maps = parse_maps(&text);
-        assert_eq!(
-            maps.len(),
-            text.lines().count(),
-            "every line of a real maps file parses"
-        );
+        assert_eq!(maps.len(), text.lines().count(), "every line of a real maps file parses");
         assert!(maps.iter().any(|m| m.executable && m.is_file_backed()));
     }
 
     #[test]
     fn parses_start_time() {
-        let stat = "4242 (node (worker) x) S 1 4242 4242 0 -1 4194560 9 0 0 0 1 2 0 0 20 0 11 0 987654 1000 10";
+        let stat =
+            "4242 (node (worker) x) S 1 4242 4242 0 -1 4194560 9 0 0 0 1 2 0 0 20 0 11 0 987654 1000 10";
         assert_eq!(parse_start_time(stat), Some(987_654));
         assert_eq!(parse_start_time("garbage"), None);
         let own = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");

@@ -112,8 +112,8 @@ impl ProcessSymbols {
     /// Error if the pid does not exist.
     pub fn new(pid: u32) -> Result<Self, SymbolizeError> {
         let status_path = PathBuf::from(format!("/proc/{pid}/status"));
-        let status = std::fs::read_to_string(&status_path)
-            .map_err(|source| proc_error(pid, status_path, source))?;
+        let status =
+            std::fs::read_to_string(&status_path).map_err(|source| proc_error(pid, status_path, source))?;
         let status = maps::parse_status(&status);
         let ns_pid = status.ns_pid.unwrap_or(pid);
         // The target's own /tmp, which differs from ours when it runs in a container.
@@ -147,8 +147,7 @@ impl ProcessSymbols {
     pub fn refresh_maps(&mut self) -> Result<(), SymbolizeError> {
         self.last_maps_refresh = Instant::now();
         let path = PathBuf::from(format!("/proc/{}/maps", self.pid));
-        let text =
-            std::fs::read_to_string(&path).map_err(|source| proc_error(self.pid, path, source))?;
+        let text = std::fs::read_to_string(&path).map_err(|source| proc_error(self.pid, path, source))?;
         if self.start_time.is_some() && read_start_time(self.pid) != self.start_time {
             // The traced process is gone and another one got its pid.
             return Err(SymbolizeError::NoSuchProcess { pid: self.pid });
@@ -168,9 +167,7 @@ impl ProcessSymbols {
     /// more, returns `fp_frames` instead. Depth is bounded by 128 frames.
     pub fn unwind(&mut self, regs: Regs, stack: &[u8], fp_frames: &[u64]) -> Vec<u64> {
         let mut cfi = self.unwinder.unwind(regs, stack);
-        if cfi.addrs.iter().any(|&addr| self.region_at(addr).is_none())
-            && self.refresh_maps_rate_limited()
-        {
+        if cfi.addrs.iter().any(|&addr| self.region_at(addr).is_none()) && self.refresh_maps_rate_limited() {
             cfi = self.unwinder.unwind(regs, stack);
         }
         let addrs = unwind::combine(cfi, fp_frames);
@@ -202,24 +199,16 @@ impl ProcessSymbols {
 
         let lookup = |i: usize, addr: u64| if i == 0 { addr } else { addr.saturating_sub(1) };
         let missing: Vec<usize> = (0..addrs.len()).filter(|&i| out[i].is_none()).collect();
-        if missing
-            .iter()
-            .any(|&i| self.region_at(lookup(i, addrs[i])).is_none())
-        {
+        if missing.iter().any(|&i| self.region_at(lookup(i, addrs[i])).is_none()) {
             self.refresh_maps_rate_limited();
         }
         let in_file = |this: &Self, i: usize| {
-            matches!(
-                this.region_at(lookup(i, addrs[i])),
-                Some(Region {
-                    kind: RegionKind::File { .. },
-                    ..
-                })
-            )
+            matches!(this.region_at(lookup(i, addrs[i])), Some(Region { kind: RegionKind::File { .. }, .. }))
         };
-        if missing.iter().any(|&i| {
-            !in_file(self, i) && self.perf_map.map().lookup(lookup(i, addrs[i])).is_none()
-        }) {
+        if missing
+            .iter()
+            .any(|&i| !in_file(self, i) && self.perf_map.map().lookup(lookup(i, addrs[i])).is_none())
+        {
             self.refresh_perf_map();
         }
 
@@ -227,24 +216,18 @@ impl ProcessSymbols {
         let mut by_module: HashMap<usize, Vec<(usize, u64)>> = HashMap::new();
         for &i in &missing {
             let addr = lookup(i, addrs[i]);
-            if let Some(Region {
-                start,
-                kind: RegionKind::File { module, offset },
-                ..
-            }) = self.region_at(addr)
+            if let Some(Region { start, kind: RegionKind::File { module, offset }, .. }) =
+                self.region_at(addr)
             {
-                by_module
-                    .entry(*module)
-                    .or_default()
-                    .push((i, addr - start + offset));
+                by_module.entry(*module).or_default().push((i, addr - start + offset));
             }
         }
         for (module, items) in by_module {
             let offsets: Vec<u64> = items.iter().map(|&(_, offset)| offset).collect();
             let results = self.symbolize_native(module, &offsets);
             for ((i, _), frames) in items.into_iter().zip(results) {
-                let frames = frames
-                    .unwrap_or_else(|| vec![unknown_frame(addrs[i], &self.modules[module].name)]);
+                let frames =
+                    frames.unwrap_or_else(|| vec![unknown_frame(addrs[i], &self.modules[module].name)]);
                 self.remember((addrs[i], i > 0), frames.clone(), None);
                 out[i] = Some(frames);
             }
@@ -263,10 +246,7 @@ impl ProcessSymbols {
                 out[i] = Some(frames);
             } else {
                 let module = match self.region_at(addr) {
-                    Some(Region {
-                        kind: RegionKind::Anon { name },
-                        ..
-                    }) => name.as_str(),
+                    Some(Region { kind: RegionKind::Anon { name }, .. }) => name.as_str(),
                     _ => "",
                 };
                 out[i] = Some(vec![unknown_frame(addrs[i], module)]);
@@ -297,13 +277,7 @@ impl ProcessSymbols {
         if self.cache.len() >= CACHE_LIMIT {
             self.cache.clear();
         }
-        self.cache.insert(
-            key,
-            Cached {
-                frames,
-                perf_generation,
-            },
-        );
+        self.cache.insert(key, Cached { frames, perf_generation });
     }
 
     /// Re-reads the maps unless that was done less than [`MAPS_REFRESH_INTERVAL`] ago.
@@ -319,20 +293,13 @@ impl ProcessSymbols {
         }
         let changed = before != self.regions_generation;
         if changed {
-            log::debug!(
-                "pid {}: maps changed, {} modules",
-                self.pid,
-                self.modules.len()
-            );
+            log::debug!("pid {}: maps changed, {} modules", self.pid, self.modules.len());
         }
         changed
     }
 
     fn region_at(&self, addr: u64) -> Option<&Region> {
-        let index = self
-            .regions
-            .partition_point(|r| r.start <= addr)
-            .checked_sub(1)?;
+        let index = self.regions.partition_point(|r| r.start <= addr).checked_sub(1)?;
         let region = &self.regions[index];
         (addr < region.end).then_some(region)
     }
@@ -366,8 +333,7 @@ impl ProcessSymbols {
         }
         if replaced {
             // Cached names of the replaced range are stale now.
-            self.cache
-                .retain(|&(addr, _), _| addr < entry.start || addr > entry.end);
+            self.cache.retain(|&(addr, _), _| addr < entry.start || addr > entry.end);
         }
         self.regions_generation += 1;
         let kind = if entry.is_file_backed() {
@@ -382,42 +348,20 @@ impl ProcessSymbols {
             let file = &self.modules[module];
             let elf = file.elf.as_ref();
             if let Some((elf, bias)) = elf.and_then(|elf| Some((elf, elf.bias_for(entry)?))) {
-                self.unwinder.add_module(
-                    &file.name,
-                    entry.start..entry.end,
-                    bias,
-                    elf.unwind.section_info(),
-                );
+                self.unwinder.add_module(&file.name, entry.start..entry.end, bias, elf.unwind.section_info());
             } else {
                 if elf.is_some() {
-                    log::debug!(
-                        "no PT_LOAD of {} holds offset {:#x}",
-                        file.name,
-                        entry.offset
-                    );
+                    log::debug!("no PT_LOAD of {} holds offset {:#x}", file.name, entry.offset);
                 }
                 // No unwind data: framehop walks frame pointers through it.
                 let sections = ExplicitModuleSectionInfo::default();
-                self.unwinder
-                    .add_module(&file.name, entry.start..entry.end, entry.start, sections);
+                self.unwinder.add_module(&file.name, entry.start..entry.end, entry.start, sections);
             }
-            RegionKind::File {
-                module,
-                offset: entry.offset,
-            }
+            RegionKind::File { module, offset: entry.offset }
         } else {
-            RegionKind::Anon {
-                name: entry.path.clone(),
-            }
+            RegionKind::Anon { name: entry.path.clone() }
         };
-        self.regions.insert(
-            first,
-            Region {
-                start: entry.start,
-                end: entry.end,
-                kind,
-            },
-        );
+        self.regions.insert(first, Region { start: entry.start, end: entry.end, kind });
     }
 }
 

@@ -74,15 +74,11 @@ impl ElfInfo {
             .iter()
             .filter(|s| {
                 let aligned = s.file_offset & !(PAGE - 1);
-                aligned <= map.offset
-                    && map.offset < s.file_offset.saturating_add(s.file_size.max(1))
+                aligned <= map.offset && map.offset < s.file_offset.saturating_add(s.file_size.max(1))
             })
             .max_by_key(|s| (s.executable == map.executable, s.file_offset))?;
         // address(offset) = bias + vaddr + (offset - file_offset), at offset = map.offset.
-        map.start
-            .wrapping_add(segment.file_offset)
-            .wrapping_sub(map.offset)
-            .checked_sub(segment.vaddr)
+        map.start.wrapping_add(segment.file_offset).wrapping_sub(map.offset).checked_sub(segment.vaddr)
     }
 }
 
@@ -119,26 +115,19 @@ impl ModuleFile {
         if let Some(elf) = &elf
             && !elf.unwind.has_cfi()
         {
-            log::debug!(
-                "{name} has no .eh_frame or .debug_frame; unwinding through it uses frame pointers"
-            );
+            log::debug!("{name} has no .eh_frame or .debug_frame; unwinding through it uses frame pointers");
         }
         Self { name, file, elf }
     }
 
     /// A path that reopens our own handle (`/proc/self/fd/N`), for blazesym.
     pub fn fd_path(&self) -> Option<PathBuf> {
-        self.file
-            .as_ref()
-            .map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
+        self.file.as_ref().map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))
     }
 }
 
 fn open_mapped_file(pid: u32, map: &MapEntry) -> Result<File, SymbolizeError> {
-    let map_files = PathBuf::from(format!(
-        "/proc/{pid}/map_files/{:x}-{:x}",
-        map.start, map.end
-    ));
+    let map_files = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", map.start, map.end));
     match File::open(&map_files) {
         Ok(file) => return Ok(file),
         Err(err) => log::trace!("open {}: {err}; trying the path", map_files.display()),
@@ -146,14 +135,9 @@ fn open_mapped_file(pid: u32, map: &MapEntry) -> Result<File, SymbolizeError> {
     let path = PathBuf::from(format!("/proc/{pid}/root{}", map.path_on_disk()));
     let file = File::open(&path).map_err(|source| io_error(path.clone(), source))?;
     // The path may now name a different file (a package upgrade replaced it).
-    let meta = file
-        .metadata()
-        .map_err(|source| io_error(path.clone(), source))?;
+    let meta = file.metadata().map_err(|source| io_error(path.clone(), source))?;
     if meta.ino() != map.inode {
-        return Err(SymbolizeError::FileReplaced {
-            path,
-            inode: map.inode,
-        });
+        return Err(SymbolizeError::FileReplaced { path, inode: map.inode });
     }
     Ok(file)
 }
@@ -216,12 +200,7 @@ mod tests {
         // The layout of /usr/bin/node (not PIE): text vaddr = offset + 0x400000.
         let node = ElfInfo {
             loads: vec![
-                LoadSegment {
-                    file_offset: 0,
-                    file_size: 0x76_e5d8,
-                    vaddr: 0x40_0000,
-                    executable: false,
-                },
+                LoadSegment { file_offset: 0, file_size: 0x76_e5d8, vaddr: 0x40_0000, executable: false },
                 LoadSegment {
                     file_offset: 0x77_2000,
                     file_size: 0x1a8_bca0,
@@ -236,29 +215,15 @@ mod tests {
         // A PIE shared object whose text segment starts mid-page (lld layout).
         let pie = ElfInfo {
             loads: vec![
-                LoadSegment {
-                    file_offset: 0,
-                    file_size: 0x1234,
-                    vaddr: 0,
-                    executable: false,
-                },
-                LoadSegment {
-                    file_offset: 0x1234,
-                    file_size: 0x5000,
-                    vaddr: 0x2234,
-                    executable: true,
-                },
+                LoadSegment { file_offset: 0, file_size: 0x1234, vaddr: 0, executable: false },
+                LoadSegment { file_offset: 0x1234, file_size: 0x5000, vaddr: 0x2234, executable: true },
             ],
             unwind: UnwindSections::default(),
         };
         let bias = 0x7f00_0000_0000;
         // The kernel maps the page holding offset 0x1234 (offset 0x1000) at bias + 0x2000.
         assert_eq!(pie.bias_for(&map(bias + 0x2000, 0x1000, true)), Some(bias));
-        assert_eq!(
-            pie.bias_for(&map(bias, 0x9_0000, true)),
-            None,
-            "offset outside every segment"
-        );
+        assert_eq!(pie.bias_for(&map(bias, 0x9_0000, true)), None, "offset outside every segment");
     }
 
     #[test]
@@ -275,10 +240,7 @@ mod tests {
         assert!(elf.unwind.has_cfi(), "Rust binaries carry .eh_frame");
         let bias = elf.bias_for(code).expect("bias of own text mapping");
         let probe = opens_own_executable as *const () as usize as u64;
-        assert!(
-            probe >= bias,
-            "function address {probe:#x} below bias {bias:#x}"
-        );
+        assert!(probe >= bias, "function address {probe:#x} below bias {bias:#x}");
         assert!(module.fd_path().is_some_and(|p| p.exists()));
     }
 }

@@ -45,12 +45,7 @@ impl NativeSymbolizer {
     /// DWARF is tried first; offsets it cannot name (or all of them, when the debug info
     /// cannot be read, e.g. compressed in a format we were built without) are retried with
     /// the ELF symbol tables alone.
-    pub fn symbolize(
-        &self,
-        path: &Path,
-        module: &str,
-        file_offsets: &[u64],
-    ) -> Vec<Option<Vec<Frame>>> {
+    pub fn symbolize(&self, path: &Path, module: &str, file_offsets: &[u64]) -> Vec<Option<Vec<Frame>>> {
         let mut results = match self.symbolize_with(path, true, module, file_offsets) {
             Ok(results) => results,
             Err(err) => {
@@ -58,9 +53,7 @@ impl NativeSymbolizer {
                 vec![None; file_offsets.len()]
             }
         };
-        let retry: Vec<usize> = (0..results.len())
-            .filter(|&i| results[i].is_none())
-            .collect();
+        let retry: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_none()).collect();
         if retry.is_empty() {
             return results;
         }
@@ -85,9 +78,7 @@ impl NativeSymbolizer {
     ) -> Result<Vec<Option<Vec<Frame>>>, blazesym::Error> {
         let mut elf = Elf::new(path);
         elf.debug_syms = debug_syms;
-        let results = self
-            .inner
-            .symbolize(&Source::Elf(elf), Input::FileOffset(file_offsets))?;
+        let results = self.inner.symbolize(&Source::Elf(elf), Input::FileOffset(file_offsets))?;
         Ok(results
             .iter()
             .map(|result| match result {
@@ -117,16 +108,7 @@ fn sym_frames(sym: &Sym<'_>, module: &str) -> Vec<Frame> {
 
 fn native_frame(function: &str, code_info: Option<&CodeInfo<'_>>, module: &str) -> Frame {
     let (file, line) = code_info.map_or((String::new(), 0), |info| {
-        (
-            info.to_path().to_string_lossy().into_owned(),
-            info.line.unwrap_or(0),
-        )
+        (info.to_path().to_string_lossy().into_owned(), info.line.unwrap_or(0))
     });
-    Frame {
-        function: function.to_string(),
-        module: module.to_string(),
-        file,
-        line,
-        kind: FrameKind::Native,
-    }
+    Frame { function: function.to_string(), module: module.to_string(), file, line, kind: FrameKind::Native }
 }

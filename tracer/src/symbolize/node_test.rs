@@ -57,23 +57,14 @@ fn wait_stop(pid: i32) -> Option<i32> {
 fn sample_mmaps(pid: i32, wanted: usize, deadline: Instant) -> Option<Vec<Sample>> {
     // SAFETY: plain ptrace requests on our own child; no memory is passed.
     let seized = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SEIZE,
-            pid,
-            NULL,
-            libc::c_long::from(libc::PTRACE_O_TRACESYSGOOD),
-        )
+        libc::ptrace(libc::PTRACE_SEIZE, pid, NULL, libc::c_long::from(libc::PTRACE_O_TRACESYSGOOD))
     };
     if seized != 0 {
         eprintln!("PTRACE_SEIZE: {}", std::io::Error::last_os_error());
         return None;
     }
     // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, NULL, NULL) },
-        0,
-        "PTRACE_INTERRUPT"
-    );
+    assert_eq!(unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, pid, NULL, NULL) }, 0, "PTRACE_INTERRUPT");
     assert!(wait_stop(pid).is_some(), "node stops for the tracer");
     let mem = File::open(format!("/proc/{pid}/mem")).expect("open the child's memory");
     let mut samples = Vec::new();
@@ -81,8 +72,7 @@ fn sample_mmaps(pid: i32, wanted: usize, deadline: Instant) -> Option<Vec<Sample
     let mut signal = 0;
     while samples.len() < wanted && Instant::now() < deadline {
         // SAFETY: resumes our stopped tracee until its next syscall entry or exit.
-        if unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, NULL, libc::c_long::from(signal)) } != 0
-        {
+        if unsafe { libc::ptrace(libc::PTRACE_SYSCALL, pid, NULL, libc::c_long::from(signal)) } != 0 {
             break;
         }
         let Some(stop) = wait_stop(pid) else { break };
@@ -107,14 +97,7 @@ fn sample_mmaps(pid: i32, wanted: usize, deadline: Instant) -> Option<Vec<Sample
         let mut stack = vec![0u8; 16 * 1024];
         let n = mem.read_at(&mut stack, regs.rsp).unwrap_or(0);
         stack.truncate(n);
-        samples.push(Sample {
-            regs: Regs {
-                ip: regs.rip,
-                sp: regs.rsp,
-                bp: regs.rbp,
-            },
-            stack,
-        });
+        samples.push(Sample { regs: Regs { ip: regs.rip, sp: regs.rsp, bp: regs.rbp }, stack });
     }
     // SAFETY: detaching our own tracee.
     unsafe { libc::ptrace(libc::PTRACE_DETACH, pid, NULL, NULL) };
@@ -129,15 +112,9 @@ fn unwinds_node_from_libc_into_javascript() {
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let script = dir.path().join("app.js");
-    File::create(&script)
-        .and_then(|mut f| f.write_all(SCRIPT.as_bytes()))
-        .expect("write script");
+    File::create(&script).and_then(|mut f| f.write_all(SCRIPT.as_bytes())).expect("write script");
     let child = Command::new(node)
-        .args([
-            "--perf-basic-prof",
-            "--interpreted-frames-native-stack",
-            "--no-turbo-inlining",
-        ])
+        .args(["--perf-basic-prof", "--interpreted-frames-native-stack", "--no-turbo-inlining"])
         .arg(&script)
         .stdin(Stdio::null())
         .spawn()
@@ -148,11 +125,7 @@ fn unwinds_node_from_libc_into_javascript() {
     std::thread::sleep(Duration::from_millis(700));
 
     let mut symbols = ProcessSymbols::new(pid).expect("symbols of node");
-    let Some(samples) = sample_mmaps(
-        pid.cast_signed(),
-        40,
-        Instant::now() + Duration::from_secs(10),
-    ) else {
+    let Some(samples) = sample_mmaps(pid.cast_signed(), 40, Instant::now() + Duration::from_secs(10)) else {
         eprintln!("SKIPPED unwinds_node_from_libc_into_javascript: ptrace is not allowed here");
         return;
     };
@@ -163,22 +136,14 @@ fn unwinds_node_from_libc_into_javascript() {
     for sample in &samples {
         let addrs = symbols.unwind(sample.regs, &sample.stack, &[]);
         let frames: Vec<Frame> = symbols.symbolize(&addrs).into_iter().flatten().collect();
-        let js = frames
-            .iter()
-            .position(|f| f.kind == FrameKind::Js && f.function == "rememberOrder");
+        let js = frames.iter().position(|f| f.kind == FrameKind::Js && f.function == "rememberOrder");
         let libc_leaf = frames.first().is_some_and(|f| f.module.contains("libc.so"));
         if let (Some(js), true) = (js, libc_leaf) {
             // The perf map gives the function's own position, not the allocating line.
             let frame = &frames[js];
-            assert!(
-                frame.file.ends_with("app.js") && frame.line == 3,
-                "{frame:?}"
-            );
+            assert!(frame.file.ends_with("app.js") && frame.line == 3, "{frame:?}");
             // The caller from the timer is found past the JIT frame, through frame pointers.
-            assert!(
-                frames.len() > js + 1,
-                "frames end at the JS function: {frames:#?}"
-            );
+            assert!(frames.len() > js + 1, "frames end at the JS function: {frames:#?}");
             return;
         }
         if frames.len() > best.len() {
@@ -186,16 +151,10 @@ fn unwinds_node_from_libc_into_javascript() {
         }
     }
     let labels: Vec<String> = best.iter().map(Frame::label).collect();
-    panic!(
-        "no mmap stack of {} reached rememberOrder; deepest: {labels:#?}",
-        samples.len()
-    );
+    panic!("no mmap stack of {} reached rememberOrder; deepest: {labels:#?}", samples.len());
 }
 
 fn which_node() -> Result<std::path::PathBuf, ()> {
     let path = std::env::var_os("PATH").ok_or(())?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("node"))
-        .find(|p| p.is_file())
-        .ok_or(())
+    std::env::split_paths(&path).map(|dir| dir.join("node")).find(|p| p.is_file()).ok_or(())
 }

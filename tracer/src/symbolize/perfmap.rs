@@ -46,29 +46,19 @@ const V8_PREFIXES: &[&str] = &[
 /// `+` maglev) is dropped.
 pub(crate) fn parse_symbol(name: &str) -> Frame {
     let name = name.trim();
-    if let Some(rest) = JS_PREFIXES
-        .iter()
-        .find_map(|prefix| name.strip_prefix(prefix))
-    {
+    if let Some(rest) = JS_PREFIXES.iter().find_map(|prefix| name.strip_prefix(prefix)) {
         let rest = rest.strip_prefix(['*', '~', '^', '+']).unwrap_or(rest);
         let (function, file, line) = split_location(rest);
         let function = function.trim();
         return Frame {
-            function: if function.is_empty() {
-                "(anonymous)".to_string()
-            } else {
-                function.to_string()
-            },
+            function: if function.is_empty() { "(anonymous)".to_string() } else { function.to_string() },
             module: JIT_MODULE.to_string(),
             file: file.to_string(),
             line,
             kind: FrameKind::Js,
         };
     }
-    if let Some(rest) = V8_PREFIXES
-        .iter()
-        .find_map(|prefix| name.strip_prefix(prefix))
-    {
+    if let Some(rest) = V8_PREFIXES.iter().find_map(|prefix| name.strip_prefix(prefix)) {
         return Frame {
             function: rest.trim().to_string(),
             module: V8_MODULE.to_string(),
@@ -213,10 +203,7 @@ fn truncate(text: &str, max: usize) -> &str {
 fn parse_line(line: &str) -> Option<(u64, u64, &str)> {
     let line = line.trim_end_matches('\r');
     let (start, rest) = line.trim_start().split_once(' ')?;
-    let (size, name) = rest
-        .trim_start()
-        .split_once(' ')
-        .unwrap_or((rest.trim_start(), ""));
+    let (size, name) = rest.trim_start().split_once(' ').unwrap_or((rest.trim_start(), ""));
     let hex = |s: &str| u64::from_str_radix(s.strip_prefix("0x").unwrap_or(s), 16).ok();
     let name = name.trim();
     if name.is_empty() {
@@ -239,10 +226,7 @@ impl std::fmt::Display for Refusal {
         match self {
             Self::Symlink => write!(f, "it is a symbolic link"),
             Self::NotRegular => write!(f, "it is not a regular file"),
-            Self::Owner(uid) => write!(
-                f,
-                "it is owned by uid {uid}, neither the target's user nor root"
-            ),
+            Self::Owner(uid) => write!(f, "it is owned by uid {uid}, neither the target's user nor root"),
             Self::Io(err) => write!(f, "{err}"),
         }
     }
@@ -273,14 +257,7 @@ impl std::fmt::Debug for PerfMapReader {
 
 impl PerfMapReader {
     pub fn new(path: PathBuf, allowed_uids: Vec<u32>) -> Self {
-        Self {
-            path,
-            allowed_uids,
-            file: None,
-            offset: 0,
-            warned: false,
-            map: PerfMap::default(),
-        }
+        Self { path, allowed_uids, file: None, offset: 0, warned: false, map: PerfMap::default() }
     }
 
     pub fn path(&self) -> &Path {
@@ -324,15 +301,9 @@ impl PerfMapReader {
             return;
         }
         if size < self.offset {
-            log::info!(
-                "perf map {} shrank; reading it again from the start",
-                self.path.display()
-            );
+            log::info!("perf map {} shrank; reading it again from the start", self.path.display());
             // Keep generations increasing so answers cached from the old content go stale.
-            self.map = PerfMap {
-                generation: self.map.generation + 1,
-                ..PerfMap::default()
-            };
+            self.map = PerfMap { generation: self.map.generation + 1, ..PerfMap::default() };
             self.file = None;
             self.offset = 0;
             self.refresh();
@@ -396,43 +367,23 @@ mod tests {
             }
         );
         let f = parse_symbol("JS:~handler /srv/app.js:30:5");
-        assert_eq!(
-            (f.function.as_str(), f.file.as_str(), f.line),
-            ("handler", "/srv/app.js", 30)
-        );
+        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("handler", "/srv/app.js", 30));
 
         let f = parse_symbol("JS:~ /srv/app.js:30:5");
-        assert_eq!(
-            (f.function.as_str(), f.line, f.kind),
-            ("(anonymous)", 30, FrameKind::Js)
-        );
+        assert_eq!((f.function.as_str(), f.line, f.kind), ("(anonymous)", 30, FrameKind::Js));
 
-        let f = parse_symbol(
-            "LazyCompile:*processTicksAndRejections node:internal/process/task_queues:67",
-        );
+        let f = parse_symbol("LazyCompile:*processTicksAndRejections node:internal/process/task_queues:67");
         assert_eq!(f.function, "processTicksAndRejections");
-        assert_eq!(
-            (f.file.as_str(), f.line),
-            ("node:internal/process/task_queues", 67)
-        );
+        assert_eq!((f.file.as_str(), f.line), ("node:internal/process/task_queues", 67));
 
         let f = parse_symbol("Function:^get size node:internal/url:12:3");
-        assert_eq!(
-            (f.function.as_str(), f.file.as_str(), f.line),
-            ("get size", "node:internal/url", 12)
-        );
+        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("get size", "node:internal/url", 12));
 
         let f = parse_symbol("JS:+run file:///srv/app.mjs:1:1");
-        assert_eq!(
-            (f.function.as_str(), f.file.as_str(), f.line),
-            ("run", "file:///srv/app.mjs", 1)
-        );
+        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("run", "file:///srv/app.mjs", 1));
 
         let f = parse_symbol("JS:*noLocation");
-        assert_eq!(
-            (f.function.as_str(), f.file.as_str(), f.line),
-            ("noLocation", "", 0)
-        );
+        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("noLocation", "", 0));
     }
 
     #[test]
@@ -451,10 +402,7 @@ mod tests {
             );
         }
         let other = parse_symbol("Lcom/example/Foo;::bar");
-        assert_eq!(
-            (other.function.as_str(), other.module.as_str()),
-            ("Lcom/example/Foo;::bar", "[jit]")
-        );
+        assert_eq!((other.function.as_str(), other.module.as_str()), ("Lcom/example/Foo;::bar", "[jit]"));
     }
 
     #[test]
@@ -468,20 +416,12 @@ mod tests {
         assert_eq!(frame(&map, 0xfff), None);
         let generation = map.generation();
         map.feed(b"5000 10 JS:*fresh /f.js:1:1\n");
-        assert_eq!(
-            map.generation(),
-            generation,
-            "new code elsewhere keeps cached names valid"
-        );
+        assert_eq!(map.generation(), generation, "new code elsewhere keeps cached names valid");
 
         // New code over the tail of `a` and the head of `b`: both old entries go.
         let generation = map.generation();
         map.feed(b"10f0 20 JS:*d /d.js:4:1\n");
-        assert_ne!(
-            map.generation(),
-            generation,
-            "replacing entries invalidates caches"
-        );
+        assert_ne!(map.generation(), generation, "replacing entries invalidates caches");
         assert_eq!(frame(&map, 0x10f0).as_deref(), Some("d"));
         assert_eq!(frame(&map, 0x1000), None, "overlapped older entry dropped");
         assert_eq!(frame(&map, 0x1150), None, "overlapped older entry dropped");
@@ -503,11 +443,7 @@ mod tests {
         assert_eq!(frame(&map, 0x2200), None, "partial line not parsed yet");
 
         map.feed(b"0 JS:*late /late.js:1:1\n");
-        assert_eq!(
-            frame(&map, 0x2200).as_deref(),
-            Some("late"),
-            "partial line completed"
-        );
+        assert_eq!(frame(&map, 0x2200).as_deref(), Some("late"), "partial line completed");
         assert_eq!(frame(&map, 0x2300).as_deref(), None);
         assert_eq!(map.malformed_lines(), 2);
     }
@@ -518,18 +454,14 @@ mod tests {
         let path = dir.path().join("perf-1.map");
         let mut file = File::create(&path).expect("create perf map");
         let mut reader = PerfMapReader::new(path.clone(), vec![file_owner_uid()]);
-        file.write_all(b"3000 10 JS:*first /a.js:1:1\n3010 10 Builtin:Ar")
-            .expect("write");
+        file.write_all(b"3000 10 JS:*first /a.js:1:1\n3010 10 Builtin:Ar").expect("write");
         reader.refresh();
         assert_eq!(frame(reader.map(), 0x3000).as_deref(), Some("first"));
         assert_eq!(frame(reader.map(), 0x3010), None);
         reader.refresh();
         file.write_all(b"rayPrototypePush\n").expect("write");
         reader.refresh();
-        assert_eq!(
-            frame(reader.map(), 0x3015).as_deref(),
-            Some("ArrayPrototypePush")
-        );
+        assert_eq!(frame(reader.map(), 0x3015).as_deref(), Some("ArrayPrototypePush"));
     }
 
     #[test]
@@ -550,20 +482,9 @@ mod tests {
 
         let mut reader = PerfMapReader::new(link.clone(), vec![file_owner_uid()]);
         reader.refresh();
-        assert_eq!(
-            reader.map().len(),
-            0,
-            "a symlinked perf map must not be followed"
-        );
-        assert!(matches!(
-            open_checked(&link, &[file_owner_uid()]),
-            Err(Refusal::Symlink)
-        ));
-        assert!(
-            open_checked(&target, &[file_owner_uid()])
-                .expect("regular file opens")
-                .is_some()
-        );
+        assert_eq!(reader.map().len(), 0, "a symlinked perf map must not be followed");
+        assert!(matches!(open_checked(&link, &[file_owner_uid()]), Err(Refusal::Symlink)));
+        assert!(open_checked(&target, &[file_owner_uid()]).expect("regular file opens").is_some());
     }
 
     #[test]
@@ -574,20 +495,14 @@ mod tests {
         // SAFETY: c_path is a valid NUL-terminated path for the duration of the call.
         let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
         assert_eq!(rc, 0, "mkfifo");
-        assert!(matches!(
-            open_checked(&fifo, &[file_owner_uid()]),
-            Err(Refusal::NotRegular)
-        ));
+        assert!(matches!(open_checked(&fifo, &[file_owner_uid()]), Err(Refusal::NotRegular)));
 
         let file = dir.path().join("perf-5.map");
         std::fs::write(&file, b"").expect("write");
         let me = file_owner_uid();
         if me != 0 {
             // Owned by us, but we are neither root nor the (pretend) target's user.
-            assert!(matches!(
-                open_checked(&file, &[me + 1]),
-                Err(Refusal::Owner(_))
-            ));
+            assert!(matches!(open_checked(&file, &[me + 1]), Err(Refusal::Owner(_))));
         }
         assert!(open_checked(&file, &[me]).expect("own file").is_some());
     }

@@ -29,24 +29,15 @@ fn capture_stack() -> Captured {
             options(nomem, nostack, preserves_flags),
         );
     }
-    let maps = maps::parse_maps(
-        &std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps"),
-    );
-    let stack_end = maps
-        .iter()
-        .find(|m| m.contains(sp))
-        .expect("a mapping holds the stack pointer")
-        .end;
+    let maps = maps::parse_maps(&std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps"));
+    let stack_end = maps.iter().find(|m| m.contains(sp)).expect("a mapping holds the stack pointer").end;
     let len = (stack_end - sp).min(16 * 1024);
     let mut stack = vec![0u8; len as usize];
     // Reading through /proc/self/mem copies the bytes as the kernel would, without unsafe.
     File::open("/proc/self/mem")
         .and_then(|mem| mem.read_exact_at(&mut stack, sp))
         .expect("read own stack through /proc/self/mem");
-    Captured {
-        regs: Regs { ip, sp, bp },
-        stack,
-    }
+    Captured { regs: Regs { ip, sp, bp }, stack }
 }
 
 #[inline(never)]
@@ -77,20 +68,12 @@ fn own_symbols() -> ProcessSymbols {
 }
 
 fn names(frames: &[Vec<Frame>]) -> Vec<String> {
-    frames
-        .iter()
-        .flatten()
-        .map(|f| f.function.clone())
-        .collect()
+    frames.iter().flatten().map(|f| f.function.clone()).collect()
 }
 
 /// Index of the first function after `from` whose name contains `needle`.
 fn find_after(names: &[String], from: usize, needle: &str) -> Option<usize> {
-    names
-        .iter()
-        .skip(from)
-        .position(|n| n.contains(needle))
-        .map(|p| p + from)
+    names.iter().skip(from).position(|n| n.contains(needle)).map(|p| p + from)
 }
 
 #[test]
@@ -103,11 +86,7 @@ fn missing_process_is_an_error() {
 #[test]
 fn finds_own_modules() {
     let symbols = own_symbols();
-    assert!(
-        symbols.module_count() >= 2,
-        "the test binary and libc at least, got {}",
-        symbols.module_count()
-    );
+    assert!(symbols.module_count() >= 2, "the test binary and libc at least, got {}", symbols.module_count());
     assert!(symbols.modules.iter().any(|m| m.name.contains("libc.so")));
 }
 
@@ -123,11 +102,7 @@ fn symbolizes_own_function() {
     assert!(frame.file.ends_with("symbolize/tests.rs"), "{frame:?}");
     assert!(frame.line > 0, "{frame:?}");
     let exe = std::fs::read_link("/proc/self/exe").expect("readlink /proc/self/exe");
-    assert_eq!(
-        std::path::Path::new(&frame.module),
-        exe,
-        "module is the real path, not /proc/self/fd"
-    );
+    assert_eq!(std::path::Path::new(&frame.module), exe, "module is the real path, not /proc/self/fd");
 
     // Cached: the same answer again.
     assert_eq!(symbols.symbolize(&[addr]), frames);
@@ -140,11 +115,7 @@ fn unknown_addresses_get_a_frame() {
     assert_eq!(frames.len(), 2);
     assert_eq!(
         frames[0],
-        vec![Frame {
-            function: "0x10".into(),
-            kind: FrameKind::Unknown,
-            ..Frame::default()
-        }]
+        vec![Frame { function: "0x10".into(), kind: FrameKind::Unknown, ..Frame::default() }]
     );
     assert_eq!(frames[1][0].function, "0x20");
     assert!(symbols.symbolize(&[]).is_empty());
@@ -158,8 +129,7 @@ fn unwinds_own_stack() {
     assert_eq!(addrs[0], captured.regs.ip);
     let frames = symbols.symbolize(&addrs);
     let names = names(&frames);
-    let three =
-        find_after(&names, 0, "level_three").unwrap_or_else(|| panic!("level_three in {names:#?}"));
+    let three = find_after(&names, 0, "level_three").unwrap_or_else(|| panic!("level_three in {names:#?}"));
     let two = find_after(&names, three, "level_two")
         .unwrap_or_else(|| panic!("level_two after level_three in {names:#?}"));
     let one = find_after(&names, two, "level_one")
@@ -173,18 +143,7 @@ fn falls_back_to_kernel_frame_pointers() {
     let mut symbols = own_symbols();
     // No stack bytes: CFI gets only the ip, so the kernel's frame-pointer stack is used.
     let fp = [some_fn as *const () as usize as u64, 0x1234, 0x5678];
-    assert_eq!(
-        symbols.unwind(
-            Regs {
-                ip: fp[0],
-                sp: 0x1000,
-                bp: 0
-            },
-            &[],
-            &fp
-        ),
-        fp.to_vec()
-    );
+    assert_eq!(symbols.unwind(Regs { ip: fp[0], sp: 0x1000, bp: 0 }, &[], &fp), fp.to_vec());
 }
 
 /// Frames inside libc's `qsort` (glibc is built without frame pointers), captured from the
@@ -192,9 +151,7 @@ fn falls_back_to_kernel_frame_pointers() {
 static IN_QSORT: Mutex<Option<Captured>> = Mutex::new(None);
 
 extern "C" fn compare_and_capture(a: *const libc::c_void, b: *const libc::c_void) -> libc::c_int {
-    let mut slot = IN_QSORT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut slot = IN_QSORT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if slot.is_none() {
         *slot = Some(capture_stack());
     }
@@ -217,10 +174,7 @@ fn sort_in_libc() -> Captured {
         );
     }
     assert!(values.is_sorted());
-    let captured = IN_QSORT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take();
+    let captured = IN_QSORT.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
     captured.expect("qsort called the comparator")
 }
 
@@ -232,8 +186,8 @@ fn unwinds_through_libc_without_frame_pointers() {
     let frames = symbols.symbolize(&addrs);
     let flat: Vec<&Frame> = frames.iter().flatten().collect();
     let names = names(&frames);
-    let cmp = find_after(&names, 0, "compare_and_capture")
-        .unwrap_or_else(|| panic!("comparator in {names:#?}"));
+    let cmp =
+        find_after(&names, 0, "compare_and_capture").unwrap_or_else(|| panic!("comparator in {names:#?}"));
     let libc_frame = flat
         .iter()
         .skip(cmp)
@@ -249,8 +203,7 @@ fn perf_map_names_addresses_outside_modules() {
     // Point the reader at a map we write, as node would.
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("perf-test.map");
-    std::fs::write(&path, b"1000 100 JS:*rememberOrder /srv/app.js:9:21\n")
-        .expect("write perf map");
+    std::fs::write(&path, b"1000 100 JS:*rememberOrder /srv/app.js:9:21\n").expect("write perf map");
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&path).expect("stat"));
     symbols.perf_map = PerfMapReader::new(path.clone(), vec![owner]);
 
@@ -258,22 +211,13 @@ fn perf_map_names_addresses_outside_modules() {
     let frames = symbols.symbolize(&[0x1010, 0x1100]);
     let js = &frames[0][0];
     assert_eq!(
-        (
-            js.function.as_str(),
-            js.file.as_str(),
-            js.line,
-            js.kind,
-            js.module.as_str()
-        ),
+        (js.function.as_str(), js.file.as_str(), js.line, js.kind, js.module.as_str()),
         ("rememberOrder", "/srv/app.js", 9, FrameKind::Js, "[jit]")
     );
     assert_eq!(frames[1][0].function, "rememberOrder");
 
     // Newer code at the same address: the cached answer is replaced.
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&path)
-        .expect("open for append");
+    let mut file = std::fs::OpenOptions::new().append(true).open(&path).expect("open for append");
     std::io::Write::write_all(&mut file, b"1000 80 Builtin:ArrayPrototypePush\n").expect("append");
     symbols.refresh_perf_map();
     let frames = symbols.symbolize(&[0x1010]);
@@ -284,28 +228,17 @@ fn perf_map_names_addresses_outside_modules() {
 
     // Addresses in a file-backed module never come from the perf map.
     let own = some_fn as *const () as usize as u64;
-    std::io::Write::write_all(
-        &mut file,
-        format!("{own:x} 10 JS:*impostor /x.js:1:1\n").as_bytes(),
-    )
-    .expect("append");
+    std::io::Write::write_all(&mut file, format!("{own:x} 10 JS:*impostor /x.js:1:1\n").as_bytes())
+        .expect("append");
     symbols.refresh_perf_map();
-    assert!(
-        symbols.symbolize(&[own])[0]
-            .iter()
-            .all(|f| f.function.contains("some_fn"))
-    );
+    assert!(symbols.symbolize(&[own])[0].iter().all(|f| f.function.contains("some_fn")));
 }
 
 #[test]
 fn elf_symbols_without_dwarf() {
     let symbols = own_symbols();
     let addr = libc::qsort as *const () as usize as u64;
-    let Some(Region {
-        start,
-        kind: RegionKind::File { module, offset },
-        ..
-    }) = symbols.region_at(addr)
+    let Some(Region { start, kind: RegionKind::File { module, offset }, .. }) = symbols.region_at(addr)
     else {
         panic!("qsort at {addr:#x} is in no file-backed module");
     };
@@ -315,15 +248,9 @@ fn elf_symbols_without_dwarf() {
         .native
         .symbolize_with(&path, false, &file.name, &[addr - start + offset])
         .expect("symbolize with ELF symbols only");
-    let frames = frames[0]
-        .as_ref()
-        .expect("qsort is in libc's dynamic symbol table");
+    let frames = frames[0].as_ref().expect("qsort is in libc's dynamic symbol table");
     assert!(frames[0].function.contains("qsort"), "{frames:?}");
-    assert_eq!(
-        (frames[0].file.as_str(), frames[0].line),
-        ("", 0),
-        "no DWARF asked for"
-    );
+    assert_eq!((frames[0].file.as_str(), frames[0].line), ("", 0), "no DWARF asked for");
 }
 
 /// Kills and reaps the child on drop.
@@ -338,12 +265,7 @@ impl Drop for Child {
 
 #[test]
 fn symbols_survive_target_exit() {
-    let mut child = Child(
-        std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("start sleep"),
-    );
+    let mut child = Child(std::process::Command::new("sleep").arg("30").spawn().expect("start sleep"));
     let pid = child.0.id();
     // Wait for the exec and the dynamic loader to map libc.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -352,22 +274,14 @@ fn symbols_survive_target_exit() {
         if symbols.modules.iter().any(|m| m.name.contains("libc.so")) {
             break symbols;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sleep never mapped libc"
-        );
+        assert!(std::time::Instant::now() < deadline, "sleep never mapped libc");
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
 
     // qsort in the child: the same file offset as in our libc, at the child's mapping.
     let ours = own_symbols();
     let addr = libc::qsort as *const () as usize as u64;
-    let Some(Region {
-        start,
-        kind: RegionKind::File { offset, .. },
-        ..
-    }) = ours.region_at(addr)
-    else {
+    let Some(Region { start, kind: RegionKind::File { offset, .. }, .. }) = ours.region_at(addr) else {
         panic!("qsort is in no module of ours");
     };
     let file_offset = addr - start + offset;
@@ -387,18 +301,9 @@ fn symbols_survive_target_exit() {
 
     child.0.kill().expect("kill the child");
     child.0.wait().expect("reap the child");
-    assert!(
-        matches!(
-            symbols.refresh_maps(),
-            Err(SymbolizeError::NoSuchProcess { .. })
-        ),
-        "the child is gone"
-    );
+    assert!(matches!(symbols.refresh_maps(), Err(SymbolizeError::NoSuchProcess { .. })), "the child is gone");
     let frames = symbols.symbolize(&[child_addr]);
-    assert!(
-        frames[0].iter().any(|f| f.function.contains("qsort")),
-        "after exit: {frames:?}"
-    );
+    assert!(frames[0].iter().any(|f| f.function.contains("qsort")), "after exit: {frames:?}");
 }
 
 #[test]

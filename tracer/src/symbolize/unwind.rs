@@ -38,20 +38,14 @@ pub(crate) struct StackUnwinder {
 impl std::fmt::Debug for StackUnwinder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StackUnwinder")
-            .field(
-                "max_known_code_address",
-                &self.unwinder.max_known_code_address(),
-            )
+            .field("max_known_code_address", &self.unwinder.max_known_code_address())
             .finish_non_exhaustive()
     }
 }
 
 impl StackUnwinder {
     pub fn new() -> Self {
-        Self {
-            unwinder: UnwinderX86_64::new(),
-            cache: CacheX86_64::new(),
-        }
+        Self { unwinder: UnwinderX86_64::new(), cache: CacheX86_64::new() }
     }
 
     /// `base_avma` is the process address of the file's stated address 0 (the load bias).
@@ -62,8 +56,7 @@ impl StackUnwinder {
         base_avma: u64,
         sections: ExplicitModuleSectionInfo<Bytes>,
     ) {
-        self.unwinder
-            .add_module(Module::new(name.to_string(), avma, base_avma, sections));
+        self.unwinder.add_module(Module::new(name.to_string(), avma, base_avma, sections));
     }
 
     /// Removes the module whose range starts at `start` (no-op when there is none).
@@ -103,9 +96,7 @@ impl StackUnwinder {
 /// Reads the little-endian word at `addr` from a stack copy that starts at `sp`.
 fn read_word(stack: &[u8], sp: u64, addr: u64) -> Result<u64, ()> {
     let offset = usize::try_from(addr.checked_sub(sp).ok_or(())?).map_err(|_| ())?;
-    let bytes = stack
-        .get(offset..offset.checked_add(8).ok_or(())?)
-        .ok_or(())?;
+    let bytes = stack.get(offset..offset.checked_add(8).ok_or(())?).ok_or(())?;
     Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
 }
 
@@ -114,12 +105,7 @@ fn read_word(stack: &[u8], sp: u64, addr: u64) -> Result<u64, ()> {
 /// with the frame-pointer stack's tail when the CFI walk was cut short (the stack copy is
 /// bounded; the kernel's walk is not) and its last return address appears in `fp`.
 pub(crate) fn combine(cfi: Unwound, fp: &[u64]) -> Vec<u64> {
-    let fp: Vec<u64> = fp
-        .iter()
-        .copied()
-        .take_while(|&a| a != 0)
-        .take(MAX_DEPTH)
-        .collect();
+    let fp: Vec<u64> = fp.iter().copied().take_while(|&a| a != 0).take(MAX_DEPTH).collect();
     if cfi.addrs.len() <= 1 && fp.len() > cfi.addrs.len() {
         return fp;
     }
@@ -152,19 +138,9 @@ mod tests {
     fn frame_pointers_outside_modules() {
         let sp = 0x7ffc_0000_0000;
         // Two frame records: [bp] = caller's bp, [bp + 8] = return address.
-        let bytes = stack(
-            0x100,
-            &[(0x20, sp + 0x60), (0x28, 0x2000), (0x60, 0), (0x68, 0x3000)],
-        );
+        let bytes = stack(0x100, &[(0x20, sp + 0x60), (0x28, 0x2000), (0x60, 0), (0x68, 0x3000)]);
         let mut unwinder = StackUnwinder::new();
-        let out = unwinder.unwind(
-            Regs {
-                ip: 0x1000,
-                sp,
-                bp: sp + 0x20,
-            },
-            &bytes,
-        );
+        let out = unwinder.unwind(Regs { ip: 0x1000, sp, bp: sp + 0x20 }, &bytes);
         assert_eq!(out.addrs, vec![0x1000, 0x2000, 0x3000]);
         assert!(!out.truncated, "bp == 0 ends the walk cleanly");
     }
@@ -172,9 +148,7 @@ mod tests {
     #[test]
     fn garbage_never_panics() {
         let mut unwinder = StackUnwinder::new();
-        let junk: Vec<u8> = (0..4096u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
+        let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
         for (ip, sp, bp) in [
             (0, 0, 0),
             (u64::MAX, u64::MAX, u64::MAX),
@@ -194,22 +168,10 @@ mod tests {
         // A frame-pointer cycle that keeps moving up: 200 records, each pointing to the next.
         let sp = 0x1_0000;
         let words: Vec<(usize, u64)> = (0..200)
-            .flat_map(|i| {
-                [
-                    (i * 16, sp + (i as u64 + 1) * 16),
-                    (i * 16 + 8, 0x5000 + i as u64),
-                ]
-            })
+            .flat_map(|i| [(i * 16, sp + (i as u64 + 1) * 16), (i * 16 + 8, 0x5000 + i as u64)])
             .collect();
         let bytes = stack(201 * 16, &words);
-        let out = StackUnwinder::new().unwind(
-            Regs {
-                ip: 0x4000,
-                sp,
-                bp: sp,
-            },
-            &bytes,
-        );
+        let out = StackUnwinder::new().unwind(Regs { ip: 0x4000, sp, bp: sp }, &bytes);
         assert_eq!(out.addrs.len(), MAX_DEPTH);
         assert!(out.truncated);
     }
@@ -217,32 +179,16 @@ mod tests {
     #[test]
     fn combine_prefers_cfi_and_falls_back_to_fp() {
         let fp = [0x10, 0x20, 0x30, 0x40, 0];
-        let one = Unwound {
-            addrs: vec![0x10],
-            truncated: true,
-        };
+        let one = Unwound { addrs: vec![0x10], truncated: true };
         assert_eq!(combine(one, &fp), vec![0x10, 0x20, 0x30, 0x40]);
 
-        let good = Unwound {
-            addrs: vec![0x10, 0x99, 0xaa],
-            truncated: false,
-        };
+        let good = Unwound { addrs: vec![0x10, 0x99, 0xaa], truncated: false };
         assert_eq!(combine(good.clone(), &fp), good.addrs);
 
-        let cut = Unwound {
-            addrs: vec![0x10, 0x99, 0x30],
-            truncated: true,
-        };
-        assert_eq!(
-            combine(cut, &fp),
-            vec![0x10, 0x99, 0x30, 0x40],
-            "stitched at the shared return address"
-        );
+        let cut = Unwound { addrs: vec![0x10, 0x99, 0x30], truncated: true };
+        assert_eq!(combine(cut, &fp), vec![0x10, 0x99, 0x30, 0x40], "stitched at the shared return address");
 
-        let unrelated = Unwound {
-            addrs: vec![0x10, 0x99],
-            truncated: true,
-        };
+        let unrelated = Unwound { addrs: vec![0x10, 0x99], truncated: true };
         assert_eq!(combine(unrelated, &fp), vec![0x10, 0x99]);
         assert_eq!(combine(Unwound::default(), &[]), Vec::<u64>::new());
     }

@@ -69,10 +69,7 @@ pub struct Label {
     pub num_unit: i64,
 }
 
-#[allow(
-    clippy::struct_excessive_bools,
-    reason = "mirrors profile.proto field for field"
-)]
+#[allow(clippy::struct_excessive_bools, reason = "mirrors profile.proto field for field")]
 #[derive(Clone, Copy, PartialEq, Eq, prost::Message)]
 pub struct Mapping {
     #[prost(uint64, tag = "1")]

@@ -1,0 +1,33 @@
+//! The command line as a user meets it: a wrong pid, and the environment check.
+
+use std::time::Duration;
+
+use integration_tests::{Memtrace, require_root, unused_pid};
+
+#[test]
+fn dead_pid() {
+    if !require_root("dead_pid") {
+        return;
+    }
+    let pid = unused_pid().to_string();
+    let out = Memtrace::run(["attach", pid.as_str(), "--duration", "2s"], Duration::from_secs(30));
+    assert!(!out.status.success(), "memtrace attach {pid} (no such process) succeeded\n{}", out.combined());
+    let stderr = out.stderr.to_lowercase();
+    assert!(
+        stderr.contains("no such process") || stderr.contains(&pid),
+        "stderr names neither the pid nor \"no such process\"\n{}",
+        out.combined()
+    );
+}
+
+#[test]
+fn doctor() {
+    if !require_root("doctor") {
+        return;
+    }
+    let out = Memtrace::run(["doctor"], Duration::from_mins(1));
+    assert!(out.status.success(), "memtrace doctor exited with {}\n{}", out.status, out.combined());
+    let text = out.combined().to_lowercase();
+    assert!(text.contains("btf"), "memtrace doctor does not mention BTF\n{}", out.combined());
+    assert!(text.contains("tracepoint"), "memtrace doctor does not mention tracepoints\n{}", out.combined());
+}

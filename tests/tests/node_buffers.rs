@@ -1,0 +1,51 @@
+//! A Node script keeps forty 1 MiB Buffers from `keepBuffers`. memtrace must name the
+//! JavaScript function, through glibc's malloc and V8, and count the bytes.
+
+use std::{process::Command, time::Duration};
+
+use integration_tests::{
+    Leak, MIB, Memtrace, Report, StartGate, TestProcess, fixtures_dir, node_bin, perf_map_path, require_root,
+};
+
+const BUFFERS: u64 = 40;
+
+#[test]
+fn node_buffers() {
+    if !require_root("node_buffers") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let gate = StartGate::new(dir.path());
+    let mut cmd = Command::new(node_bin());
+    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
+        .arg(fixtures_dir().join("keep_buffers.js"))
+        .arg(BUFFERS.to_string())
+        .arg(gate.path())
+        // These flags make V8 write isolate-*.log files into the working directory.
+        .current_dir(dir.path());
+    let mut fixture = TestProcess::spawn("keep_buffers.js", cmd);
+    fixture.remove_on_drop(perf_map_path(fixture.pid()));
+    fixture.wait_for_stdout("waiting", Duration::from_secs(20));
+
+    let json = dir.path().join("report.json");
+    let mut memtrace = Memtrace::attach(fixture.pid(), "10s", &json);
+    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
+    gate.open();
+    fixture.wait_for_stdout("done", Duration::from_secs(20));
+    let out = memtrace.wait(Duration::from_mins(1));
+
+    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+    let report = Report::read(&json);
+    let summary = report.summary();
+    eprintln!("{summary}");
+    assert_eq!(report.target_pid(), Some(u64::from(fixture.pid())), "target.pid\n{summary}");
+
+    let keeping = report.leaks_with_frame(|f| f.kind() == "js" && f.names("keepBuffers"));
+    assert!(!keeping.is_empty(), "no leak has a JS frame `keepBuffers`\n{summary}\n{}", out.combined());
+    let bytes: u64 = keeping.iter().map(Leak::bytes).sum();
+    let expected = BUFFERS * MIB;
+    assert!(
+        bytes * 10 >= expected * 9,
+        "stacks through `keepBuffers` hold {bytes} bytes, want at least 90% of {expected}\n{summary}"
+    );
+}

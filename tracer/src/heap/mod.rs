@@ -1,0 +1,367 @@
+//! The allocator view (`--track malloc`): reads the kernel's tables of outstanding heap
+//! allocations and per-stack totals as snapshots, and turns them into the model's
+//! per-stack aggregates (`Source::Malloc`) for the one report.
+//!
+//! The kernel side is `tracer-ebpf/src/probes/malloc.rs`; the probes are attached by
+//! [`crate::bpf::uprobe`].
+
+pub mod aggregate;
+pub mod args;
+
+use std::collections::HashMap;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use log::{debug, info};
+use tracer_common::{
+    MALLOC_STACK_DEPTH, MALLOC_UNKNOWN_STACK, MAP_MALLOC_COUNTERS, MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS,
+    MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS, MCOUNTER_ALLOC_BYTES, MCOUNTER_ANNOUNCE_FULL, MCOUNTER_CALLS,
+    MCOUNTER_COUNT, MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN,
+    MCOUNTER_LIVE_FULL, MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL, MCOUNTER_PENDING_STALE,
+    MCOUNTER_REUSED, MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL, MCOUNTER_TOTALS_FULL,
+    MCOUNTER_TRACKED, MallocLive, MallocStack, MallocStackTotals,
+};
+
+pub use aggregate::{HeapAgg, aggregate_live, aggregate_totals};
+pub use args::MallocArgs;
+
+use crate::{
+    bpf::uprobe::{self, AttachedAllocator, MallocSettings, UprobeError},
+    model::{Source, StackAgg, StackId, StackTable},
+    units::human_bytes,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeapError {
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("open map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(transparent)]
+    Uprobe(#[from] Box<UprobeError>),
+}
+
+/// The kernel's malloc counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MallocCounters {
+    pub calls: u64,
+    pub tracked: u64,
+    pub skipped: u64,
+    pub frees: u64,
+    pub frees_unknown: u64,
+    pub live_full: u64,
+    pub live_full_bytes: u64,
+    pub stacks_full: u64,
+    pub stack_failed: u64,
+    pub totals_full: u64,
+    pub pending_full: u64,
+    pub pending_stale: u64,
+    pub failed: u64,
+    pub reused: u64,
+    pub announce_full: u64,
+    pub alloc_bytes: u64,
+    pub free_bytes: u64,
+}
+
+impl MallocCounters {
+    fn from_slots(c: &[u64; MCOUNTER_COUNT as usize]) -> Self {
+        let at = |i: u32| c[i as usize];
+        Self {
+            calls: at(MCOUNTER_CALLS),
+            tracked: at(MCOUNTER_TRACKED),
+            skipped: at(MCOUNTER_SKIPPED),
+            frees: at(MCOUNTER_FREES),
+            frees_unknown: at(MCOUNTER_FREES_UNKNOWN),
+            live_full: at(MCOUNTER_LIVE_FULL),
+            live_full_bytes: at(MCOUNTER_LIVE_FULL_BYTES),
+            stacks_full: at(MCOUNTER_STACKS_FULL),
+            stack_failed: at(MCOUNTER_STACK_FAILED),
+            totals_full: at(MCOUNTER_TOTALS_FULL),
+            pending_full: at(MCOUNTER_PENDING_FULL),
+            pending_stale: at(MCOUNTER_PENDING_STALE),
+            failed: at(MCOUNTER_FAILED),
+            reused: at(MCOUNTER_REUSED),
+            announce_full: at(MCOUNTER_ANNOUNCE_FULL),
+            alloc_bytes: at(MCOUNTER_ALLOC_BYTES),
+            free_bytes: at(MCOUNTER_FREE_BYTES),
+        }
+    }
+
+    /// Allocations memtrace could not follow (tables full): the report is missing them.
+    #[must_use]
+    pub fn lost(&self) -> u64 {
+        self.live_full + self.pending_full
+    }
+
+    /// Estimated bytes outstanding, all stacks.
+    #[must_use]
+    pub fn outstanding_bytes(&self) -> u64 {
+        self.alloc_bytes.saturating_sub(self.free_bytes)
+    }
+
+    /// What a user must know about the completeness of the allocator view.
+    #[must_use]
+    pub fn warnings(&self, settings: &MallocSettings) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.live_full > 0 {
+            out.push(format!(
+                "malloc: the table of outstanding allocations ({} entries) was full: {} allocations ({}) were not followed; raise --malloc-max-live or sample with --malloc-sample-bytes",
+                settings.max_live,
+                self.live_full,
+                human_bytes(self.live_full_bytes)
+            ));
+        }
+        if self.stacks_full > 0 {
+            out.push(format!(
+                "malloc: the stack table ({} stacks) was full: {} allocations are reported under an unknown stack; raise --malloc-max-stacks",
+                settings.max_stacks, self.stacks_full
+            ));
+        }
+        if self.pending_full > 0 {
+            out.push(format!(
+                "malloc: {} allocator calls were lost (more than {} threads inside the allocator at once)",
+                self.pending_full, 16384
+            ));
+        }
+        if self.stack_failed > 0 {
+            out.push(format!(
+                "malloc: {} allocations have no stack (the user stack could not be walked)",
+                self.stack_failed
+            ));
+        }
+        if self.totals_full > 0 {
+            out.push(format!(
+                "malloc: {} stacks have no running totals (table full); the final report is exact, the growth history is not",
+                self.totals_full
+            ));
+        }
+        out
+    }
+}
+
+/// The allocator view of one traced process.
+pub struct HeapTracker {
+    allocator: AttachedAllocator,
+    settings: MallocSettings,
+    live: BpfHashMap<MapData, u64, MallocLive>,
+    stacks: BpfHashMap<MapData, u64, MallocStack>,
+    totals: PerCpuHashMap<MapData, u64, MallocStackTotals>,
+    counters: PerCpuArray<MapData, u64>,
+    new_stacks: RingBuf<MapData>,
+    /// Kernel stack id → the session's stack id.
+    ids: HashMap<u64, StackId>,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, HeapError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(HeapError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| HeapError::Map { name, source })
+}
+
+impl HeapTracker {
+    /// Takes the malloc tables from the loaded object and attaches the probes to `pid`.
+    pub fn attach(ebpf: &mut Ebpf, pid: u32, settings: MallocSettings) -> Result<Self, HeapError> {
+        let live = take(ebpf, MAP_MALLOC_LIVE)?;
+        let stacks = take(ebpf, MAP_MALLOC_STACKS)?;
+        let totals = take(ebpf, MAP_MALLOC_TOTALS)?;
+        let counters = take(ebpf, MAP_MALLOC_COUNTERS)?;
+        let new_stacks = take(ebpf, MAP_MALLOC_NEW_STACKS)?;
+        // `memtrace run`: the C library is mapped a moment after exec.
+        let mut tries = 0;
+        let allocator = loop {
+            match uprobe::attach(ebpf, pid, settings.node_buffers) {
+                Err(UprobeError::NoAllocator { .. }) if tries < 25 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.map_err(Box::new)?,
+            }
+        };
+        info!(
+            "malloc: probing {} functions of {} in process {pid}",
+            allocator.functions.len(),
+            allocator.module
+        );
+        Ok(Self { allocator, settings, live, stacks, totals, counters, new_stacks, ids: HashMap::new() })
+    }
+
+    /// The module whose allocator is followed.
+    #[must_use]
+    pub fn module(&self) -> &str {
+        &self.allocator.module
+    }
+
+    #[must_use]
+    pub fn counters(&self) -> MallocCounters {
+        let mut slots = [0; MCOUNTER_COUNT as usize];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        MallocCounters::from_slots(&slots)
+    }
+
+    /// Interns the stacks the kernel stored since the last call, so that the session
+    /// symbolizes them while the target lives.
+    pub fn poll_new_stacks(&mut self, table: &mut StackTable) {
+        let mut fresh = Vec::new();
+        while let Some(item) = self.new_stacks.next() {
+            if let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) {
+                fresh.push(u64::from_ne_bytes(bytes));
+            }
+        }
+        for id in fresh {
+            self.stack_id(id, table);
+        }
+    }
+
+    /// The session's id for kernel stack `kernel_stack`, interning it on first sight.
+    fn stack_id(&mut self, kernel_stack: u64, table: &mut StackTable) -> StackId {
+        if kernel_stack == MALLOC_UNKNOWN_STACK {
+            return StackId(0);
+        }
+        if let Some(&id) = self.ids.get(&kernel_stack) {
+            return id;
+        }
+        let Ok(stack) = self.stacks.get(&kernel_stack, 0) else {
+            return StackId(0);
+        };
+        let mut addrs = [0; MALLOC_STACK_DEPTH + 1];
+        let n = stack.addresses(&mut addrs);
+        let id = table.intern(&addrs[..n]);
+        self.ids.insert(kernel_stack, id);
+        id
+    }
+
+    /// Outstanding heap memory by stack from the kernel's running totals: cheap enough
+    /// for every snapshot (one read per stack, not per allocation).
+    pub fn snapshot(&mut self, table: &mut StackTable) -> Vec<StackAgg> {
+        let per_cpu: Vec<(u64, Vec<MallocStackTotals>)> = self
+            .totals
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(stack, values)| (stack, values.to_vec()))
+            .collect();
+        let aggs = aggregate_totals(per_cpu.iter().map(|(stack, values)| (*stack, values.as_slice())));
+        self.stack_aggs(&aggs, table)
+    }
+
+    /// Ends the allocator view: removes the probes (the tables stop changing and the
+    /// target stops paying for them), then reads every outstanding allocation made at or
+    /// before `cutoff_ns`, grouped by stack.
+    pub fn finish(&mut self, cutoff_ns: u64, table: &mut StackTable) -> Vec<StackAgg> {
+        self.allocator.detach();
+        self.poll_new_stacks(table);
+        let started = std::time::Instant::now();
+        let entries: Vec<MallocLive> = self.live.iter().filter_map(Result::ok).map(|(_, v)| v).collect();
+        debug!("malloc: read {} outstanding allocations in {:.2?}", entries.len(), started.elapsed());
+        let aggs = aggregate_live(entries, cutoff_ns, self.settings.sample_bytes);
+        self.stack_aggs(&aggs, table)
+    }
+
+    fn stack_aggs(&mut self, aggs: &[HeapAgg], table: &mut StackTable) -> Vec<StackAgg> {
+        aggs.iter()
+            .map(|agg| StackAgg {
+                stack: self.stack_id(agg.kernel_stack, table),
+                bytes: agg.bytes,
+                count: agg.count(),
+                oldest_ts_ns: agg.oldest_ts_ns,
+                sources: vec![Source::Malloc],
+            })
+            .collect()
+    }
+
+    /// Merges the allocator view into the mapped view: drops mapped memory that the
+    /// allocator obtained for itself (its arenas and large blocks, which the allocator
+    /// view already counts block by block), then adds the heap aggregates.
+    #[must_use]
+    pub fn merge(&self, mapped: Vec<StackAgg>, heap: Vec<StackAgg>, table: &StackTable) -> Vec<StackAgg> {
+        let mut out = aggregate::drop_allocator_internal(mapped, table, |addr| self.allocator.contains(addr));
+        out.extend(heap);
+        out
+    }
+
+    /// What is probed and how, for the user.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let mode = if tracer_common::sampling::is_sampling(self.settings.sample_bytes) {
+            format!("sampling one allocation per {} on average", human_bytes(self.settings.sample_bytes))
+        } else {
+            "every allocation".to_string()
+        };
+        let min = if self.settings.min_size > 0 {
+            format!(" of at least {}", human_bytes(self.settings.min_size))
+        } else {
+            String::new()
+        };
+        if self.settings.node_buffers {
+            return format!(
+                "probing Node's ArrayBuffer allocator in {} (Buffers and ArrayBuffers only); recording {mode}{min}",
+                self.allocator.module
+            );
+        }
+        let cxx = self.allocator.functions.iter().filter(|f| f.symbol.starts_with("_Zn")).count();
+        format!(
+            "probing {} functions of {}{}; recording {mode}{min}",
+            self.allocator.functions.len() - cxx,
+            self.allocator.module,
+            if cxx > 0 { format!(" and {cxx} operator new") } else { String::new() },
+        )
+    }
+
+    /// What the allocator probes saw, for the end of the run.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let c = self.counters();
+        format!(
+            "malloc: {} allocator calls, {} recorded, {} skipped (sampling/min size), {} frees matched, {} frees of unknown pointers ignored (allocated before tracing, or not sampled), {} failed calls",
+            c.calls, c.tracked, c.skipped, c.frees, c.frees_unknown, c.failed
+        )
+    }
+
+    /// Conditions that make the allocator view incomplete (tables full, lost calls).
+    #[must_use]
+    pub fn warnings(&self) -> Vec<String> {
+        self.counters().warnings(&self.settings)
+    }
+
+    /// A one-line summary for the status line.
+    #[must_use]
+    pub fn status(&self) -> String {
+        let c = self.counters();
+        format!("heap {} ({} calls)", human_bytes(c.outstanding_bytes()), c.calls)
+    }
+
+    #[must_use]
+    pub fn settings(&self) -> &MallocSettings {
+        &self.settings
+    }
+}
+
+/// Parses a size in bytes: `4096`, `64k`, `64KiB`, `1m`, `1MiB`, `2g` (binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits.parse().map_err(|_| format!("`{text}` is not a size (e.g. 4096, 64k, 1MiB)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use k, m or g)")),
+    };
+    value.checked_mul(1 << shift).ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests;
