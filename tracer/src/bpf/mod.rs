@@ -194,14 +194,28 @@ pub fn ensure_tracefs() -> Result<(), BpfError> {
     }
 }
 
-/// Kernels >= 5.11 account BPF memory to the cgroup, so a refused raise is only a warning.
+/// Kernels >= 5.11 account BPF memory to the cgroup, so a refused raise only matters
+/// on older kernels (and is a warning there, not an error).
 fn raise_memlock() {
     let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: passes a valid pointer to a local rlimit.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
-        warn!(
-            "could not raise RLIMIT_MEMLOCK ({}); fine on kernels >= 5.11, which account BPF memory to the cgroup",
-            std::io::Error::last_os_error()
-        );
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } == 0 {
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    if kernel_at_least(5, 11) {
+        debug!("could not raise RLIMIT_MEMLOCK ({err}); not needed: this kernel accounts BPF memory to the cgroup");
+    } else {
+        warn!("could not raise RLIMIT_MEMLOCK ({err}); loading may fail on kernels before 5.11");
+    }
+}
+
+/// Whether the running kernel's release is at least `major.minor`.
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    match (parts.next(), parts.next()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        _ => false,
     }
 }
