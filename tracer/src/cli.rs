@@ -6,6 +6,12 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{duration::parse_duration, export::FlameValue};
 
+/// `:9464` → 127.0.0.1:9464 (loopback unless told otherwise); else a socket address.
+fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') { format!("127.0.0.1{s}") } else { s.to_string() };
+    full.parse().map_err(|_| format!("invalid address {s:?}: expected e.g. :9464 or 127.0.0.1:9464"))
+}
+
 /// `80%` or `0.8` → 0.8.
 fn parse_share(s: &str) -> Result<f64, String> {
     let (num, scale) = s.strip_suffix('%').map_or((s, 1.0), |n| (n, 100.0));
@@ -138,8 +144,9 @@ pub struct TraceArgs {
     /// Ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 16)]
     pub ring_buffer_mib: u32,
-    /// Serve Prometheus metrics at this address (loopback unless told otherwise).
-    #[arg(long)]
+    /// Serve Prometheus metrics over HTTP at this address while tracing, e.g. `:9464`
+    /// (which means 127.0.0.1:9464) or `0.0.0.0:9464` to expose them beyond this machine.
+    #[arg(long, value_parser = parse_listen_addr)]
     pub metrics: Option<SocketAddr>,
     /// Write a recording of the run for `memtrace report` (written when tracing stops,
     /// however it stops).

@@ -265,6 +265,34 @@ impl Session {
         self.warnings.push(crate::report::Warning { t_s, message });
     }
 
+    fn metrics_snapshot(&self) -> crate::export::prometheus::MetricsSnapshot {
+        let suspects = self
+            .model
+            .by_stack()
+            .iter()
+            .take(10)
+            .map(|agg| crate::export::prometheus::SuspectSample {
+                culprit: culprit(self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice)),
+                source: agg.sources.first().map_or("mmap", |s| s.name()).to_string(),
+                bytes: agg.bytes,
+            })
+            .collect();
+        crate::export::prometheus::MetricsSnapshot {
+            pid: self.pid,
+            comm: procfs::comm(self.pid),
+            rss_bytes: self.last_mem.rss,
+            mapped_bytes: self.model.outstanding_bytes(),
+            touched_bytes: self.model.resident_bytes(),
+            events_total: self.events,
+            lost_events_total: self.lost_events(),
+            stacks: self.stacks.len() as u64,
+            oom_kills_total: self.ooms.len() as u64,
+            memcg_usage_bytes: self.memcg.as_ref().and_then(procfs::Memcg::usage_bytes).unwrap_or(0),
+            memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
+            suspects,
+        }
+    }
+
     fn lost_events(&self) -> u64 {
         let c = self.tracer.counters();
         let heap_lost = self.heap.as_ref().map_or(0, |h| h.counters().lost());
@@ -301,9 +329,19 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let pid = resolve_target(target.pid)?;
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     let track = track_bits(&args.track)?;
-    if args.metrics.is_some() {
-        bail!("--metrics is not available in this version yet");
-    }
+    let metrics = match args.metrics {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("serve metrics on {addr} (--metrics)"))?;
+            if !addr.ip().is_loopback() {
+                warn!("metrics are served on {addr}, reachable from other machines");
+            }
+            eprintln!("memtrace: Prometheus metrics at http://{addr}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     let ring_buffer_bytes = args
         .ring_buffer_mib
         .checked_mul(1 << 20)
@@ -413,6 +451,20 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
             () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
                 break StopReason::Duration;
             }
+            accepted = async {
+                match &metrics {
+                    Some(listener) => listener.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match accepted {
+                    Ok((stream, _)) => {
+                        let body = crate::export::prometheus::render(&s.metrics_snapshot());
+                        tokio::spawn(serve_metrics(stream, body));
+                    }
+                    Err(e) => debug!("accept a metrics connection: {e}"),
+                }
+            }
             _ = tick.tick() => {
                 if let Some(heap) = s.heap.as_mut() {
                     heap.poll_new_stacks(&mut s.stacks);
@@ -502,6 +554,27 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     debug!("stopped: {reason:?}");
     let _ = std::io::stderr().flush();
     Ok((report, reason))
+}
+
+/// Answers one HTTP request on the metrics listener: `GET /metrics` gets `body`.
+async fn serve_metrics(mut stream: tokio::net::TcpStream, body: String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut head = [0u8; 2048];
+    let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut head)).await else {
+        return;
+    };
+    let request = String::from_utf8_lossy(&head[..n]);
+    let path = request.split_whitespace().nth(1).unwrap_or("");
+    let response = if request.starts_with("GET ") && (path == "/metrics" || path.starts_with("/metrics?")) {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        "HTTP/1.1 404 Not Found\r\nContent-Length: 24\r\nConnection: close\r\n\r\nmetrics are at /metrics\n"
+            .to_string()
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(response.as_bytes())).await;
 }
 
 /// The frame a person would look at first: the innermost JS frame, else the innermost

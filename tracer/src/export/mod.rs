@@ -9,6 +9,7 @@ pub mod folded;
 mod human;
 pub mod json;
 pub mod pprof;
+pub mod prometheus;
 pub mod speedscope;
 pub mod stacks;
 pub mod text;
