@@ -204,7 +204,9 @@ fn raise_memlock() {
     }
     let err = std::io::Error::last_os_error();
     if kernel_at_least(5, 11) {
-        debug!("could not raise RLIMIT_MEMLOCK ({err}); not needed: this kernel accounts BPF memory to the cgroup");
+        debug!(
+            "could not raise RLIMIT_MEMLOCK ({err}); not needed: this kernel accounts BPF memory to the cgroup"
+        );
     } else {
         warn!("could not raise RLIMIT_MEMLOCK ({err}); loading may fail on kernels before 5.11");
     }
