@@ -41,10 +41,15 @@ const FREE_SITES: &[&str] = &[
     "free_new_array",
 ];
 
-/// Compiles `tests/fixtures/<name>.cpp` with frame pointers and without inlining.
+/// Compiles `tests/fixtures/<name>.cpp` with frame pointers and without inlining, plus
+/// `extra` flags (`-static`, `-s`), into `out_dir/<output>`.
 fn build_cpp_fixture(name: &str, out_dir: &Path) -> PathBuf {
+    build_cpp_fixture_with(name, out_dir, name, &[])
+}
+
+fn build_cpp_fixture_with(name: &str, out_dir: &Path, output: &str, extra: &[&str]) -> PathBuf {
     let src = fixtures_dir().join(format!("{name}.cpp"));
-    let bin = out_dir.join(name);
+    let bin = out_dir.join(output);
     let output = Command::new("g++")
         .args([
             "-O1",
@@ -54,6 +59,7 @@ fn build_cpp_fixture(name: &str, out_dir: &Path) -> PathBuf {
             "-fno-optimize-sibling-calls",
             "-fno-builtin",
         ])
+        .args(extra)
         .arg("-o")
         .arg(&bin)
         .arg(&src)
@@ -125,13 +131,114 @@ fn every_leaking_site_exact_no_freeing_site() {
     if !require_root("every_leaking_site_exact_no_freeing_site") {
         return;
     }
-    let rounds: u64 = 300;
     let dir = tempfile::tempdir().expect("create temp dir");
     let bin = build_cpp_fixture("malloc_leak", dir.path());
-    let report = trace_fixture(&bin, dir.path(), rounds, &[]);
+    check_every_site(&bin, dir.path(), 300);
+}
+
+/// A statically linked program is its own allocator: its malloc family (and operator new)
+/// is probed in the executable.
+#[test]
+fn statically_linked_target_is_followed() {
+    if !require_root("statically_linked_target_is_followed") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let bin = build_cpp_fixture_with("malloc_leak", dir.path(), "malloc_leak_static", &["-static"]);
+    check_every_site(&bin, dir.path(), 100);
+}
+
+#[test]
+fn stripped_static_target_is_refused_with_a_reason() {
+    if !require_root("stripped_static_target_is_refused_with_a_reason") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let bin = build_cpp_fixture_with("malloc_leak", dir.path(), "malloc_leak_stripped", &["-static", "-s"]);
+    let gate = StartGate::new(dir.path());
+    let mut cmd = Command::new(&bin);
+    cmd.arg("1").arg(gate.path());
+    let mut fixture = TestProcess::spawn("malloc_leak_stripped", cmd);
+    fixture.wait_for_stdout("waiting", Duration::from_secs(10));
+    let pid = fixture.pid().to_string();
+    let out =
+        Memtrace::run(["attach", &pid, "--track", "malloc", "--duration", "2s"], Duration::from_mins(1));
+    assert!(!out.status.success(), "memtrace accepted a stripped static target\n{}", out.combined());
+    assert!(
+        out.stderr.contains("defines no malloc") && out.stderr.contains("--track mmap,brk"),
+        "the refusal should say why and what to use instead\n{}",
+        out.combined()
+    );
+}
+
+/// `memtrace run`: the probes are set on the waiting shell and armed by its exec, so the
+/// command's very first allocations are seen (the fixture starts at once here).
+#[test]
+fn run_sees_the_commands_first_allocations() {
+    if !require_root("run_sees_the_commands_first_allocations") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let bin = build_cpp_fixture("malloc_leak", dir.path());
+    let gate = StartGate::new(dir.path());
+    gate.open();
+    let json = dir.path().join("report.json");
+    let out = Memtrace::run(
+        [
+            "run".as_ref(),
+            "--track".as_ref(),
+            "malloc".as_ref(),
+            "--json".as_ref(),
+            json.as_os_str(),
+            "--".as_ref(),
+            bin.as_os_str(),
+            "30".as_ref(),
+            gate.path().as_os_str(),
+            "200".as_ref(),
+        ] as [&std::ffi::OsStr; 10],
+        Duration::from_mins(1),
+    );
+    assert!(out.status.success(), "memtrace run exited with {}\n{}", out.status, out.combined());
+    check_sites(&Report::read(&json), 30);
+}
+
+/// Tables that fill up are counted and reported, never silent.
+#[test]
+fn full_tables_are_reported() {
+    if !require_root("full_tables_are_reported") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let bin = build_cpp_fixture("malloc_leak", dir.path());
+    let report =
+        trace_fixture(&bin, dir.path(), 100, &["--malloc-max-live", "300", "--malloc-max-stacks", "4"]);
+    let warnings: Vec<&str> = report.json["warnings"]
+        .as_array()
+        .map(|w| w.iter().filter_map(|w| w["message"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        warnings.iter().any(|w| w.contains("outstanding allocations") && w.contains("was full")),
+        "no warning about the full table of outstanding allocations: {warnings:?}"
+    );
+    assert!(
+        warnings.iter().any(|w| w.contains("stack table") && w.contains("was full")),
+        "no warning about the full stack table: {warnings:?}"
+    );
+    assert!(report.json["lost_events"].as_u64().unwrap_or(0) > 0, "lost allocations are not in lost_events");
+    let leaked: u64 = report.leaks().iter().map(Leak::count).sum();
+    assert!(leaked <= 300, "{leaked} blocks reported with a 300-entry table");
+}
+
+/// Runs the fixture for `rounds` rounds and checks every site: leaking ones exact, freeing
+/// ones absent, realloc'd blocks once at their final size.
+fn check_every_site(bin: &Path, dir: &Path, rounds: u64) {
+    check_sites(&trace_fixture(bin, dir, rounds, &[]), rounds);
+}
+
+fn check_sites(report: &Report, rounds: u64) {
     let summary = report.summary();
     eprintln!("{summary}");
-    let sites = memtrace_sites(&report);
+    let sites = memtrace_sites(report);
 
     for &(site, bytes) in LEAK_SITES {
         let expected = bytes * rounds;

@@ -26,6 +26,12 @@ pub const GLOBAL_MALLOC_SAMPLE_BYTES: &str = "MALLOC_SAMPLE_BYTES";
 /// Name of the global holding the smallest allocation tracked (`u64`, bytes).
 pub const GLOBAL_MALLOC_MIN_SIZE: &str = "MALLOC_MIN_SIZE";
 
+/// Name of the global that is 1 when the probes must wait for the target's next exec
+/// (`memtrace run`: they are attached to the shell that is about to exec the command).
+pub const GLOBAL_MALLOC_WAIT_EXEC: &str = "MALLOC_WAIT_EXEC";
+
+/// One `u32`: 1 once the target has exec'd (see [`GLOBAL_MALLOC_WAIT_EXEC`]).
+pub const MAP_MALLOC_STATE: &str = "MALLOC_STATE";
 /// Outstanding allocations: address → [`MallocLive`].
 pub const MAP_MALLOC_LIVE: &str = "MALLOC_LIVE";
 /// Stacks: stack id → [`MallocStack`].

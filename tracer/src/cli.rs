@@ -96,7 +96,9 @@ pub enum Track {
     Brk,
     /// First-touch page faults, sampled (RSS attribution: who made RSS grow).
     Faults,
-    /// malloc family uprobes: exact but costly (~5 µs per call).
+    /// malloc-family uprobes: heap blocks by call site, exact but costly (measured here:
+    /// ~13-16 µs per malloc+free pair against 10 ns untraced; a Node service keeps 7% of
+    /// its throughput). See --malloc-probes node-buffers for Node.
     Malloc,
     /// OOM kills, machine-wide.
     Oom,

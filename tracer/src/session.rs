@@ -352,31 +352,39 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     } else {
         None
     };
+    let mut malloc = args.malloc.settings(track & TRACK_MALLOC != 0).map_err(anyhow::Error::msg)?;
+    // `memtrace run`: probes go on the waiting shell, armed by its exec of the command.
+    malloc.wait_exec = target.release.is_some();
     let mut tracer = Tracer::load(&LoadOptions {
         target_tgid: pid,
         track,
         stack_copy_bytes: args.stack_bytes,
         ring_buffer_bytes,
         fault_sample_period: args.fault_sample,
-        malloc: args.malloc.settings(track & TRACK_MALLOC != 0).map_err(anyhow::Error::msg)?,
+        malloc,
     })
     .with_context(|| format!("attach to process {pid}"))?;
     let events = tracer.take_events().context("ring buffer already taken")?;
     let mut events = readable_fd(events).context("poll the ring buffer")?;
+    let mut heap = if track & TRACK_MALLOC == 0 {
+        None
+    } else {
+        let heap = crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc)
+            .with_context(|| format!("attach the malloc probes to process {pid}"))?;
+        Some(heap)
+    };
     if let Some(release) = target.release {
         let before = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         release()?;
         wait_for_exec(pid, before).await;
+        if let Some(heap) = heap.as_mut() {
+            heap.after_exec(tracer.ebpf_mut(), pid)
+                .with_context(|| format!("attach the malloc probes to process {pid}"))?;
+        }
     }
-    let heap = if track & TRACK_MALLOC == 0 {
-        None
-    } else {
-        let settings = args.malloc.settings(true).map_err(anyhow::Error::msg)?;
-        let heap = crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, settings)
-            .with_context(|| format!("attach the malloc probes to process {pid}"))?;
+    if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
-        Some(heap)
-    };
+    }
     let symbols =
         ProcessSymbols::new(pid).with_context(|| format!("read the memory map of process {pid}"))?;
     let mut model = LiveModel::new();

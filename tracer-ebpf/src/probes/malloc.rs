@@ -16,9 +16,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_stack,
     },
-    macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProbeContext, RetProbeContext},
+    macros::{map, tracepoint, uprobe, uretprobe},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
     MALLOC_STACK_DEPTH, MALLOC_UNKNOWN_STACK, MCOUNTER_ALLOC_BYTES, MCOUNTER_ANNOUNCE_FULL, MCOUNTER_CALLS,
@@ -35,6 +35,8 @@ use crate::maps::{target_tgid, track_flags};
 pub static MALLOC_SAMPLE_BYTES: u64 = 0;
 #[unsafe(no_mangle)]
 pub static MALLOC_MIN_SIZE: u64 = 0;
+#[unsafe(no_mangle)]
+pub static MALLOC_WAIT_EXEC: u32 = 0;
 
 #[inline(always)]
 fn sample_bytes() -> u64 {
@@ -63,6 +65,9 @@ static MALLOC_STACKS: HashMap<u64, MallocStack> = HashMap::with_max_entries(1 <<
 #[map(name = "MALLOC_TOTALS")]
 static MALLOC_TOTALS: PerCpuHashMap<u64, MallocStackTotals> =
     PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+#[map(name = "MALLOC_STATE")]
+static MALLOC_STATE: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "MALLOC_PENDING")]
 static MALLOC_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
@@ -136,7 +141,27 @@ fn target_tid() -> Option<u32> {
     if (pid_tgid >> 32) as u32 != target_tgid() {
         return None;
     }
+    // SAFETY: as in `sample_bytes`.
+    if unsafe { core::ptr::read_volatile(&raw const MALLOC_WAIT_EXEC) } != 0
+        && MALLOC_STATE.get(0).is_none_or(|exec_seen| *exec_seen == 0)
+    {
+        // `memtrace run`: the shell that is about to exec the command.
+        return None;
+    }
     Some(pid_tgid as u32)
+}
+
+/// `sched:sched_process_exec`: the target has exec'd; the probes are armed from its
+/// first instruction on (with `MALLOC_WAIT_EXEC`).
+#[tracepoint]
+pub fn tp_sched_process_exec(_ctx: TracePointContext) -> u32 {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == target_tgid()
+        && let Some(state) = MALLOC_STATE.get_ptr_mut(0)
+    {
+        // SAFETY: a valid pointer to the array's only value.
+        unsafe { *state = 1 };
+    }
+    0
 }
 
 #[inline(always)]

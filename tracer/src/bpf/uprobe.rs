@@ -23,8 +23,8 @@ use aya::{
 use log::debug;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use tracer_common::{
-    GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS,
-    MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
+    GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, GLOBAL_MALLOC_WAIT_EXEC, MAP_MALLOC_LIVE,
+    MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
 };
 
 /// Settings of the malloc probes, written into the object before load.
@@ -40,8 +40,11 @@ pub struct MallocSettings {
     pub max_live: u32,
     /// Distinct allocation stacks kept at most.
     pub max_stacks: u32,
-    /// Probe Node's ArrayBuffer allocator instead of the malloc family.
+    /// Probe Node's `ArrayBuffer` allocator instead of the malloc family.
     pub node_buffers: bool,
+    /// `memtrace run`: arm the probes at the target's next exec (they are attached to the
+    /// shell that waits to exec the command).
+    pub wait_exec: bool,
 }
 
 impl Default for MallocSettings {
@@ -53,6 +56,7 @@ impl Default for MallocSettings {
             max_live: 1 << 20,
             max_stacks: 1 << 16,
             node_buffers: false,
+            wait_exec: false,
         }
     }
 }
@@ -62,11 +66,12 @@ const MAX_THREADS: u32 = 16384;
 
 /// Sets the malloc globals and table sizes on `loader`.
 pub fn configure_loader<'a>(loader: &mut EbpfLoader<'a>, settings: &'a MallocSettings) {
-    loader.override_global(GLOBAL_MALLOC_SAMPLE_BYTES, &settings.sample_bytes, true).override_global(
-        GLOBAL_MALLOC_MIN_SIZE,
-        &settings.min_size,
-        true,
-    );
+    static YES: u32 = 1;
+    static NO: u32 = 0;
+    loader
+        .override_global(GLOBAL_MALLOC_SAMPLE_BYTES, &settings.sample_bytes, true)
+        .override_global(GLOBAL_MALLOC_MIN_SIZE, &settings.min_size, true)
+        .override_global(GLOBAL_MALLOC_WAIT_EXEC, if settings.wait_exec { &YES } else { &NO }, true);
     if settings.enabled {
         loader
             .map_max_entries(MAP_MALLOC_LIVE, settings.max_live.max(1))
@@ -254,7 +259,7 @@ const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("_ZnamSt11align_val_tRKSt9nothrow_t", "uprobe_operator_new", true),
 ];
 
-/// Node's ArrayBuffer allocator (methods: `this` first), for `--malloc-probes node-buffers`.
+/// Node's `ArrayBuffer` allocator (methods: `this` first), for `--malloc-probes node-buffers`.
 const NODE_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("_ZN4node24NodeArrayBufferAllocator4FreeEPvm", "uprobe_node_buffer_free", false),
     ("_ZN4node24NodeArrayBufferAllocator8AllocateEm", "uprobe_node_buffer_alloc", true),
@@ -372,14 +377,20 @@ pub fn locked_instruction_len(code: &[u8]) -> Option<usize> {
 pub struct ProbedFunction {
     pub symbol: &'static str,
     pub module: String,
+    pub inode: u64,
+    pub file_offset: u64,
+    pub size: u64,
+    /// Its address range in the target (empty until the module is mapped).
     pub start: u64,
     pub end: u64,
 }
 
 /// The attached probes. Dropping it (or [`Self::detach`]) removes them.
+#[derive(Default)]
 pub struct AttachedAllocator {
-    /// Module whose malloc is followed.
+    /// Module whose malloc is followed (empty: none yet).
     pub module: String,
+    pub inode: u64,
     /// Functions probed, with their addresses in the target.
     pub functions: Vec<ProbedFunction>,
     links: Vec<UProbeLink>,
@@ -396,6 +407,41 @@ impl AttachedAllocator {
     pub fn contains(&self, addr: u64) -> bool {
         self.functions.iter().any(|f| addr >= f.start && addr < f.end)
     }
+
+    /// Inodes of the modules probed.
+    #[must_use]
+    pub fn probed_modules(&self) -> Vec<u64> {
+        let mut inodes: Vec<u64> = self.functions.iter().map(|f| f.inode).collect();
+        inodes.sort_unstable();
+        inodes.dedup();
+        inodes
+    }
+
+    /// Adds the probes of `other` (another module of the same process).
+    pub fn extend(&mut self, other: AttachedAllocator) {
+        if self.module.is_empty() {
+            self.module = other.module;
+            self.inode = other.inode;
+        }
+        self.functions.extend(other.functions);
+        self.links.extend(other.links);
+    }
+
+    /// Recomputes where the probed functions are from the process's memory map (after an
+    /// exec the same library is mapped elsewhere). Keeps the old ranges when the map is
+    /// gone (the process exited).
+    pub fn refresh_addresses(&mut self, pid: u32) {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return };
+        let maps = parse_maps(&text);
+        for f in &mut self.functions {
+            // By inode: the path may differ (`/lib` and `/usr/lib` are one directory).
+            let module = maps.iter().find(|m| m.inode == f.inode);
+            if let Some(start) = module.and_then(|m| runtime_address(&maps, m, f.file_offset)) {
+                f.start = start;
+                f.end = start + f.size.max(1);
+            }
+        }
+    }
 }
 
 /// The file to hand to the kernel for `mapping`: the process's own view of the path
@@ -409,24 +455,25 @@ fn attach_path(pid: u32, mapping: &Mapping) -> PathBuf {
 }
 
 /// One module to probe and its functions.
-struct Plan<'m> {
-    mapping: &'m Mapping,
+struct Plan {
+    mapping: Mapping,
     path: PathBuf,
     locations: HashMap<&'static str, FunctionLocation>,
     table: &'static [(&'static str, &'static str, bool)],
 }
 
-fn plan<'m>(
+fn plan(
     pid: u32,
-    maps: &'m [Mapping],
+    maps: &[Mapping],
     module: &str,
     table: &'static [(&'static str, &'static str, bool)],
-) -> Result<Plan<'m>, UprobeError> {
+) -> Result<Plan, UprobeError> {
     let mapping = maps
         .iter()
         .find(|m| m.path == module)
-        .ok_or_else(|| UprobeError::NoAllocator { pid, exe: module.to_string() })?;
-    let path = attach_path(pid, mapping);
+        .ok_or_else(|| UprobeError::NoAllocator { pid, exe: module.to_string() })?
+        .clone();
+    let path = attach_path(pid, &mapping);
     let data = std::fs::read(&path)
         .map_err(|source| UprobeError::Read { path: path.display().to_string(), source })?;
     let names: Vec<&'static str> = table.iter().map(|(name, _, _)| *name).collect();
@@ -435,9 +482,24 @@ fn plan<'m>(
     Ok(Plan { mapping, path, locations, table })
 }
 
-/// Attaches the allocator probes to process `pid` (all its threads): the malloc family,
-/// or with `node_buffers` Node's ArrayBuffer allocator only.
-pub fn attach(ebpf: &mut Ebpf, pid: u32, node_buffers: bool) -> Result<AttachedAllocator, UprobeError> {
+/// The probes a process needs, found from its memory map; attach with [`attach_resolved`].
+pub struct Resolved {
+    maps: Vec<Mapping>,
+    plans: Vec<Plan>,
+}
+
+impl Resolved {
+    /// The module whose allocator would be followed, and its inode.
+    #[must_use]
+    pub fn module(&self) -> (&str, u64) {
+        self.plans.first().map_or(("", 0), |p| (p.mapping.path.as_str(), p.mapping.inode))
+    }
+}
+
+/// Finds the allocator of process `pid`: the malloc family (in the executable when it
+/// defines one, else in the C library, plus libstdc++'s operator new), or with
+/// `node_buffers` Node's `ArrayBuffer` allocator only. Refuses replacement allocators.
+pub fn resolve(pid: u32, node_buffers: bool) -> Result<Resolved, UprobeError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|source| UprobeError::Maps { pid, source })?;
     let maps = parse_maps(&text);
@@ -451,13 +513,12 @@ pub fn attach(ebpf: &mut Ebpf, pid: u32, node_buffers: bool) -> Result<AttachedA
         if !NODE_FUNCTIONS.iter().all(|(symbol, _, _)| node.locations.contains_key(symbol)) {
             return Err(UprobeError::NotNode { pid, exe });
         }
-        return attach_plans(ebpf, pid, &maps, &[node], exe.clone());
+        return Ok(Resolved { maps, plans: vec![node] });
     }
     if let Some((name, path)) = modules.replacement.clone() {
         return Err(UprobeError::ReplacementAllocator { pid, name, path });
     }
     let exe_name = modules.exe.clone().unwrap_or_default();
-    let mut plans = Vec::new();
     // An executable that defines malloc itself (static linking) is its own allocator.
     let exe_plan = modules
         .exe
@@ -478,35 +539,65 @@ pub fn attach(ebpf: &mut Ebpf, pid: u32, node_buffers: bool) -> Result<AttachedA
             return Err(UprobeError::MissingSymbol { path: allocator.mapping.path.clone(), symbol });
         }
     }
-    let module = allocator.mapping.path.clone();
     let cxx_module = modules.cxx.clone().or_else(|| {
         // A statically linked C++ runtime lives in the executable.
         (allocator.mapping.path == exe_name).then(|| exe_name.clone())
     });
-    plans.push(allocator);
+    let mut plans = vec![allocator];
     if let Some(cxx) = cxx_module {
         match plan(pid, &maps, &cxx, CXX_FUNCTIONS) {
             Ok(p) => plans.push(p),
             Err(e) => debug!("no operator new probes: {e}"),
         }
     }
-    attach_plans(ebpf, pid, &maps, &plans, module)
+    Ok(Resolved { maps, plans })
 }
 
-fn attach_plans(
+/// Where the system's C++ runtime is, for probes set before a command has mapped it.
+const SYSTEM_CXX: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+    "/lib/x86_64-linux-gnu/libstdc++.so.6",
+    "/usr/lib64/libstdc++.so.6",
+    "/usr/lib/libstdc++.so.6",
+];
+
+/// Probes `operator new` in the system's libstdc++ for process `pid` before the process
+/// maps it (`memtrace run`: the command is about to be exec'd). Uprobes belong to the
+/// file, so they take effect when the process maps it.
+pub fn attach_system_cxx(ebpf: &mut Ebpf, pid: u32) -> Result<AttachedAllocator, UprobeError> {
+    let Some((path, inode)) = SYSTEM_CXX.iter().find_map(|p| {
+        std::fs::canonicalize(p).ok().and_then(|p| Some((p.clone(), std::fs::metadata(&p).ok()?.ino())))
+    }) else {
+        return Ok(AttachedAllocator::default());
+    };
+    let path = path.to_string_lossy().into_owned();
+    let maps = vec![Mapping { start: 0, end: 0, executable: true, offset: 0, inode, path: path.clone() }];
+    let cxx = plan(pid, &maps, &path, CXX_FUNCTIONS)?;
+    attach_resolved(ebpf, pid, &Resolved { maps, plans: vec![cxx] }, &[])
+}
+
+/// Attaches the allocator probes to process `pid` (all its threads); see [`resolve`].
+pub fn attach(ebpf: &mut Ebpf, pid: u32, node_buffers: bool) -> Result<AttachedAllocator, UprobeError> {
+    attach_resolved(ebpf, pid, &resolve(pid, node_buffers)?, &[])
+}
+
+/// Attaches what [`resolve`] found, except in the modules (inodes) `probed` already.
+pub fn attach_resolved(
     ebpf: &mut Ebpf,
     pid: u32,
-    maps: &[Mapping],
-    plans: &[Plan<'_>],
-    module: String,
+    resolved: &Resolved,
+    probed: &[u64],
 ) -> Result<AttachedAllocator, UprobeError> {
+    let Resolved { maps, plans } = resolved;
+    let (module, inode) = resolved.module();
+    let plans: Vec<&Plan> = plans.iter().filter(|p| !probed.contains(&p.mapping.inode)).collect();
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
     let mut links = Vec::new();
     let mut functions = Vec::new();
     // Frees first, then returns, then entries: an allocation is never recorded without
     // its free being watched, and no call is entered without its return being watched.
     for phase in 0..3 {
-        for plan in plans {
+        for plan in &plans {
             let mut seen = HashSet::new();
             for &(symbol, entry, needs_return) in plan.table {
                 let Some(location) = plan.locations.get(symbol) else {
@@ -535,23 +626,25 @@ fn attach_plans(
                 })?;
                 links.push(link);
                 if phase != 1 {
-                    if let Some(start) = runtime_address(maps, plan.mapping, location.file_offset) {
-                        functions.push(ProbedFunction {
-                            symbol,
-                            module: plan.mapping.path.clone(),
-                            start,
-                            end: start + location.size.max(1),
-                        });
-                    }
+                    let start = runtime_address(maps, &plan.mapping, location.file_offset).unwrap_or(0);
+                    functions.push(ProbedFunction {
+                        symbol,
+                        module: plan.mapping.path.clone(),
+                        inode: plan.mapping.inode,
+                        file_offset: location.file_offset,
+                        size: location.size,
+                        start,
+                        end: if start == 0 { 0 } else { start + location.size.max(1) },
+                    });
                     debug!(
                         "probing {}:{symbol} at file offset {:#x}",
-                        plan.mapping.path, location.file_offset
+                        plan.mapping.path, location.probe_offset
                     );
                 }
             }
         }
     }
-    Ok(AttachedAllocator { module, functions, links })
+    Ok(AttachedAllocator { module: module.to_string(), inode, functions, links })
 }
 
 fn attach_one(

@@ -5,19 +5,21 @@ use clap::Args;
 use super::parse_size;
 use crate::bpf::uprobe::MallocSettings;
 
-/// Options of `--track malloc`. What they cost was measured on a 2-CPU VM (kernel 6.18):
-/// see the README's table of modes.
+/// Options of `--track malloc`. Costs were measured with `cargo xtask bench malloc --node`
+/// on a 2-CPU VM (kernel 6.18): see the README's table of modes.
 #[derive(Debug, Args, Clone, Default)]
 #[command(next_help_heading = "Allocator tracking (--track malloc)")]
 pub struct MallocArgs {
     /// Sample allocations: keep one per N bytes on average (an allocation of s < N bytes
     /// with probability s/N, counted as N bytes; larger ones always, at their size), so
     /// that reported bytes and counts are unbiased estimates. Keeps the kernel tables
-    /// small; every call still pays the uprobe (about 3 µs per malloc+free pair here,
-    /// against 9 µs unsampled and 10 ns untraced). 0: every allocation, exact.
+    /// small, but every call still traps into the uprobes: ~11-12 µs per malloc+free pair
+    /// measured here, against ~13-16 µs unsampled and 10 ns untraced. 0: every
+    /// allocation, exact.
     #[arg(long, value_parser = parse_size, default_value = "0", value_name = "BYTES")]
     pub malloc_sample_bytes: u64,
-    /// Do not record allocations smaller than this (their calls still pay the uprobe).
+    /// Do not record allocations smaller than this (exact for the others). Their calls
+    /// still trap: ~11 µs per malloc+free pair measured here.
     #[arg(long, value_parser = parse_size, default_value = "0", value_name = "BYTES")]
     pub malloc_min_size: u64,
     /// Outstanding allocations followed at most; more are counted and reported as lost.
@@ -27,10 +29,11 @@ pub struct MallocArgs {
     /// reported under an unknown stack, and counted.
     #[arg(long, default_value_t = 1 << 16, value_name = "N")]
     pub malloc_max_stacks: u32,
-    /// Which allocator functions to probe: `libc`, the malloc family (and C++ operator
-    /// new): every heap block, every call pays; or `node-buffers`, Node's ArrayBuffer
-    /// allocator only: Buffers and ArrayBuffers, whose calls are few, so a Node service
-    /// keeps most of its throughput.
+    /// Which allocator functions to probe: `libc`, the malloc family and C++ operator new
+    /// (every heap block; every call pays; a Node service under load keeps ~7% of its
+    /// throughput), or `node-buffers`, Node's `ArrayBuffer` allocator only (Buffers and
+    /// `ArrayBuffers`; plain mallocs pay nothing; the example service kept 63-77% of its
+    /// throughput while allocating a Buffer per request).
     #[arg(long, value_enum, default_value_t = MallocProbes::Libc, value_name = "WHICH")]
     pub malloc_probes: MallocProbes,
 }
@@ -38,11 +41,11 @@ pub struct MallocArgs {
 /// `--malloc-probes`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum MallocProbes {
-    /// malloc, calloc, realloc, reallocarray, posix_memalign, aligned_alloc, memalign,
-    /// valloc, pvalloc, free, and C++ operator new.
+    /// `malloc`, `calloc`, `realloc`, `reallocarray`, `posix_memalign`, `aligned_alloc`,
+    /// `memalign`, `valloc`, `pvalloc`, `free`, and C++ `operator new`.
     #[default]
     Libc,
-    /// node::NodeArrayBufferAllocator::{Allocate, AllocateUninitialized, Free}.
+    /// `node::NodeArrayBufferAllocator::{Allocate, AllocateUninitialized, Free}`.
     NodeBuffers,
 }
 
@@ -63,6 +66,7 @@ impl MallocArgs {
             max_live: self.malloc_max_live.max(1),
             max_stacks: self.malloc_max_stacks.max(1),
             node_buffers: self.malloc_probes == MallocProbes::NodeBuffers,
+            wait_exec: false,
         })
     }
 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::TracePoint,
 };
 use log::{debug, info};
 use tracer_common::{
@@ -45,6 +46,13 @@ pub enum HeapError {
     },
     #[error(transparent)]
     Uprobe(#[from] Box<UprobeError>),
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("attach tp_sched_process_exec to sched:sched_process_exec: {source}")]
+    Exec {
+        #[source]
+        source: aya::programs::ProgramError,
+    },
 }
 
 /// The kernel's malloc counters, summed over CPUs.
@@ -158,6 +166,43 @@ pub struct HeapTracker {
     ids: HashMap<u64, StackId>,
 }
 
+/// Attaches the allocator of `pid`, waiting up to half a second for it to be mapped (right
+/// after an exec the C library comes a moment later), except in the modules (inodes)
+/// `probed` already.
+fn attach_when_mapped(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    node_buffers: bool,
+    probed: &[u64],
+) -> Result<AttachedAllocator, HeapError> {
+    let mut tries = 0;
+    let resolved = loop {
+        match uprobe::resolve(pid, node_buffers) {
+            Err(UprobeError::NoAllocator { .. }) if tries < 25 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.map_err(Box::new)?,
+        }
+    };
+    let allocator = uprobe::attach_resolved(ebpf, pid, &resolved, probed).map_err(Box::new)?;
+    info!("malloc: probing {} functions of {} in process {pid}", allocator.functions.len(), allocator.module);
+    Ok(allocator)
+}
+
+/// `sched:sched_process_exec`, which arms the probes when the target execs.
+fn attach_exec_tracepoint(ebpf: &mut Ebpf) -> Result<(), HeapError> {
+    const PROGRAM: &str = "tp_sched_process_exec";
+    let program: &mut TracePoint = ebpf
+        .program_mut(PROGRAM)
+        .ok_or(HeapError::MissingProgram(PROGRAM))?
+        .try_into()
+        .map_err(|source| HeapError::Exec { source })?;
+    program.load().map_err(|source| HeapError::Exec { source })?;
+    program.attach("sched", "sched_process_exec").map_err(|source| HeapError::Exec { source })?;
+    Ok(())
+}
+
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, HeapError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -168,29 +213,46 @@ where
 
 impl HeapTracker {
     /// Takes the malloc tables from the loaded object and attaches the probes to `pid`.
+    ///
+    /// With `settings.wait_exec` (`memtrace run`), `pid` is the shell that will exec the
+    /// command: the probes go on its C library now, armed by the exec, so that they see
+    /// the command's first allocation; [`Self::after_exec`] completes them.
     pub fn attach(ebpf: &mut Ebpf, pid: u32, settings: MallocSettings) -> Result<Self, HeapError> {
         let live = take(ebpf, MAP_MALLOC_LIVE)?;
         let stacks = take(ebpf, MAP_MALLOC_STACKS)?;
         let totals = take(ebpf, MAP_MALLOC_TOTALS)?;
         let counters = take(ebpf, MAP_MALLOC_COUNTERS)?;
         let new_stacks = take(ebpf, MAP_MALLOC_NEW_STACKS)?;
-        // `memtrace run`: the C library is mapped a moment after exec.
-        let mut tries = 0;
-        let allocator = loop {
-            match uprobe::attach(ebpf, pid, settings.node_buffers) {
-                Err(UprobeError::NoAllocator { .. }) if tries < 25 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+        let allocator = if settings.wait_exec {
+            attach_exec_tracepoint(ebpf)?;
+            if settings.node_buffers {
+                AttachedAllocator::default()
+            } else {
+                let mut allocator = uprobe::attach(ebpf, pid, false).unwrap_or_else(|e| {
+                    debug!("malloc: nothing to probe before exec ({e}); probing after it");
+                    AttachedAllocator::default()
+                });
+                match uprobe::attach_system_cxx(ebpf, pid) {
+                    Ok(cxx) => allocator.extend(cxx),
+                    Err(e) => debug!("malloc: no operator new probes before exec: {e}"),
                 }
-                other => break other.map_err(Box::new)?,
+                allocator
             }
+        } else {
+            attach_when_mapped(ebpf, pid, settings.node_buffers, &[])?
         };
-        info!(
-            "malloc: probing {} functions of {} in process {pid}",
-            allocator.functions.len(),
-            allocator.module
-        );
         Ok(Self { allocator, settings, live, stacks, totals, counters, new_stacks, ids: HashMap::new() })
+    }
+
+    /// `memtrace run`, once the command has exec'd: probes its allocator if it is not the
+    /// one already probed (a statically linked command, or another C library), and learns
+    /// where the probed functions now are.
+    pub fn after_exec(&mut self, ebpf: &mut Ebpf, pid: u32) -> Result<(), HeapError> {
+        let probed = self.allocator.probed_modules();
+        let more = attach_when_mapped(ebpf, pid, self.settings.node_buffers, &probed)?;
+        self.allocator.extend(more);
+        self.allocator.refresh_addresses(pid);
+        Ok(())
     }
 
     /// The module whose allocator is followed.
