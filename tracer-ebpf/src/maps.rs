@@ -68,6 +68,21 @@ pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<MemEventWithStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// Ring buffer data beyond which a send wakes the reader at once. Below it the reader is
+/// not woken (it drains on its own timer every 100 ms): a wakeup per event costs the
+/// traced service a context switch on a busy machine.
+const WAKEUP_THRESHOLD: u64 = 1 << 20;
+
+/// Flags for a ring buffer send: wake the reader only when data piles up.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    if EVENTS.query(u64::from(aya_ebpf::bindings::BPF_RB_AVAIL_DATA)) >= WAKEUP_THRESHOLD {
+        u64::from(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(aya_ebpf::bindings::BPF_RB_NO_WAKEUP)
+    }
+}
+
 #[inline(always)]
 pub fn count(counter: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter) {

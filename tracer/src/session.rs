@@ -432,6 +432,10 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let started = Instant::now();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // The kernel wakes us only when data piles up (see `wakeup_flags` in the eBPF
+    // object); between wakeups the ring buffer is drained on this timer.
+    let mut drain = tokio::time::interval(Duration::from_millis(100));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let interval = args.interval.unwrap_or_else(|| {
         args.duration.map_or(Duration::from_secs(5), |d| {
             (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
@@ -449,6 +453,15 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
                     s.handle(&item);
                 }
                 guard.clear_ready();
+                if s.target_oom_killed {
+                    break StopReason::TargetOomKilled;
+                }
+            }
+            _ = drain.tick() => {
+                let rb = events.get_mut();
+                while let Some(item) = rb.next() {
+                    s.handle(&item);
+                }
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
                 }

@@ -16,7 +16,7 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{EVENTS, PENDING, Pending, SCRATCH, count, target_tgid, track_flags},
+    maps::{EVENTS, PENDING, Pending, SCRATCH, count, target_tgid, track_flags, wakeup_flags},
     probes::stack,
 };
 
@@ -100,7 +100,7 @@ fn event_from(pending: &Pending, kind: u32, tid: u32, has_stack: u32) -> MemEven
 /// Sends an event without a stack.
 #[inline(always)]
 fn send(event: &MemEvent) {
-    if EVENTS.output::<MemEvent>(event, 0).is_ok() {
+    if EVENTS.output::<MemEvent>(event, wakeup_flags()).is_ok() {
         count(COUNTER_EVENTS_SENT);
     } else {
         count(COUNTER_RINGBUF_FULL);
@@ -128,7 +128,7 @@ pub(crate) fn send_with_stack(ctx: &TracePointContext, event: MemEvent) {
             (&raw const EVENTS).cast_mut().cast(),
             (scratch as *mut MemEventWithStack).cast(),
             size as u64,
-            0,
+            wakeup_flags(),
         )
     };
     if ret == 0 {
