@@ -31,3 +31,28 @@ fn doctor() {
     assert!(text.contains("btf"), "memtrace doctor does not mention BTF\n{}", out.combined());
     assert!(text.contains("tracepoint"), "memtrace doctor does not mention tracepoints\n{}", out.combined());
 }
+
+/// Without root, attach and oom refuse at once with a message that says what to do.
+#[test]
+fn not_root_is_a_clear_error() {
+    if !require_root("not_root_is_a_clear_error") {
+        return;
+    }
+    let bin = integration_tests::memtrace_bin();
+    let me = std::process::id().to_string();
+    for args in [vec!["attach", me.as_str(), "--duration", "1s"], vec!["oom", "--duration", "1s"]] {
+        // setpriv (util-linux) drops to `nobody` for the one command.
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args(&args)
+            .output()
+            .expect("run setpriv");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "memtrace {args:?} as nobody succeeded");
+        assert!(
+            stderr.contains("must run as root") && stderr.contains("sudo"),
+            "memtrace {args:?} as nobody: {stderr}"
+        );
+    }
+}

@@ -1,6 +1,9 @@
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
+    // Output piped into `head` ends quietly, as other command-line tools do.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = memtrace::cli::Cli::parse();
     let level = match cli.verbose {
         0 => log::LevelFilter::Warn,

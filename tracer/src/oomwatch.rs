@@ -29,6 +29,7 @@ pub fn watch(duration: Option<Duration>, json: Option<&Path>) -> anyhow::Result<
 }
 
 async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomKill>> {
+    crate::bpf::require_root()?;
     let format = OomFormat::load().context("read the oom:mark_victim tracepoint format")?;
     let mut tracer = Tracer::load(&LoadOptions {
         target_tgid: 0,

@@ -328,6 +328,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let attach_started = Instant::now();
     let pid = resolve_target(target.pid)?;
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
+    crate::bpf::require_root()?;
     let track = track_bits(&args.track)?;
     let metrics = match args.metrics {
         Some(addr) => {

@@ -25,14 +25,16 @@ pub enum BpfError {
         "this memtrace was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild with `cargo build -p tracer` after `cargo xtask setup`"
     )]
     NoObject,
-    #[error(
-        "memtrace must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN) to load eBPF programs"
-    )]
+    #[error("memtrace must run as root: it loads eBPF programs and reads tracefs (try: sudo memtrace ...)")]
     NotRoot,
     #[error(
         "tracefs is not mounted at /sys/kernel/tracing and mounting it failed ({0}); run: mount -t tracefs tracefs /sys/kernel/tracing"
     )]
     Tracefs(std::io::Error),
+    #[error(
+        "this kernel has no BTF (/sys/kernel/btf/vmlinux is missing): memtrace reads user registers at syscalls through BTF-typed helpers; use a kernel built with CONFIG_DEBUG_INFO_BTF=y (run `memtrace doctor`)"
+    )]
+    NoBtf,
     #[error("load the eBPF object: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("program {program} is missing from the eBPF object")]
@@ -115,9 +117,9 @@ impl Tracer {
         if OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(BpfError::NotRoot);
+        require_root()?;
+        if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+            return Err(BpfError::NoBtf);
         }
         ensure_tracefs()?;
         raise_memlock();
@@ -173,6 +175,13 @@ impl Tracer {
         }
         out
     }
+}
+
+/// Loading eBPF programs and reading tracefs need root: say so before anything else fails
+/// with a less helpful permission error.
+pub fn require_root() -> Result<(), BpfError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 { Ok(()) } else { Err(BpfError::NotRoot) }
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";
