@@ -134,6 +134,19 @@ impl StartGate {
     }
 }
 
+/// `node keep_buffers.js BUFFERS GATE`, with the flags that let memtrace name JS frames
+/// (a perf map, interpreted frames on the native stack): keeps `buffers` 1 MiB Buffers
+/// from `keepBuffers` once the gate opens.
+#[must_use]
+pub fn keep_buffers_command(buffers: u64, gate: &StartGate) -> Command {
+    let mut cmd = Command::new(node_bin());
+    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
+        .arg(fixtures_dir().join("keep_buffers.js"))
+        .arg(buffers.to_string())
+        .arg(gate.path());
+    cmd
+}
+
 /// Lines of a child's output, read on a thread, both kept and streamed.
 struct LineReader {
     lines: Receiver<String>,

@@ -2,7 +2,7 @@
 //! 20 s. The leak must rank first with the verdict "leak"; the cache is a warm-up and
 //! the churn is not called a leak.
 
-use std::{process::Command, time::Duration};
+use std::{fmt::Write as _, process::Command, time::Duration};
 
 use integration_tests::{Memtrace, StartGate, TestProcess, build_c_fixture, require_root};
 use serde_json::Value;
@@ -18,8 +18,9 @@ fn functions(leak: &Value) -> Vec<&str> {
 fn describe(report: &Value) -> String {
     let mut out = String::new();
     for leak in report["leaks"].as_array().into_iter().flatten().take(12) {
-        out += &format!(
-            "  {:>10} B score {:>8.3} {:<8} {:?} {}\n",
+        let _ = writeln!(
+            out,
+            "  {:>10} B score {:>8.3} {:<8} {:?} {}",
             leak["bytes"],
             leak["score"].as_f64().unwrap_or(0.0),
             leak["verdict"].as_str().unwrap_or(""),

@@ -14,7 +14,8 @@ use std::{
 };
 
 use integration_tests::{
-    Leak, MIB, Memtrace, Report, StartGate, TestProcess, fixtures_dir, node_bin, perf_map_path, require_root,
+    Leak, MIB, Memtrace, Report, StartGate, TestProcess, fixtures_dir, keep_buffers_command, perf_map_path,
+    require_root,
 };
 
 /// Bytes and blocks each `leak_*` site leaks per round (see the fixture's header).
@@ -397,12 +398,8 @@ fn node_buffers_named(track: &[&str]) {
     const BUFFERS: u64 = 40;
     let dir = tempfile::tempdir().expect("create temp dir");
     let gate = StartGate::new(dir.path());
-    let mut cmd = Command::new(node_bin());
-    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
-        .arg(fixtures_dir().join("keep_buffers.js"))
-        .arg(BUFFERS.to_string())
-        .arg(gate.path())
-        .current_dir(dir.path());
+    let mut cmd = keep_buffers_command(BUFFERS, &gate);
+    cmd.current_dir(dir.path());
     let mut fixture = TestProcess::spawn("keep_buffers.js", cmd);
     fixture.remove_on_drop(perf_map_path(fixture.pid()));
     fixture.wait_for_stdout("waiting", Duration::from_secs(20));

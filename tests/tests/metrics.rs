@@ -69,7 +69,7 @@ fn prometheus_scrape_shows_the_leak() {
     assert_eq!(value(&body, "memtrace_lost_events_total{"), Some(0), "{body}");
     assert!(scrape(port, "/").starts_with("HTTP/1.1 404"), "only /metrics is served");
     // SAFETY: signals the memtrace process this test spawned, by its pid.
-    unsafe { libc::kill(memtrace.pid() as libc::pid_t, libc::SIGINT) };
+    unsafe { libc::kill(memtrace.pid().cast_signed(), libc::SIGINT) };
     let out = memtrace.wait(Duration::from_secs(30));
     assert!(out.status.success(), "memtrace exits cleanly on Ctrl-C\n{}", out.combined());
     assert!(out.stdout.contains("leak_mappings"), "and still prints its report\n{}", out.combined());

@@ -1,10 +1,10 @@
 //! A Node script keeps forty 1 MiB Buffers from `keepBuffers`. memtrace must name the
 //! JavaScript function, through glibc's malloc and V8, and count the bytes.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use integration_tests::{
-    Leak, MIB, Memtrace, Report, StartGate, TestProcess, fixtures_dir, node_bin, perf_map_path, require_root,
+    Leak, MIB, Memtrace, Report, StartGate, TestProcess, keep_buffers_command, perf_map_path, require_root,
 };
 
 const BUFFERS: u64 = 40;
@@ -16,13 +16,9 @@ fn node_buffers() {
     }
     let dir = tempfile::tempdir().expect("create temp dir");
     let gate = StartGate::new(dir.path());
-    let mut cmd = Command::new(node_bin());
-    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
-        .arg(fixtures_dir().join("keep_buffers.js"))
-        .arg(BUFFERS.to_string())
-        .arg(gate.path())
-        // These flags make V8 write isolate-*.log files into the working directory.
-        .current_dir(dir.path());
+    let mut cmd = keep_buffers_command(BUFFERS, &gate);
+    // The perf-map flags make V8 write isolate-*.log files into the working directory.
+    cmd.current_dir(dir.path());
     let mut fixture = TestProcess::spawn("keep_buffers.js", cmd);
     fixture.remove_on_drop(perf_map_path(fixture.pid()));
     fixture.wait_for_stdout("waiting", Duration::from_secs(20));

@@ -12,9 +12,10 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         return;
     }
     let service = workspace_root().join("examples/leaky-service");
-    if !service.join("node_modules/express").is_dir() {
-        panic!("examples/leaky-service has no node_modules: run `cargo xtask setup` (npm install)");
-    }
+    assert!(
+        service.join("node_modules/express").is_dir(),
+        "examples/leaky-service has no node_modules: run `cargo xtask setup` (npm install)"
+    );
     let Ok(wrk) = which_wrk() else {
         panic!("wrk is not installed: run `cargo xtask setup`");
     };

@@ -12,8 +12,7 @@ use std::{
 };
 
 use integration_tests::{
-    MIB, Memtrace, StartGate, TestProcess, build_c_fixture, fixtures_dir, node_bin, perf_map_path,
-    require_root,
+    MIB, Memtrace, StartGate, TestProcess, build_c_fixture, keep_buffers_command, perf_map_path, require_root,
 };
 use serde_json::Value;
 
@@ -104,7 +103,7 @@ fn trace_until_oom(
     ]);
     memtrace.wait_for_stderr("attached", Duration::from_secs(30));
     gate.open();
-    let out = memtrace.wait(Duration::from_secs(120));
+    let out = memtrace.wait(Duration::from_mins(2));
     assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
     assert!(
         out.stderr.contains("OOM-killed"),
@@ -118,9 +117,9 @@ fn trace_until_oom(
     );
 
     // SAFETY: signals the memtrace process this test spawned, by its pid.
-    unsafe { libc::kill(watcher.pid() as libc::pid_t, libc::SIGTERM) };
-    let watched = watcher.wait(Duration::from_secs(30));
-    assert!(watched.status.success(), "memtrace oom exited with {}\n{}", watched.status, watched.combined());
+    unsafe { libc::kill(watcher.pid().cast_signed(), libc::SIGTERM) };
+    let oom_out = watcher.wait(Duration::from_secs(30));
+    assert!(oom_out.status.success(), "memtrace oom exited with {}\n{}", oom_out.status, oom_out.combined());
     drop(fixture);
     drop(cgroup);
 
@@ -194,11 +193,7 @@ fn node_oom_killed_in_a_cgroup() {
     }
     let dir = tempfile::tempdir().expect("create temp dir");
     let gate = StartGate::new(dir.path());
-    let mut cmd = Command::new(node_bin());
-    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
-        .arg(fixtures_dir().join("keep_buffers.js"))
-        .arg("2000")
-        .arg(gate.path());
+    let cmd = keep_buffers_command(2000, &gate);
     let limit = 200 * MIB;
     let Some((report, ooms, pid)) = trace_until_oom("node", cmd, &gate, limit, dir.path()) else {
         eprintln!("SKIPPED: no memory cgroup controller (v1 or v2) on this machine");

@@ -37,7 +37,7 @@ pub struct EventHeader {
     pub tid: u32,
     /// 1 when a [`UserStack`] follows the fixed part of the record.
     pub has_stack: u32,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC).
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`).
     pub ts_ns: u64,
 }
 
@@ -45,7 +45,7 @@ pub struct EventHeader {
 /// successful calls are sent).
 ///
 /// Field use per kind: `MMAP` addr/len/prot/flags/fd; `MUNMAP` addr/len; `MREMAP`
-/// old_addr/old_len → addr/len, flags; `BRK` addr = new break, old_addr = requested;
+/// `old_addr`/`old_len` → addr/len, flags; `BRK` addr = new break, `old_addr` = requested;
 /// `MADVISE` addr/len, `advice`; `MPROTECT` addr/len/prot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -97,6 +97,10 @@ pub struct OomEvent {
     pub header: EventHeader,
     /// Bytes of `record` that were read.
     pub record_len: u32,
+    #[allow(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, zeroed by the writer; carries no data"
+    )]
     pub _pad: u32,
     /// `comm` of the task that was running when the victim was marked (the allocating
     /// task for a memory-cgroup OOM).

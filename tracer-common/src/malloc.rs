@@ -94,7 +94,7 @@ pub struct MallocLive {
     pub size: u64,
     /// Key into [`MAP_MALLOC_STACKS`]; [`MALLOC_UNKNOWN_STACK`] when not captured.
     pub stack_id: u64,
-    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) at the call.
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) at the call.
     pub ts_ns: u64,
     /// Bytes this allocation stands for: `size`, or `max(size, period)` when sampled.
     pub weight: u64,
@@ -110,6 +110,10 @@ pub struct MallocStack {
     pub ret_addr: u64,
     /// Valid entries of `ips`.
     pub depth: u32,
+    #[allow(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, zeroed by the writer; carries no data"
+    )]
     pub _pad: u32,
     /// Leaf first: `ips[0]` is the allocator's entry address.
     pub ips: [u64; MALLOC_STACK_DEPTH],
@@ -163,6 +167,10 @@ impl MallocStack {
 /// `p = ⌊s·2³²/N⌋ / 2³² ≈ s/N`, and then stands for `s/p ≈ N` bytes and `1/p ≈ N/s`
 /// allocations (Horvitz–Thompson: the expected estimate is the true total). Allocations of
 /// at least `N` bytes are always kept, at their size. A period of 0 or 1 keeps everything.
+#[allow(
+    clippy::inline_always,
+    reason = "called from the eBPF probes, whose hot path must not depend on the optimiser's inlining choices"
+)]
 pub mod sampling {
     use super::{MALLOC_COUNT_ONE, MALLOC_SAMPLE_BYTES_MAX};
 

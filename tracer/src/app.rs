@@ -19,7 +19,7 @@ use crate::{
     cli::{Cli, Command, OutputArgs, TraceArgs},
     export, record,
     report::Report,
-    session::{self, StopReason, TraceTarget},
+    session::{self, Release, StopReason, TraceTarget},
 };
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -91,7 +91,7 @@ fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>)
     recorded.transpose()?;
     match reason {
         StopReason::TargetOomKilled => {
-            eprintln!("memtrace: the traced process was OOM-killed; report written")
+            eprintln!("memtrace: the traced process was OOM-killed; report written");
         }
         StopReason::TargetExited => eprintln!("memtrace: the traced process exited"),
         StopReason::Duration | StopReason::Signal => {}
@@ -188,7 +188,7 @@ fn doctor() -> ExitCode {
 /// cannot wait in `pre_exec`. Instead it execs a shell that waits for the gate pipe
 /// (fd 3) to close and then execs the command in the same process: the pid memtrace
 /// traces is the command's.
-fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Box<dyn FnOnce() -> anyhow::Result<()>>)> {
+fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Release)> {
     const GATE_FD: i32 = 3;
     if command.is_empty() {
         bail!("memtrace run needs a command after --");
@@ -221,7 +221,7 @@ fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Box<dyn FnOnce() -> 
     }
     let child = cmd.spawn().with_context(|| format!("start {}", command[0]))?;
     drop(read_end);
-    let release = Box::new(move || {
+    let release: Release = Box::new(move || {
         // EOF on the gate: the shell execs the command.
         drop(write_end);
         Ok(())
@@ -235,7 +235,7 @@ fn finish_child(mut child: Child) {
         return;
     }
     // SAFETY: signals the child we spawned, by its pid.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
     for _ in 0..50 {
         if matches!(child.try_wait(), Ok(Some(_))) {
             return;

@@ -69,17 +69,25 @@ pub fn cmdline(pid: u32) -> String {
 /// otherwise `start_brk` from /proc/PID/stat.
 #[must_use]
 pub fn program_break(pid: u32) -> Option<u64> {
-    if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
-        if let Some(line) = maps.lines().find(|l| l.ends_with("[heap]")) {
-            let range = line.split_whitespace().next()?;
-            let (_, end) = range.split_once('-')?;
-            return u64::from_str_radix(end, 16).ok();
-        }
+    if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps"))
+        && let Some(line) = maps.lines().find(|l| l.ends_with("[heap]"))
+    {
+        let range = line.split_whitespace().next()?;
+        let (_, end) = range.split_once('-')?;
+        return u64::from_str_radix(end, 16).ok();
     }
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised comm; start_brk is field 47 (1-based).
-    let after = stat.rsplit_once(')')?.1;
-    after.split_whitespace().nth(47 - 3).and_then(|f| f.parse().ok())
+    stat_field(&stat, 47)?.parse().ok()
+}
+
+/// Field `n` (1-based, as numbered in proc(5): 22 is `starttime`, 47 `start_brk`) of the
+/// text of `/proc/PID/stat`.
+#[must_use]
+pub fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    // The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (state) is the first after the name.
+    after_comm.split_whitespace().nth(n.checked_sub(3)?)
 }
 
 /// Memory cgroup of a process and its limit.
@@ -105,8 +113,8 @@ impl Memcg {
         self.read("memory.usage_in_bytes", "memory.current")?.trim().parse().ok()
     }
 
-    /// OOM kills the kernel made in this cgroup (`oom_kill` of memory.oom_control on v1,
-    /// of memory.events on v2).
+    /// OOM kills the kernel made in this cgroup (`oom_kill` of `memory.oom_control` on v1,
+    /// of `memory.events` on v2).
     #[must_use]
     pub fn oom_kills(&self) -> Option<u64> {
         let text = self.read("memory.oom_control", "memory.events")?;
@@ -141,7 +149,7 @@ pub fn parse_cgroup(text: &str) -> Option<(bool, String)> {
 }
 
 /// Parses a limit file (`memory.limit_in_bytes` or `memory.max`); `max` and the v1
-/// "unlimited" value (near u64::MAX, page-rounded) become 0.
+/// "unlimited" value (near `u64::MAX`, page-rounded) become 0.
 #[must_use]
 pub fn parse_limit(text: &str) -> u64 {
     let t = text.trim();

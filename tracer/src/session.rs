@@ -8,6 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use aya::maps::{MapData, RingBuf};
 use log::{debug, warn};
 use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
 use tracer_common::{
@@ -25,6 +26,7 @@ use crate::{
     procfs,
     report::{Frame, Report, Target, TimelinePoint, Totals},
     symbolize::{ProcessSymbols, Regs},
+    units::human_bytes,
 };
 
 /// Unique stacks kept at most; later new stacks are counted as unknown.
@@ -36,7 +38,7 @@ const TIMELINE_CAPACITY: usize = 4096;
 const HISTORY_POINTS: usize = 512;
 const HISTORY_SERIES: usize = 8192;
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC` in ns, the clock of `bpf_ktime_get_ns`.
 #[must_use]
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -56,7 +58,7 @@ pub fn readable_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd
 /// Opens a pidfd, which becomes readable when the process exits.
 fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.cast_signed(), 0) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -126,6 +128,13 @@ struct Session {
 }
 
 impl Session {
+    /// Handles every record waiting in the ring buffer.
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+        while let Some(item) = rb.next() {
+            self.handle(&item);
+        }
+    }
+
     fn handle(&mut self, bytes: &[u8]) {
         self.events += 1;
         match decode(bytes) {
@@ -152,9 +161,9 @@ impl Session {
                             "memtrace: OOM kill: pid {} ({}) anon-rss {} file-rss {} shmem-rss {}{}",
                             rec.pid,
                             rec.comm,
-                            crate::units::human_bytes(rec.anon_rss_bytes),
-                            crate::units::human_bytes(rec.file_rss_bytes),
-                            crate::units::human_bytes(rec.shmem_rss_bytes),
+                            human_bytes(rec.anon_rss_bytes),
+                            human_bytes(rec.file_rss_bytes),
+                            human_bytes(rec.shmem_rss_bytes),
                             if rec.pid == self.pid { " — the traced process" } else { "" }
                         );
                         let t_s = rec.ts_ns.saturating_sub(self.start_ns) as f64 / 1e9;
@@ -249,15 +258,15 @@ impl Session {
             .take(3)
             .map(|agg| {
                 let frames = self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice);
-                format!("{} by {}", crate::units::human_bytes(agg.bytes), culprit(frames))
+                format!("{} by {}", human_bytes(agg.bytes), culprit(frames))
             })
             .collect();
         let t_s = monotonic_ns().saturating_sub(self.start_ns) as f64 / 1e9;
         let message = format!(
             "cgroup {} at {} of its {} limit ({:.0}%); top holders: {}",
             memcg.path,
-            crate::units::human_bytes(usage),
-            crate::units::human_bytes(limit),
+            human_bytes(usage),
+            human_bytes(limit),
             usage as f64 * 100.0 / limit as f64,
             if top.is_empty() { "none traced".to_string() } else { top.join("; ") }
         );
@@ -307,10 +316,10 @@ impl Session {
             self.events,
             self.events as f64 / elapsed.max(0.001),
             self.stacks.len(),
-            crate::units::human_bytes(self.model.outstanding_bytes()),
-            crate::units::human_bytes(self.model.resident_bytes()),
+            human_bytes(self.model.outstanding_bytes()),
+            human_bytes(self.model.resident_bytes()),
             self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status())),
-            crate::units::human_bytes(self.last_mem.rss),
+            human_bytes(self.last_mem.rss),
             self.lost_events()
         )
     }
@@ -320,10 +329,17 @@ impl Session {
 pub struct TraceTarget {
     pub pid: u32,
     /// For `memtrace run`: called once the programs are attached, to let the child run.
-    pub release: Option<Box<dyn FnOnce() -> anyhow::Result<()>>>,
+    pub release: Option<Release>,
 }
 
+/// Lets a held child go on (see [`TraceTarget::release`]).
+pub type Release = Box<dyn FnOnce() -> anyhow::Result<()>>;
+
 /// Traces `target` and returns the report.
+#[allow(
+    clippy::too_many_lines,
+    reason = "setup, the event loop and the final report share many locals; splitting it is a refactor of its own"
+)]
 pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
     let attach_started = Instant::now();
     let pid = resolve_target(target.pid)?;
@@ -449,20 +465,14 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("wait for events")?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    s.handle(&item);
-                }
+                s.drain(guard.get_inner_mut());
                 guard.clear_ready();
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
                 }
             }
             _ = drain.tick() => {
-                let rb = events.get_mut();
-                while let Some(item) = rb.next() {
-                    s.handle(&item);
-                }
+                s.drain(events.get_mut());
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
                 }
@@ -509,12 +519,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         }
     };
     // Whatever is still in the ring buffer belongs to the run.
-    {
-        let rb = events.get_mut();
-        while let Some(item) = rb.next() {
-            s.handle(&item);
-        }
-    }
+    s.drain(events.get_mut());
     let reason = if s.target_oom_killed { StopReason::TargetOomKilled } else { reason };
     if tty {
         eprintln!();
@@ -564,7 +569,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         lost_events: s.lost_events(),
     });
     let mut report = report;
-    report.warnings = s.warnings.clone();
+    report.warnings.clone_from(&s.warnings);
     if let Some(heap) = &s.heap {
         let t_s = started.elapsed().as_secs_f64();
         eprintln!("memtrace: {}", heap.summary());

@@ -232,7 +232,7 @@ mod tests {
         let v: Vec<u64> = (0..30).map(|i| i * (1 << 20)).collect();
         let trend = assess(&times(30), &v);
         assert_eq!(trend.verdict, Verdict::Leak, "{trend:?}");
-        assert!((trend.slope_bytes_per_s - (1 << 20) as f64 / 10.0).abs() < 1.0);
+        assert!((trend.slope_bytes_per_s - f64::from(1 << 20) / 10.0).abs() < 1.0);
         assert!((trend.score - 6.0).abs() < 1e-6, "1 MiB per 10 s = 6 MiB/min: {}", trend.score);
         assert!(trend.reason.contains("29 of 29 intervals"), "{}", trend.reason);
     }

@@ -67,9 +67,8 @@ pub fn run_checks() -> Vec<Check> {
     ] {
         let status = match (tracepoint_exists(category, name), events, required) {
             (true, _, _) => Status::Ok,
-            (false, false, _) => Status::Warn,
             (false, true, true) => Status::Fail,
-            (false, true, false) => Status::Warn,
+            (false, false, _) | (false, true, false) => Status::Warn,
         };
         let detail = match status {
             Status::Ok => format!("tracepoint {category}:{name} available: {what}"),

@@ -45,7 +45,7 @@ pub enum BpfError {
         category: &'static str,
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
@@ -134,8 +134,12 @@ impl Tracer {
             .load(OBJECT)
             .map_err(BpfError::Load)?;
         for a in ATTACHMENTS.iter().filter(|a| a.family & options.track != 0) {
-            let attach_err =
-                |source| BpfError::Attach { program: a.program, category: a.category, name: a.name, source };
+            let attach_err = |source| BpfError::Attach {
+                program: a.program,
+                category: a.category,
+                name: a.name,
+                source: Box::new(source),
+            };
             let program: &mut TracePoint = ebpf
                 .program_mut(a.program)
                 .ok_or(BpfError::MissingProgram { program: a.program })?

@@ -27,6 +27,8 @@ use tracer_common::{
     MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
 };
 
+use crate::symbolize::maps::MapEntry;
+
 /// Settings of the malloc probes, written into the object before load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MallocSettings {
@@ -155,27 +157,16 @@ impl Mapping {
 /// Parses `/proc/PID/maps`; lines that do not parse, and non-file mappings, are skipped.
 #[must_use]
 pub fn parse_maps(text: &str) -> Vec<Mapping> {
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_ascii_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            let perms = fields.next()?;
-            let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
-            let _dev = fields.next()?;
-            let inode: u64 = fields.next()?.parse().ok()?;
-            // The path is the rest of the line and may contain spaces.
-            let path = line.splitn(6, |c: char| c.is_ascii_whitespace()).nth(5).map(str::trim)?;
-            if inode == 0 || !path.starts_with('/') {
-                return None;
-            }
-            Some(Mapping {
-                start: u64::from_str_radix(start, 16).ok()?,
-                end: u64::from_str_radix(end, 16).ok()?,
-                executable: perms.as_bytes().get(2) == Some(&b'x'),
-                offset,
-                inode,
-                path: path.to_string(),
-            })
+    crate::symbolize::maps::parse_maps(text)
+        .into_iter()
+        .filter(MapEntry::is_file_backed)
+        .map(|m| Mapping {
+            start: m.start,
+            end: m.end,
+            executable: m.executable,
+            offset: m.offset,
+            inode: m.inode,
+            path: m.path,
         })
         .collect()
 }

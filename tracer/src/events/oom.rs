@@ -112,7 +112,7 @@ impl OomFormat {
                 return 0;
             };
             match f.size {
-                1 => i64::from(b[0] as i8),
+                1 => i64::from(b[0].cast_signed()),
                 2 => i64::from(i16::from_le_bytes([b[0], b[1]])),
                 4 => i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])),
                 8 => i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
@@ -191,7 +191,9 @@ format:
         event.current_comm[..4].copy_from_slice(b"node");
         let r = &mut event.record;
         r[8..12].copy_from_slice(&1234i32.to_le_bytes());
-        r[12..16].copy_from_slice(&((5u32 << 16) | 72).to_le_bytes());
+        // __data_loc: length in the high half, offset in the low half.
+        let (comm_len, comm_offset) = (5u32, 72u32);
+        r[12..16].copy_from_slice(&((comm_len << 16) | comm_offset).to_le_bytes());
         r[16..24].copy_from_slice(&300_000u64.to_le_bytes());
         r[24..32].copy_from_slice(&200_000u64.to_le_bytes());
         r[32..40].copy_from_slice(&1_000u64.to_le_bytes());
@@ -219,7 +221,8 @@ format:
 
     #[test]
     fn missing_field_is_named() {
-        let err = OomFormat::parse("format:\n\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n").unwrap_err();
+        let err = OomFormat::parse("format:\n\tfield:int pid;\toffset:8;\tsize:4;\tsigned:1;\n")
+            .expect_err("a format without comm is refused");
         assert!(err.to_string().contains("comm"), "{err}");
     }
 }

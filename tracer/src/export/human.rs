@@ -1,21 +1,6 @@
 //! Human-readable sizes, durations and rates shared by the text report and the SVG title.
 
-const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-
-/// `512 B`, `12.3 MiB`: binary units, one decimal above a KiB.
-pub(crate) fn bytes(n: u64) -> String {
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    // 1023.95 would print as "1024.0", so it moves up a unit.
-    while value >= 1023.95 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+pub(crate) use crate::units::human_bytes as bytes;
 
 /// `+400.0 KiB/s`, `-1.0 MiB/s`, `0 B/s`.
 pub(crate) fn rate(bytes_per_s: f64) -> String {
@@ -51,16 +36,6 @@ pub(crate) fn plural(n: u64, one: &str, many: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_use_binary_units() {
-        assert_eq!(bytes(0), "0 B");
-        assert_eq!(bytes(1023), "1023 B");
-        assert_eq!(bytes(1024), "1.0 KiB");
-        assert_eq!(bytes(12_897_485), "12.3 MiB");
-        assert_eq!(bytes(1_048_575), "1.0 MiB");
-        assert_eq!(bytes(u64::MAX), "16.0 EiB");
-    }
 
     #[test]
     fn rates_and_durations() {

@@ -34,8 +34,8 @@ mod tests {
     }
 
     /// Every key of the contract is there with its name; fields may be added.
-    fn assert_contract(actual: Vec<&str>, contract: Vec<&str>) {
-        for key in &contract {
+    fn assert_contract(actual: &[&str], contract: &[&str]) {
+        for key in contract {
             assert!(actual.contains(key), "missing contract key {key:?} in {actual:?}");
         }
     }
@@ -56,8 +56,8 @@ mod tests {
     fn keys_of_the_contract_are_all_there() {
         let json: Value = serde_json::from_slice(&render(&sample_report())).expect("valid JSON");
         assert_contract(
-            keys(&json),
-            sorted(vec![
+            &keys(&json),
+            &sorted(vec![
                 "version",
                 "target",
                 "duration_s",
@@ -71,17 +71,17 @@ mod tests {
         );
         assert_eq!(json["version"], 1);
         assert_contract(
-            keys(&json["target"]),
-            sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]),
+            &keys(&json["target"]),
+            &sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]),
         );
         assert_contract(
-            keys(&json["totals"]),
-            sorted(vec!["outstanding_bytes", "allocated_bytes", "freed_bytes", "resident_bytes"]),
+            &keys(&json["totals"]),
+            &sorted(vec!["outstanding_bytes", "allocated_bytes", "freed_bytes", "resident_bytes"]),
         );
         let leak = &json["leaks"][0];
         assert_contract(
-            keys(leak),
-            sorted(vec![
+            &keys(leak),
+            &sorted(vec![
                 "bytes",
                 "count",
                 "oldest_age_s",
@@ -93,12 +93,15 @@ mod tests {
                 "reason",
             ]),
         );
-        assert_contract(keys(&leak["frames"][0]), sorted(vec!["function", "module", "file", "line", "kind"]));
+        assert_contract(
+            &keys(&leak["frames"][0]),
+            &sorted(vec!["function", "module", "file", "line", "kind"]),
+        );
         assert_eq!(leak["frames"][0]["kind"], "js");
         assert_eq!(json["leaks"][2]["frames"][0]["kind"], "kernel");
         assert_contract(
-            keys(&json["oom_kills"][0]),
-            sorted(vec![
+            &keys(&json["oom_kills"][0]),
+            &sorted(vec![
                 "pid",
                 "comm",
                 "anon_rss_bytes",
@@ -111,8 +114,8 @@ mod tests {
             ]),
         );
         assert_contract(
-            keys(&json["timeline"][0]),
-            sorted(vec![
+            &keys(&json["timeline"][0]),
+            &sorted(vec![
                 "t_s",
                 "rss_bytes",
                 "outstanding_bytes",

@@ -110,10 +110,7 @@ pub(crate) fn parse_status(text: &str) -> ProcStatus {
 /// The start time (in clock ticks since boot) from the text of `/proc/PID/stat`: with the
 /// pid, it identifies a process across pid reuse.
 pub(crate) fn parse_start_time(stat: &str) -> Option<u64> {
-    // The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    // Field 3 (state) is the first after the name; start time is field 22.
-    after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
+    crate::procfs::stat_field(stat, 22)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! exits; unwinds captured user stacks with the modules' CFI (framehop) and frame pointers;
 //! and names addresses with blazesym (ELF/DWARF) or, for JIT code, the runtime's perf map.
 
-mod maps;
+pub(crate) mod maps;
 mod module;
 mod native;
 #[cfg(test)]
