@@ -7,6 +7,10 @@ use super::ExportError;
 use super::human::{bytes, duration, plural, rate};
 use crate::report::{Frame, FrameKind, Leak, OomKill, Report, TimelinePoint};
 
+/// Frames printed per suspect: enough to reach the caller's code through allocator, V8
+/// and framework frames; the rest is summarized in one line.
+const MAX_FRAMES: usize = 32;
+
 /// A memcg limit this large is the kernel's "max" (no limit).
 const UNLIMITED: u64 = 1 << 60;
 
@@ -124,8 +128,16 @@ fn write_leak(rank: usize, leak: &Leak, out: &mut impl Write) -> std::io::Result
     if leak.frames.is_empty() {
         return writeln!(out, "      (no stack)");
     }
-    for frame in &leak.frames {
+    for frame in leak.frames.iter().take(MAX_FRAMES) {
         writeln!(out, "      {}", frame_line(frame))?;
+    }
+    if leak.frames.len() > MAX_FRAMES {
+        writeln!(
+            out,
+            "      ... {} more frames down to {} (all of them are in --json and --flamegraph)",
+            leak.frames.len() - MAX_FRAMES,
+            leak.frames.last().map_or_else(String::new, frame_line)
+        )?;
     }
     Ok(())
 }
@@ -209,6 +221,19 @@ mod tests {
         let mut out = Vec::new();
         write_text(report, top, &mut out).expect("render text report");
         String::from_utf8(out).expect("text report is UTF-8")
+    }
+
+    #[test]
+    fn deep_stacks_are_cut_with_the_outermost_frame_named() {
+        let mut report = sample_report();
+        let frames: Vec<Frame> = (0..40)
+            .map(|i| Frame { function: format!("f{i}"), kind: FrameKind::Native, ..Frame::default() })
+            .collect();
+        report.leaks[0].frames = frames;
+        let text = render(&report, 1);
+        assert!(text.contains("      f31\n"), "{text}");
+        assert!(!text.contains("      f32\n"), "{text}");
+        assert!(text.contains("... 8 more frames down to f39"), "{text}");
     }
 
     #[test]
