@@ -267,11 +267,12 @@ fn check_sites(report: &Report, rounds: u64) {
     assert_eq!(report.json["lost_events"].as_u64(), Some(0), "{summary}");
 }
 
-/// Valgrind's "definitely lost" bytes and blocks per fixture call site, from its XML.
+/// Valgrind's leaked bytes and blocks per fixture call site, from its XML, for the leak
+/// kinds in `kinds` (e.g. `Leak_DefinitelyLost`).
 ///
 /// The XML is Valgrind's own machine format (protocol 4): each leak is an `<error>` with
 /// `<kind>`, `<xwhat><leakedbytes>/<leakedblocks>` and a `<stack>` of `<frame><fn>`.
-fn valgrind_sites(xml: &str) -> BTreeMap<String, (u64, u64)> {
+fn valgrind_sites(xml: &str, kinds: &[&str]) -> BTreeMap<String, (u64, u64)> {
     let field = |block: &str, tag: &str| -> Option<String> {
         let open = format!("<{tag}>");
         let start = block.find(&open)? + open.len();
@@ -281,7 +282,7 @@ fn valgrind_sites(xml: &str) -> BTreeMap<String, (u64, u64)> {
     let mut sites = BTreeMap::new();
     for block in xml.split("<error>").skip(1) {
         let block = block.split("</error>").next().unwrap_or(block);
-        if field(block, "kind").as_deref() != Some("Leak_DefinitelyLost") {
+        if !field(block, "kind").is_some_and(|k| kinds.contains(&k.as_str())) {
             continue;
         }
         let bytes: u64 = field(block, "leakedbytes").and_then(|b| b.parse().ok()).unwrap_or(0);
@@ -314,14 +315,32 @@ fn outstanding_at_exit_matches_valgrind_definitely_lost() {
     let vg_gate = dir.path().join("valgrind-start");
     std::fs::write(&vg_gate, b"go\n").expect("create valgrind's start file");
     let out = Command::new(valgrind)
-        .args(["--leak-check=full", "--show-leak-kinds=definite", "--xml=yes"])
+        .args(["--leak-check=full", "--show-leak-kinds=all", "--xml=yes"])
         .arg(format!("--xml-file={}", xml.display()))
         .arg(&bin)
         .args([&rounds.to_string(), vg_gate.to_str().expect("utf-8 path"), "0"])
         .output()
         .expect("run valgrind");
     assert!(out.status.success(), "valgrind failed: {}", String::from_utf8_lossy(&out.stderr));
-    let valgrind = valgrind_sites(&std::fs::read_to_string(&xml).expect("read valgrind's XML"));
+    let xml = std::fs::read_to_string(&xml).expect("read valgrind's XML");
+    // The fixture drops every pointer, so its leaks are "definitely lost". Valgrind's scan
+    // is conservative, though: a stale copy of a pointer left in a register or a stack slot
+    // now and then makes one block "possibly lost" or "still reachable" instead (seen: 99
+    // of 100 calloc blocks). memtrace measures what was never freed, whatever points at
+    // it, so it is compared with all of Valgrind's leak kinds together, and "definitely
+    // lost" must hold nearly all of them.
+    let definitely = valgrind_sites(&xml, &["Leak_DefinitelyLost"]);
+    let valgrind = valgrind_sites(
+        &xml,
+        &["Leak_DefinitelyLost", "Leak_IndirectlyLost", "Leak_PossiblyLost", "Leak_StillReachable"],
+    );
+    for (site, (bytes, _)) in &valgrind {
+        let sure = definitely.get(site).map_or(0, |d| d.0);
+        assert!(
+            sure * 100 >= bytes * 95,
+            "{site}: Valgrind calls only {sure} of {bytes} bytes definitely lost"
+        );
+    }
 
     let report = trace_fixture(&bin, dir.path(), rounds, &[]);
     let summary = report.summary();
