@@ -27,7 +27,7 @@ use tracer_common::{
     MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
 };
 
-use crate::symbolize::maps::MapEntry;
+use crate::procfs::maps::MapEntry;
 
 /// Settings of the malloc probes, written into the object before load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -157,7 +157,7 @@ impl Mapping {
 /// Parses `/proc/PID/maps`; lines that do not parse, and non-file mappings, are skipped.
 #[must_use]
 pub fn parse_maps(text: &str) -> Vec<Mapping> {
-    crate::symbolize::maps::parse_maps(text)
+    crate::procfs::maps::parse_maps(text)
         .into_iter()
         .filter(MapEntry::is_file_backed)
         .map(|m| Mapping {

@@ -5,7 +5,6 @@
 //! exits; unwinds captured user stacks with the modules' CFI (framehop) and frame pointers;
 //! and names addresses with blazesym (ELF/DWARF) or, for JIT code, the runtime's perf map.
 
-pub(crate) mod maps;
 mod module;
 mod native;
 #[cfg(test)]
@@ -22,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use framehop::ExplicitModuleSectionInfo;
 
+use crate::procfs::maps::{self, MapEntry};
 use crate::report::{Frame, FrameKind};
-use maps::MapEntry;
 use module::ModuleFile;
 use native::NativeSymbolizer;
 use perfmap::PerfMapReader;

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use framehop::ExplicitModuleSectionInfo;
 use object::{Object, ObjectSection, ObjectSegment, ReadCache, SegmentFlags};
 
-use super::maps::MapEntry;
 use super::{SymbolizeError, io_error};
+use crate::procfs::maps::MapEntry;
 
 /// Section bytes shared between every mapping of the same file.
 pub(crate) type Bytes = Arc<[u8]>;
@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn opens_own_executable() {
         let text = std::fs::read_to_string("/proc/self/maps").expect("read maps");
-        let maps = super::super::maps::parse_maps(&text);
+        let maps = crate::procfs::maps::parse_maps(&text);
         let exe = std::fs::read_link("/proc/self/exe").expect("readlink exe");
         let code = maps
             .iter()

@@ -29,7 +29,9 @@ fn capture_stack() -> Captured {
             options(nomem, nostack, preserves_flags),
         );
     }
-    let maps = maps::parse_maps(&std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps"));
+    let maps = crate::procfs::maps::parse_maps(
+        &std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps"),
+    );
     let stack_end = maps.iter().find(|m| m.contains(sp)).expect("a mapping holds the stack pointer").end;
     let len = (stack_end - sp).min(16 * 1024);
     let mut stack = vec![0u8; len as usize];

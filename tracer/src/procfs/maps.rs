@@ -1,8 +1,9 @@
-//! Parsing of `/proc/PID/maps` and the few `/proc/PID/status` fields the symbolizer needs.
+//! Parsing of `/proc/PID/maps` and the few `/proc/PID/status` fields the symbolizer and
+//! the uprobe attacher need.
 
 /// One line of `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct MapEntry {
+pub struct MapEntry {
     pub start: u64,
     pub end: u64,
     pub readable: bool,
@@ -19,16 +20,19 @@ pub(crate) struct MapEntry {
 
 impl MapEntry {
     /// Backed by a file on disk (not anonymous memory nor a pseudo-mapping like `[vdso]`).
+    #[must_use]
     pub fn is_file_backed(&self) -> bool {
         self.inode != 0 && self.path.starts_with('/')
     }
 
     #[cfg(test)]
+    #[must_use]
     pub fn contains(&self, addr: u64) -> bool {
         self.start <= addr && addr < self.end
     }
 
     /// The path without the ` (deleted)` marker the kernel appends to unlinked files.
+    #[must_use]
     pub fn path_on_disk(&self) -> &str {
         self.path.strip_suffix(" (deleted)").unwrap_or(&self.path)
     }

@@ -1,5 +1,7 @@
 //! What memtrace reads about a process from /proc.
 
+pub mod maps;
+
 use std::{
     fs, io,
     path::{Path, PathBuf},
