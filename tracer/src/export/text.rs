@@ -115,11 +115,21 @@ fn write_leak(rank: usize, leak: &Leak, out: &mut impl Write) -> std::io::Result
         out,
         "#{rank}  {} in {}, oldest {}, growth {}",
         bytes(leak.bytes),
-        plural(leak.count, "allocation", "allocations"),
+        if leak.sources.iter().all(|s| s == "faults") && !leak.sources.is_empty() {
+            // Each page-fault sample stands for --fault-sample pages.
+            plural(leak.count, "sampled page", "sampled pages")
+        } else {
+            plural(leak.count, "allocation", "allocations")
+        },
         duration(leak.oldest_age_s),
         rate(leak.growth_bytes_per_s)
     )?;
-    if !leak.sources.is_empty() {
+    if leak.sources.iter().all(|s| s == "faults") && !leak.sources.is_empty() {
+        writeln!(
+            out,
+            "    from faults: resident pages first touched here (a second view of memory mapped elsewhere)"
+        )?;
+    } else if !leak.sources.is_empty() {
         writeln!(out, "    from {}", leak.sources.join(", "))?;
     }
     if !leak.verdict.is_empty() {
