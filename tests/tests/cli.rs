@@ -56,3 +56,42 @@ fn not_root_is_a_clear_error() {
         );
     }
 }
+
+/// `memtrace run` traces a command from its first instruction: mappings made right at
+/// start are attributed, and the command is stopped with memtrace.
+#[test]
+fn run_traces_a_command_from_its_start() {
+    if !require_root("run_traces_a_command_from_its_start") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let bin = integration_tests::build_c_fixture("mmap_leak", dir.path());
+    // The start file exists before the command runs: it leaks at once.
+    let gate = integration_tests::StartGate::new(dir.path());
+    gate.open();
+    let json = dir.path().join("report.json");
+    let out = Memtrace::run(
+        [
+            "run".as_ref(),
+            "--duration".as_ref(),
+            "4s".as_ref(),
+            "--json".as_ref(),
+            json.as_os_str(),
+            "--".as_ref(),
+            bin.as_os_str(),
+            "10".as_ref(),
+            gate.path().as_os_str(),
+        ],
+        Duration::from_mins(1),
+    );
+    assert!(out.status.success(), "memtrace run exited with {}\n{}", out.status, out.combined());
+    let report = integration_tests::Report::read(&json);
+    let summary = report.summary();
+    let leaking = report.leaks_with_frame(|f| f.names("leak_mappings"));
+    assert!(
+        leaking.iter().any(|l| l.bytes() == 10 * integration_tests::MIB),
+        "leak_mappings holds 10 MiB\n{summary}\n{}",
+        out.combined()
+    );
+    assert!(out.stdout.contains("mmap_leak"), "the report names the command\n{}", out.combined());
+}
