@@ -137,6 +137,9 @@ pub struct TimelinePoint {
     pub memcg_usage_bytes: u64,
     #[serde(default)]
     pub memcg_limit_bytes: u64,
+    /// Heap blocks allocated while tracing and not freed (`--track malloc`; 0 otherwise).
+    #[serde(default)]
+    pub heap_bytes: u64,
 }
 
 /// Something the user was told during the run (e.g. `--warn-at` crossed).

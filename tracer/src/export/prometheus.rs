@@ -20,6 +20,8 @@ pub struct MetricsSnapshot {
     pub rss_bytes: u64,
     pub mapped_bytes: u64,
     pub touched_bytes: u64,
+    /// Outstanding heap bytes, with `--track malloc`.
+    pub heap_bytes: Option<u64>,
     pub events_total: u64,
     pub lost_events_total: u64,
     pub stacks: u64,

@@ -134,8 +134,11 @@ impl Session {
         }
         let t_s = (monotonic_ns().saturating_sub(self.start_ns)) as f64 / 1e9;
         let mut aggs = self.model.by_stack();
+        let mut heap_bytes = 0;
         if let Some(heap) = self.heap.as_mut() {
-            aggs.extend(heap.snapshot(&mut self.stacks));
+            let heap_aggs = heap.snapshot(&mut self.stacks);
+            heap_bytes = heap_aggs.iter().map(|a| a.bytes).sum();
+            aggs.extend(heap_aggs);
         }
         self.history.record(t_s, &aggs);
         self.timeline.push(TimelinePoint {
@@ -148,6 +151,7 @@ impl Session {
             resident_bytes: self.model.resident_bytes(),
             memcg_usage_bytes: self.memcg.as_ref().and_then(procfs::Memcg::usage_bytes).unwrap_or(0),
             memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
+            heap_bytes,
         });
         if self.timeline.len() > TIMELINE_CAPACITY {
             // Keep every other point: resolution halves, coverage stays whole.
@@ -212,6 +216,7 @@ impl Session {
             rss_bytes: self.last_mem.rss,
             mapped_bytes: self.model.outstanding_bytes(),
             touched_bytes: self.model.resident_bytes(),
+            heap_bytes: self.heap.as_ref().map(|h| h.counters().outstanding_bytes()),
             events_total: self.events,
             lost_events_total: self.lost_events(),
             stacks: self.stacks.len() as u64,
