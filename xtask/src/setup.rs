@@ -7,10 +7,14 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::proc::{self, note, step};
 
-/// Debian packages: LLVM 22 for bpf-linker, wrk for the demo and the benchmark, and
-/// chromium for the integration test that opens memtrace's SVG flame graph.
+/// Debian packages: LLVM 22 for bpf-linker, wrk for the demo and the benchmark,
+/// chromium for the integration test that opens memtrace's SVG flame graph, and valgrind
+/// for the test that compares the allocator view with memcheck.
 const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "wrk", "chromium"];
+    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "wrk", "chromium", "valgrind"];
+/// The bpf-linker release built against Debian's LLVM 22 (pinned: CI must not pick up a
+/// release that needs a newer Rust).
+const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -39,6 +43,9 @@ fn apt_packages() -> Result<()> {
     // The fixtures are compiled with gcc; the example and a fixture run on node.
     if !proc::succeeds(Command::new("gcc").arg("--version")) {
         missing.push("gcc");
+    }
+    if !proc::succeeds(Command::new("g++").arg("--version")) {
+        missing.push("g++");
     }
     if !proc::succeeds(Command::new("node").arg("--version")) {
         missing.extend(["nodejs", "npm"]);
@@ -102,7 +109,8 @@ fn bpf_linker() -> Result<()> {
     note("not found; building it (about a minute)");
     proc::run(
         proc::cargo()
-            .args(["install", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
     .context("cargo install bpf-linker (without LLVM_PREFIX it fails with `unable to find -lLLVM`)")?;
