@@ -146,12 +146,20 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
 
 /// Whether a kill was made because the victim's cgroup hit its limit.
 #[must_use]
+///
+/// The cgroup's `oom_kill` counter moves only after `oom:mark_victim` fires, and the OOM
+/// reaper may already have lowered its usage when memtrace looks, so a kill counts as the
+/// cgroup's when its limit is set and was reached: a kill already counted, usage at 90% of
+/// the limit or more, or the kernel's count of limit hits.
 pub fn oom_scope(memcg: Option<&Memcg>) -> &'static str {
-    match memcg {
-        Some(m) if m.limit_bytes > 0 && m.oom_kills().unwrap_or(0) > 0 => "cgroup",
-        Some(_) => "machine",
-        None => "unknown",
+    let Some(m) = memcg else { return "unknown" };
+    if m.limit_bytes == 0 {
+        return "machine";
     }
+    let killed = m.oom_kills().unwrap_or(0) > 0;
+    let full = m.usage_bytes().is_some_and(|u| u.saturating_mul(10) >= m.limit_bytes.saturating_mul(9));
+    let hit = m.limit_hits().unwrap_or(0) > 0;
+    if killed || full || hit { "cgroup" } else { "machine" }
 }
 
 /// The report's record of a kill: the kernel's figures plus the victim's cgroup, read

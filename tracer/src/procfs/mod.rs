@@ -122,6 +122,17 @@ impl Memcg {
         let text = self.read("memory.oom_control", "memory.events")?;
         parse_keyed(&text, "oom_kill")
     }
+
+    /// How often usage hit the limit (`memory.failcnt` on v1, `max` of `memory.events`
+    /// on v2). Unlike `oom_kills`, it has already moved when `oom:mark_victim` fires.
+    #[must_use]
+    pub fn limit_hits(&self) -> Option<u64> {
+        if self.v1 {
+            self.read("memory.failcnt", "")?.trim().parse().ok()
+        } else {
+            parse_keyed(&self.read("", "memory.events")?, "max")
+        }
+    }
 }
 
 /// The value of `key` in a `key value` per line file.
@@ -230,7 +241,9 @@ mod tests {
         fs::write(v1.join("memory.usage_in_bytes"), "104857600\n").expect("write");
         fs::write(v1.join("memory.oom_control"), "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
             .expect("write");
+        fs::write(v1.join("memory.failcnt"), "17\n").expect("write");
         let m = memcg_under(root.path(), "4:memory:/app\n0::/\n").expect("v1 memcg");
+        assert_eq!(m.limit_hits(), Some(17));
         assert!(m.v1);
         assert_eq!((m.limit_bytes, m.usage_bytes(), m.oom_kills()), (200 << 20, Some(100 << 20), Some(2)));
 
@@ -240,6 +253,7 @@ mod tests {
         fs::write(v2.join("memory.current"), "4096\n").expect("write");
         fs::write(v2.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").expect("write");
         let m = memcg_under(root.path(), "0::/svc\n").expect("v2 memcg");
+        assert_eq!(m.limit_hits(), Some(3));
         assert!(!m.v1);
         assert_eq!((m.limit_bytes, m.usage_bytes(), m.oom_kills()), (0, Some(4096), Some(1)));
         assert_eq!(m.path, "/svc");
