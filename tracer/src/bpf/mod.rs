@@ -149,12 +149,8 @@ impl Tracer {
             program.attach(a.category, a.name).map_err(attach_err)?;
             debug!("attached {} to {}:{}", a.program, a.category, a.name);
         }
-        let events = ebpf.take_map(MAP_EVENTS).ok_or(BpfError::MissingMap(MAP_EVENTS))?;
-        let events =
-            RingBuf::try_from(events).map_err(|source| BpfError::Map { name: MAP_EVENTS, source })?;
-        let counters = ebpf.take_map(MAP_COUNTERS).ok_or(BpfError::MissingMap(MAP_COUNTERS))?;
-        let counters =
-            PerCpuArray::try_from(counters).map_err(|source| BpfError::Map { name: MAP_COUNTERS, source })?;
+        let events = take_map(&mut ebpf, MAP_EVENTS)?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
         Ok(Self { ebpf, events: Some(events), counters })
     }
 
@@ -179,6 +175,15 @@ impl Tracer {
         }
         out
     }
+}
+
+/// Takes a map out of the loaded object, typed.
+pub fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(BpfError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| BpfError::Map { name, source })
 }
 
 /// Loading eBPF programs and reading tracefs need root: say so before anything else fails

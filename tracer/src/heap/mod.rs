@@ -36,14 +36,8 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeapError {
-    #[error("map {0} is missing from the eBPF object")]
-    MissingMap(&'static str),
-    #[error("open map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: aya::maps::MapError,
-    },
+    #[error(transparent)]
+    Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Uprobe(#[from] Box<UprobeError>),
     #[error("program {0} is missing from the eBPF object")]
@@ -207,8 +201,7 @@ fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, HeapError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(HeapError::MissingMap(name))?;
-    T::try_from(map).map_err(|source| HeapError::Map { name, source })
+    Ok(crate::bpf::take_map(ebpf, name)?)
 }
 
 impl HeapTracker {

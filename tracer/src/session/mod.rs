@@ -84,7 +84,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let pid = resolve_target(target.pid)?;
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
-    let track = track_bits(&args.track)?;
+    let track = track_bits(&args.track);
     let metrics = match args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,

@@ -56,18 +56,18 @@ pub fn resolve_target(pid: u32) -> anyhow::Result<u32> {
 }
 
 /// The `TRACK_*` bits of the sources asked for.
-pub fn track_bits(track: &[Track]) -> anyhow::Result<u32> {
-    let mut bits = 0;
-    for t in track {
-        bits |= match t {
+#[must_use]
+pub fn track_bits(track: &[Track]) -> u32 {
+    track
+        .iter()
+        .map(|t| match t {
             Track::Mmap => TRACK_MMAP,
             Track::Brk => TRACK_BRK,
             Track::Oom => TRACK_OOM,
             Track::Faults => TRACK_FAULTS,
             Track::Malloc => TRACK_MALLOC,
-        };
-    }
-    Ok(bits)
+        })
+        .fold(0, |bits, bit| bits | bit)
 }
 
 /// `memtrace run`: once released, the waiting shell execs the command; its memory map

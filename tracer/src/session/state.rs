@@ -114,7 +114,7 @@ impl Session {
         if self.symbolized_upto >= total {
             return;
         }
-        self.symbolizer_refresh();
+        self.symbols.refresh_perf_map();
         for id in (self.symbolized_upto + 1)..=total {
             let id = StackId(id as u32);
             let addrs = self.stacks.get(id).to_vec();
@@ -122,10 +122,6 @@ impl Session {
             self.frames.insert(id, frames);
         }
         self.symbolized_upto = total;
-    }
-
-    pub(super) fn symbolizer_refresh(&mut self) {
-        self.symbols.refresh_perf_map();
     }
 
     pub(super) fn snapshot(&mut self) {
@@ -212,7 +208,7 @@ impl Session {
             .collect();
         crate::export::prometheus::MetricsSnapshot {
             pid: self.pid,
-            comm: procfs::comm(self.pid),
+            comm: self.comm.clone(),
             rss_bytes: self.last_mem.rss,
             mapped_bytes: self.model.outstanding_bytes(),
             touched_bytes: self.model.resident_bytes(),
