@@ -375,6 +375,25 @@ impl Drop for Memtrace {
     }
 }
 
+/// The run every gated fixture test makes: `memtrace` is started (it must print
+/// "attached"), then the fixture is let go and runs until it prints "done" (within
+/// `done_within`), then memtrace must exit successfully (within `exit_within`).
+pub fn trace_gated(
+    memtrace: Memtrace,
+    fixture: &mut TestProcess,
+    gate: &StartGate,
+    done_within: Duration,
+    exit_within: Duration,
+) -> RunOutput {
+    let mut memtrace = memtrace;
+    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
+    gate.open();
+    fixture.wait_for_stdout("done", done_within);
+    let out = memtrace.wait(exit_within);
+    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+    out
+}
+
 /// The JSON report (`--json`), read as an outside tool would: by the documented schema.
 pub struct Report {
     pub json: Value,

@@ -15,7 +15,7 @@ use std::{
 
 use integration_tests::{
     Leak, MIB, Memtrace, Report, StartGate, TestProcess, fixtures_dir, keep_buffers_command, perf_map_path,
-    require_root,
+    require_root, trace_gated,
 };
 
 /// Bytes and blocks each `leak_*` site leaks per round (see the fixture's header).
@@ -112,13 +112,14 @@ fn trace_fixture(bin: &Path, dir: &Path, rounds: u64, extra: &[&str]) -> Report 
     let pid = fixture.pid().to_string();
     let mut args = vec!["attach", &pid, "--track", "malloc", "--json", json.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
-    let mut memtrace = Memtrace::spawn(&args);
-    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
-    gate.open();
-    fixture.wait_for_stdout("done", Duration::from_mins(2));
     // The fixture exits after a short linger; memtrace stops with it.
-    let out = memtrace.wait(Duration::from_mins(2));
-    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+    let out = trace_gated(
+        Memtrace::spawn(&args),
+        &mut fixture,
+        &gate,
+        Duration::from_mins(2),
+        Duration::from_mins(2),
+    );
     assert!(
         out.stderr.contains("recording every allocation") || out.stderr.contains("sampling"),
         "memtrace did not say how it probes malloc\n{}",
@@ -427,12 +428,13 @@ fn node_buffers_named(track: &[&str]) {
     let pid = fixture.pid().to_string();
     let mut args = vec!["attach", &pid, "--duration", "10s", "--json", json.to_str().expect("utf-8 path")];
     args.extend_from_slice(track);
-    let mut memtrace = Memtrace::spawn(&args);
-    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
-    gate.open();
-    fixture.wait_for_stdout("done", Duration::from_secs(30));
-    let out = memtrace.wait(Duration::from_mins(1));
-    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+    let out = trace_gated(
+        Memtrace::spawn(&args),
+        &mut fixture,
+        &gate,
+        Duration::from_secs(30),
+        Duration::from_mins(1),
+    );
     let report = Report::read(&json);
     let summary = report.summary();
     eprintln!("{summary}");

@@ -3,7 +3,9 @@
 
 use std::{process::Command, time::Duration};
 
-use integration_tests::{MIB, Memtrace, Report, StartGate, TestProcess, build_c_fixture, require_root};
+use integration_tests::{
+    MIB, Memtrace, Report, StartGate, TestProcess, build_c_fixture, require_root, trace_gated,
+};
 
 const REGIONS: u64 = 40;
 
@@ -21,13 +23,8 @@ fn mmap_leak() {
     fixture.wait_for_stdout("waiting", Duration::from_secs(10));
 
     let json = dir.path().join("report.json");
-    let mut memtrace = Memtrace::attach(fixture.pid(), "10s", &json);
-    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
-    gate.open();
-    fixture.wait_for_stdout("done", Duration::from_secs(20));
-    let out = memtrace.wait(Duration::from_mins(1));
-
-    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+    let memtrace = Memtrace::attach(fixture.pid(), "10s", &json);
+    let out = trace_gated(memtrace, &mut fixture, &gate, Duration::from_secs(20), Duration::from_mins(1));
     let report = Report::read(&json);
     let summary = report.summary();
     eprintln!("{summary}");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use integration_tests::{
     Leak, MIB, Memtrace, Report, StartGate, TestProcess, keep_buffers_command, perf_map_path, require_root,
+    trace_gated,
 };
 
 const BUFFERS: u64 = 40;
@@ -24,13 +25,8 @@ fn node_buffers() {
     fixture.wait_for_stdout("waiting", Duration::from_secs(20));
 
     let json = dir.path().join("report.json");
-    let mut memtrace = Memtrace::attach(fixture.pid(), "10s", &json);
-    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
-    gate.open();
-    fixture.wait_for_stdout("done", Duration::from_secs(20));
-    let out = memtrace.wait(Duration::from_mins(1));
-
-    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+    let memtrace = Memtrace::attach(fixture.pid(), "10s", &json);
+    let out = trace_gated(memtrace, &mut fixture, &gate, Duration::from_secs(20), Duration::from_mins(1));
     let report = Report::read(&json);
     let summary = report.summary();
     eprintln!("{summary}");
