@@ -414,28 +414,72 @@ impl Report {
         self.json.pointer("/target/pid").and_then(Value::as_u64)
     }
 
+    /// Flagged suspects (`leaks` of the JSON), most suspect first.
     #[must_use]
     pub fn leaks(&self) -> Vec<Leak<'_>> {
+        self.list("/leaks")
+    }
+
+    /// Every suspect: flagged ones, then the others (warm-up, churn, unattributed), then
+    /// the stacks that extended segments.
+    #[must_use]
+    pub fn suspects(&self) -> Vec<Leak<'_>> {
+        let mut all = self.leaks();
+        all.extend(self.list("/other_suspects"));
+        if let Some(segments) = self.json.get("segments").and_then(Value::as_array) {
+            for seg in segments {
+                all.extend(
+                    seg.get("extended_by")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(|json| Leak { json }),
+                );
+            }
+        }
+        all
+    }
+
+    /// Segments (`malloc-arena`, `v8-heap`) with their verdicts.
+    #[must_use]
+    pub fn segments(&self) -> Vec<(&str, &str)> {
         self.json
-            .get("leaks")
+            .get("segments")
+            .and_then(Value::as_array)
+            .map(|s| {
+                s.iter()
+                    .map(|seg| {
+                        let field = |k| seg.get(k).and_then(Value::as_str).unwrap_or("");
+                        (field("kind"), field("verdict"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn list(&self, pointer: &str) -> Vec<Leak<'_>> {
+        self.json
+            .pointer(pointer)
             .and_then(Value::as_array)
             .map(|leaks| leaks.iter().map(|json| Leak { json }).collect())
             .unwrap_or_default()
     }
 
-    /// Leaks with a frame for which `pred` holds.
+    /// Suspects (any list) with a frame for which `pred` holds.
     #[must_use]
     pub fn leaks_with_frame(&self, pred: impl Fn(&Frame<'_>) -> bool) -> Vec<Leak<'_>> {
-        self.leaks().into_iter().filter(|leak| leak.frames().iter().any(&pred)).collect()
+        self.suspects().into_iter().filter(|leak| leak.frames().iter().any(&pred)).collect()
     }
 
     /// A readable summary of the top leaks, for assertion messages.
     #[must_use]
     pub fn summary(&self) -> String {
-        let leaks = self.leaks();
+        let leaks = self.suspects();
         let mut out = format!(
-            "{} leak(s), lost_events={}, target={}\n",
+            "{} suspect(s), {} flagged, segments {:?}, lost_events={}, target={}\n",
             leaks.len(),
+            self.leaks().len(),
+            self.segments(),
             self.json.get("lost_events").unwrap_or(&Value::Null),
             self.json.get("target").unwrap_or(&Value::Null)
         );
@@ -443,10 +487,12 @@ impl Report {
             let frames: Vec<String> = leak.frames().iter().take(32).map(Frame::label).collect();
             let _ = writeln!(
                 out,
-                "  {:>12} bytes {:>6} allocs {:?}: {}",
+                "  {:>12} bytes {:>6} allocs {:?} {} culprit {}: {}",
                 leak.bytes(),
                 leak.count(),
                 leak.sources(),
+                leak.verdict(),
+                leak.culprit(),
                 frames.join(" <- ")
             );
         }
@@ -476,6 +522,30 @@ impl<'a> Leak<'a> {
             .and_then(Value::as_array)
             .map(|s| s.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default()
+    }
+
+    #[must_use]
+    pub fn verdict(&self) -> &'a str {
+        self.json.get("verdict").and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// The culprit's function name.
+    #[must_use]
+    pub fn culprit(&self) -> &'a str {
+        self.json.pointer("/culprit/function").and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// Bytes in one view (`mmap`, `faults`, `malloc`, `js-heap`, `brk`).
+    #[must_use]
+    pub fn bytes_in(&self, source: &str) -> u64 {
+        self.json
+            .get("evidence")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.get("source").and_then(Value::as_str) == Some(source))
+            .filter_map(|e| e.get("bytes").and_then(Value::as_u64))
+            .sum()
     }
 
     /// Leaf first.

@@ -35,7 +35,7 @@ fn report() -> Report {
         oldest_age_s: 20.0,
         growth_bytes_per_s: bytes as f64 / 20.0,
         score: bytes as f64 / 1_048_576.0,
-        sources: vec!["mmap".into()],
+        sources: vec![memtrace::report::Source::Mmap],
         frames,
         ..Leak::default()
     };

@@ -39,7 +39,7 @@ fn report(leaks: &[(&str, u32, u64)]) -> Report {
             oldest_age_s: 10.0,
             growth_bytes_per_s: bytes as f64 / 3.0,
             score: bytes as f64 / 7.0,
-            sources: vec!["mmap".into()],
+            sources: vec![memtrace::report::Source::Mmap],
             frames: js_stack(leaf, line),
             ..Leak::default()
         })

@@ -154,6 +154,10 @@ pub struct TraceArgs {
     /// however it stops).
     #[arg(long)]
     pub record: Option<PathBuf>,
+    /// Frames the culprit search skips, as a regular expression matched against a frame's
+    /// `function file:line` and its module (repeatable), e.g. `--culprit-skip '^myLogger'`.
+    #[arg(long = "culprit-skip", value_name = "REGEX")]
+    pub culprit_skip: Vec<String>,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]

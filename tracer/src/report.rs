@@ -4,23 +4,37 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the JSON report. Bump it when a field changes meaning.
-pub const REPORT_VERSION: u32 = 1;
+///
+/// Version 2: `leaks` holds only flagged suspects, one per culprit (others are in
+/// `other_suspects`, segment growth in `segments`); `sources` may name `js-heap`.
+pub const REPORT_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub version: u32,
     pub target: Target,
     pub duration_s: f64,
-    /// Sources traced: `mmap`, `brk`, `faults`, `malloc`, `oom`.
+    /// What was traced: `mmap`, `brk`, `faults`, `malloc`, `js-heap`, `oom`.
     pub tracked: Vec<String>,
     pub totals: Totals,
-    /// Sorted by `score`, highest first.
+    /// Flagged suspects (`leak`, or growing with too few snapshots to judge), one per
+    /// culprit, sorted by `score`, highest first.
     pub leaks: Vec<Leak>,
     pub oom_kills: Vec<OomKill>,
     pub timeline: Vec<TimelinePoint>,
     pub lost_events: u64,
     #[serde(default)]
     pub warnings: Vec<Warning>,
+    /// Culprits that hold memory without a `leak` verdict: warm-up, churn (in flight when
+    /// tracing stopped), unattributed (first touch only).
+    #[serde(default)]
+    pub other_suspects: Vec<Leak>,
+    /// Segments (malloc arenas, V8 heap pages) that grew, with who extended them.
+    #[serde(default)]
+    pub segments: Vec<SegmentGrowth>,
+    /// Where the resident memory is.
+    #[serde(default)]
+    pub memory: Option<MemoryBreakdown>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,7 +46,7 @@ pub struct Target {
     pub oom_killed: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
     /// Bytes allocated while tracing and not released when the report was made.
     pub outstanding_bytes: u64,
@@ -42,9 +56,127 @@ pub struct Totals {
     /// samples (a second view of the same memory: not part of `outstanding_bytes`).
     #[serde(default)]
     pub resident_bytes: u64,
+    /// Every view's total, over all suspects and segments.
+    #[serde(default)]
+    pub views: Vec<ViewTotal>,
 }
 
-/// Outstanding memory grouped by the stack that allocated it.
+/// A view of held memory: each source of evidence says how many bytes a stack holds in
+/// it. Views are never added together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// Anonymous mappings made while traced (`mmap`, `mremap`), by the stack that mapped them.
+    #[default]
+    Mmap,
+    /// Growth of the program break: glibc's main arena.
+    Brk,
+    /// Resident pages by the stack that first touched them (sampled page faults).
+    Faults,
+    /// Heap blocks from the malloc family (`--track malloc`).
+    Malloc,
+    /// Live objects on the V8 heap, from V8's sampling heap profiler.
+    JsHeap,
+}
+
+impl Source {
+    /// The name used in `--track`, the JSON and labels.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mmap => "mmap",
+            Self::Brk => "brk",
+            Self::Faults => "faults",
+            Self::Malloc => "malloc",
+            Self::JsHeap => "js-heap",
+        }
+    }
+
+    /// What the view's bytes are, for column headers.
+    #[must_use]
+    pub fn view(self) -> &'static str {
+        match self {
+            Self::Mmap => "mapped",
+            Self::Brk => "arena",
+            Self::Faults => "touched",
+            Self::Malloc => "malloc",
+            Self::JsHeap => "js-heap",
+        }
+    }
+
+    /// Whether bytes in this view belong to the stack that holds them, so that their
+    /// growth can support a `leak` verdict. The program break grows for whichever malloc
+    /// crosses the top, and a page is first touched by whoever writes it first (the
+    /// allocator, the garbage collector, a later user of reused memory): neither says
+    /// who holds the memory.
+    #[must_use]
+    pub fn names_holder(self) -> bool {
+        matches!(self, Self::Mmap | Self::Malloc | Self::JsHeap)
+    }
+
+    /// Whether memory seen in `self` is shown when an export shows `view`: the program
+    /// break and anonymous mappings are both address ranges mapped while traced (never
+    /// the same bytes), so the mapped view's exports include the break's growth.
+    #[must_use]
+    pub fn shown_in(self, view: Self) -> bool {
+        self == view || view == Self::Mmap && self == Self::Brk
+    }
+
+    /// Parses [`Self::name`].
+    #[must_use]
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Mmap, Self::Brk, Self::Faults, Self::Malloc, Self::JsHeap]
+            .into_iter()
+            .find(|s| s.name() == name)
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What the growth of held memory says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Still growing at the end, and keeps what it took.
+    Leak,
+    /// Grew, then flat (a cache, a pool).
+    WarmUp,
+    /// Gives memory back; what it holds at the end is in flight.
+    Churn,
+    /// Too few snapshots to judge.
+    #[default]
+    Unknown,
+    /// Seen only in a view that cannot say who holds the memory (first touch, or the
+    /// growth of a segment such as a malloc arena): no verdict is made.
+    Unattributed,
+}
+
+impl Verdict {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Leak => "leak",
+            Self::WarmUp => "warm-up",
+            Self::Churn => "churn",
+            Self::Unknown => "unknown",
+            Self::Unattributed => "unattributed",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One suspect: the memory held by stacks that share a culprit, the first frame from
+/// the leaf that is the application's (see `analysis::culprit`). Its `bytes`, `count`,
+/// growth and verdict come from one view, `view`; `evidence` has every view's figures.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Leak {
     pub bytes: u64,
@@ -52,17 +184,144 @@ pub struct Leak {
     pub oldest_age_s: f64,
     pub growth_bytes_per_s: f64,
     pub score: f64,
-    /// Which tracked sources contributed: `mmap`, `brk`, `malloc`, `faults`.
-    pub sources: Vec<String>,
-    /// Leaf first.
+    /// Views with evidence for this culprit.
+    pub sources: Vec<Source>,
+    /// The largest stack variant's frames, leaf first.
     pub frames: Vec<Frame>,
-    /// `leak` (still growing at the end), `warm-up` (grew, then flat), `churn` (gives
-    /// memory back), or `unknown` (too few snapshots).
     #[serde(default)]
-    pub verdict: String,
+    pub verdict: Verdict,
     /// Why it was ranked so, e.g. "grew 31 MB/min in 9 of 10 intervals".
     #[serde(default)]
     pub reason: String,
+    /// The frame to fix.
+    #[serde(default)]
+    pub culprit: Frame,
+    /// The view `bytes` and the verdict come from (absent in version-1 reports).
+    #[serde(default)]
+    pub view: Option<Source>,
+    /// What each view says about this culprit.
+    #[serde(default)]
+    pub evidence: Vec<Evidence>,
+    /// The distinct stacks under the culprit, per view, biggest first.
+    #[serde(default)]
+    pub variants: Vec<Variant>,
+}
+
+/// A culprit's memory in one view.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub source: Option<Source>,
+    pub bytes: u64,
+    pub count: u64,
+    pub growth_bytes_per_s: f64,
+    pub verdict: Verdict,
+}
+
+/// One stack under a culprit, in one view.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Variant {
+    pub source: Option<Source>,
+    pub bytes: u64,
+    pub count: u64,
+    /// Leaf first.
+    pub frames: Vec<Frame>,
+}
+
+/// A region that grows as a whole, whose growth the stack that extended it does not own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SegmentKind {
+    /// glibc's arenas: the program break and the arena heaps of other threads.
+    #[default]
+    MallocArena,
+    /// Pages of V8's heap, mapped by V8's page allocator and garbage collector.
+    V8Heap,
+}
+
+impl SegmentKind {
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MallocArena => "malloc arena",
+            Self::V8Heap => "V8 heap pages",
+        }
+    }
+}
+
+/// What the growth of a segment says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SegmentVerdict {
+    Growing,
+    #[default]
+    Flat,
+    /// The segment grows while the live blocks inside it do not.
+    Fragmentation,
+}
+
+/// A growing segment and the stacks that extended it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentGrowth {
+    pub kind: SegmentKind,
+    /// Held in the view that extends the segment (`brk`/`mmap`), at the end.
+    pub bytes: u64,
+    pub growth_bytes_per_s: f64,
+    pub verdict: SegmentVerdict,
+    pub reason: String,
+    /// How to see who holds memory inside it, and what that costs.
+    pub advice: String,
+    /// Who extended it (or first touched it); not who holds it.
+    pub extended_by: Vec<Leak>,
+}
+
+/// Where the target's resident memory is, from `/proc/PID/smaps`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryParts {
+    pub v8_heap_bytes: u64,
+    pub malloc_arena_bytes: u64,
+    pub anon_mapping_bytes: u64,
+    pub thread_stack_bytes: u64,
+    pub jit_code_bytes: u64,
+    pub file_bytes: u64,
+    pub other_bytes: u64,
+}
+
+impl MemoryParts {
+    /// Each part with its label, in a fixed order.
+    #[must_use]
+    pub fn parts(&self) -> [(&'static str, u64); 7] {
+        [
+            ("V8 heap", self.v8_heap_bytes),
+            ("malloc arenas", self.malloc_arena_bytes),
+            ("anonymous mappings", self.anon_mapping_bytes),
+            ("thread stacks", self.thread_stack_bytes),
+            ("JIT code", self.jit_code_bytes),
+            ("file-backed", self.file_bytes),
+            ("other", self.other_bytes),
+        ]
+    }
+
+    #[must_use]
+    pub fn total(&self) -> u64 {
+        self.parts().iter().map(|(_, b)| b).sum()
+    }
+}
+
+/// The resident memory's parts at the first and last snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBreakdown {
+    pub first: MemoryParts,
+    pub last: MemoryParts,
+    /// Seconds between the two.
+    pub span_s: u64,
+}
+
+/// One view's total: what no export may exceed or mix with another view's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewTotal {
+    pub source: Option<Source>,
+    pub bytes: u64,
+    pub count: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -164,5 +423,67 @@ impl Frame {
         } else {
             function.to_string()
         }
+    }
+}
+
+impl Report {
+    /// Every suspect: flagged, others, and the extenders of segments.
+    pub fn all_suspects(&self) -> impl Iterator<Item = &Leak> {
+        self.leaks
+            .iter()
+            .chain(&self.other_suspects)
+            .chain(self.segments.iter().flat_map(|s| s.extended_by.iter()))
+    }
+
+    /// The view the report's bytes are best told in: the top leak's, else the view that
+    /// names holders with the most bytes, else the mapped view.
+    #[must_use]
+    pub fn primary_view(&self) -> Source {
+        if let Some(view) = self.leaks.first().and_then(|l| l.view) {
+            return view;
+        }
+        self.totals
+            .views
+            .iter()
+            .filter_map(|v| v.source.filter(|s| s.names_holder()).map(|s| (v.bytes, s)))
+            .max()
+            .map_or(Source::Mmap, |(_, s)| s)
+    }
+
+    /// Views with any evidence, in a fixed order.
+    #[must_use]
+    pub fn views_present(&self) -> Vec<Source> {
+        let mut out: Vec<Source> = self.all_suspects().flat_map(|l| l.sources.iter().copied()).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+impl Leak {
+    /// The stack variants; a version-1 suspect (no variants) is its own one variant.
+    #[must_use]
+    pub fn variants_or_self(&self) -> Vec<Variant> {
+        if !self.variants.is_empty() {
+            return self.variants.clone();
+        }
+        // Version 1 put mapped and touched memory in separate suspects.
+        let source = if self.sources.iter().all(|s| *s == Source::Faults) && !self.sources.is_empty() {
+            Source::Faults
+        } else {
+            self.sources.first().copied().unwrap_or_default()
+        };
+        vec![Variant {
+            source: Some(source),
+            bytes: self.bytes,
+            count: self.count,
+            frames: self.frames.clone(),
+        }]
+    }
+
+    /// Bytes held in one view.
+    #[must_use]
+    pub fn bytes_in(&self, view: Source) -> u64 {
+        self.variants_or_self().iter().filter(|v| v.source == Some(view)).map(|v| v.bytes).sum()
     }
 }

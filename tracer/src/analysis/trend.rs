@@ -15,17 +15,18 @@
 
 use std::collections::HashMap;
 
+pub use crate::report::Verdict;
 use crate::{
     model::{Source, StackAgg, StackId},
     units::human_bytes,
 };
 
-/// A series is the held bytes of one stack in one view (mapped or faulted).
-pub type SeriesKey = (StackId, bool);
+/// A series is the held bytes of one stack in one view.
+pub type SeriesKey = (StackId, Source);
 
 #[must_use]
 pub fn series_key(agg: &StackAgg) -> SeriesKey {
-    (agg.stack, agg.sources.contains(&Source::Faults))
+    (agg.stack, agg.source)
 }
 
 /// Held bytes per stack at each snapshot, bounded in points and series.
@@ -97,27 +98,6 @@ impl History {
     #[must_use]
     pub fn dropped_series(&self) -> u64 {
         self.dropped_series
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Leak,
-    WarmUp,
-    Churn,
-    /// Too few snapshots to judge.
-    Unknown,
-}
-
-impl Verdict {
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Leak => "leak",
-            Self::WarmUp => "warm-up",
-            Self::Churn => "churn",
-            Self::Unknown => "unknown",
-        }
     }
 }
 
@@ -275,7 +255,7 @@ mod tests {
             bytes,
             count: 1,
             oldest_ts_ns: 0,
-            sources: vec![Source::Mmap],
+            source: Source::Mmap,
         };
         for i in 0..20u64 {
             let mut aggs = vec![agg(1, i * 10)];
@@ -287,10 +267,10 @@ mod tests {
         }
         assert!(h.times().len() <= 8);
         assert_eq!(h.times().last(), Some(&19.0), "the newest point is kept");
-        let s1 = h.series((StackId(1), false)).expect("series 1");
+        let s1 = h.series((StackId(1), Source::Mmap)).expect("series 1");
         assert_eq!(s1.len(), h.times().len());
         assert_eq!(s1.last(), Some(&190));
-        assert!(h.series((StackId(3), false)).is_none());
+        assert!(h.series((StackId(3), Source::Mmap)).is_none());
         assert_eq!(h.dropped_series(), 10);
     }
 }

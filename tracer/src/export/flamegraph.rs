@@ -76,7 +76,7 @@ fn palette(report: &Report) -> PaletteMap {
     let mut map = PaletteMap::default();
     // inferno's root frame ("all") has the empty name.
     map.insert("", Color { r: 0xc8, g: 0xc8, b: 0xc8 });
-    for frame in report.leaks.iter().flat_map(|leak| &leak.frames) {
+    for frame in report.all_suspects().flat_map(|leak| &leak.frames) {
         let label = folded_label(frame);
         if map.get(&label).is_none() {
             let color = color(frame.kind, &label);

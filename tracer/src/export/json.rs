@@ -69,7 +69,10 @@ mod tests {
                 "lost_events",
             ]),
         );
-        assert_eq!(json["version"], 1);
+        assert_eq!(json["version"], crate::report::REPORT_VERSION);
+        for key in ["other_suspects", "segments"] {
+            assert!(json[key].is_array(), "{key} is a list");
+        }
         assert_contract(
             &keys(&json["target"]),
             &sorted(vec!["pid", "comm", "cmdline", "exited", "oom_killed"]),
@@ -91,14 +94,24 @@ mod tests {
                 "frames",
                 "verdict",
                 "reason",
+                "culprit",
+                "view",
+                "evidence",
+                "variants",
             ]),
         );
+        assert_eq!(leak["culprit"]["function"], "rememberOrder");
+        assert_eq!(leak["view"], "mmap");
+        assert_eq!(leak["sources"], serde_json::json!(["mmap", "faults"]));
+        assert_eq!(leak["verdict"], "leak");
         assert_contract(
             &keys(&leak["frames"][0]),
             &sorted(vec!["function", "module", "file", "line", "kind"]),
         );
         assert_eq!(leak["frames"][0]["kind"], "js");
-        assert_eq!(json["leaks"][2]["frames"][0]["kind"], "kernel");
+        assert_eq!(json["other_suspects"][0]["frames"][0]["kind"], "kernel");
+        assert_eq!(json["segments"][0]["kind"], "malloc-arena");
+        assert_eq!(json["segments"][0]["extended_by"][0]["verdict"], "unattributed");
         assert_contract(
             &keys(&json["oom_kills"][0]),
             &sorted(vec![

@@ -1,6 +1,10 @@
 //! Gzipped pprof profile (`--pprof`), readable by `go tool pprof`, Pyroscope, Parca and
-//! speedscope. One sample per leak with values `[inuse_objects, inuse_space,
-//! growth_rate]`; `inuse_space` is the default.
+//! speedscope. One sample per stack variant of every suspect, with values
+//! `[inuse_objects, inuse_space, <view>_space..., growth_rate]`: `inuse_*` count the
+//! report's primary view only (the default sample type; the mapped view includes the
+//! program break's growth, disjoint address ranges), and each view present has its
+//! own `<view>_space` column (`mapped_space`, `touched_space`, `malloc_space`,
+//! `js_heap_space`, `arena_space`), so no sample type adds two views together.
 
 pub mod proto;
 
@@ -12,11 +16,22 @@ use flate2::write::GzEncoder;
 use prost::Message;
 
 use super::ExportError;
-use crate::report::{Frame, Leak, Report};
+use crate::report::{Frame, Leak, Report, Source, Variant};
+
+/// The sample type of one view's bytes.
+#[must_use]
+pub fn view_sample_type(view: Source) -> String {
+    format!("{}_space", view.view().replace('-', "_"))
+}
 
 /// Sample types in value order: (type, unit).
-pub const SAMPLE_TYPES: [(&str, &str); 3] =
-    [("inuse_objects", "count"), ("inuse_space", "bytes"), ("growth_rate", "bytes_per_second")];
+#[must_use]
+pub fn sample_types(report: &Report) -> Vec<(String, &'static str)> {
+    let mut types = vec![("inuse_objects".to_string(), "count"), ("inuse_space".to_string(), "bytes")];
+    types.extend(report.views_present().into_iter().map(|v| (view_sample_type(v), "bytes")));
+    types.push(("growth_rate".to_string(), "bytes_per_second"));
+    types
+}
 
 /// Writes the profile as gzip-compressed protobuf, as pprof expects on disk.
 pub fn write_pprof<W: Write>(report: &Report, out: W) -> Result<(), ExportError> {
@@ -32,10 +47,23 @@ pub fn profile(report: &Report) -> proto::Profile {
     let mut builder = Builder::default();
     // string_table[0] must be "".
     builder.string("");
-    let sample_type = SAMPLE_TYPES.iter().map(|(ty, unit)| builder.value_type(ty, unit)).collect();
+    let sample_type = sample_types(report).iter().map(|(ty, unit)| builder.value_type(ty, unit)).collect();
     let default_sample_type = builder.string("inuse_space");
-    let samples = report.leaks.iter().map(|leak| builder.sample(leak)).collect();
-    let comment = comments(report).iter().map(|c| builder.string(c)).collect();
+    let primary = report.primary_view();
+    let views = report.views_present();
+    let mut samples = Vec::new();
+    for leak in report.all_suspects() {
+        let variants = leak.variants_or_self();
+        // The suspect's growth goes on its largest stack in its own view, once.
+        let growth_on = variants.iter().position(|v| v.source == leak.view).unwrap_or(0);
+        for (i, variant) in variants.iter().enumerate() {
+            let growth = if i == growth_on { leak.growth_bytes_per_s } else { 0.0 };
+            samples.push(builder.sample(leak, variant, primary, &views, growth));
+        }
+    }
+    let mut comments = comments(report);
+    comments.push(format!("inuse_space/inuse_objects: the {} view", primary.view()));
+    let comment: Vec<i64> = comments.iter().map(|c| builder.string(c)).collect();
     proto::Profile {
         sample_type,
         sample: samples,
@@ -101,25 +129,49 @@ impl Builder {
         proto::ValueType { r#type: self.string(ty), unit: self.string(unit) }
     }
 
-    fn sample(&mut self, leak: &Leak) -> proto::Sample {
-        let location_id = leak.frames.iter().map(|frame| self.location(frame)).collect();
+    fn sample(
+        &mut self,
+        leak: &Leak,
+        v: &Variant,
+        primary: Source,
+        views: &[Source],
+        growth: f64,
+    ) -> proto::Sample {
+        let location_id = v.frames.iter().map(|frame| self.location(frame)).collect();
         let mut label = Vec::new();
-        if !leak.sources.is_empty() {
+        if let Some(source) = v.source {
             label.push(proto::Label {
                 key: self.string("source"),
-                str: self.string(&leak.sources.join(",")),
+                str: self.string(source.name()),
                 ..proto::Label::default()
             });
         }
+        if !leak.culprit.function.is_empty() {
+            let culprit = leak.culprit.label();
+            label.push(proto::Label {
+                key: self.string("culprit"),
+                str: self.string(&culprit),
+                ..proto::Label::default()
+            });
+        }
+        label.push(proto::Label {
+            key: self.string("verdict"),
+            str: self.string(leak.verdict.name()),
+            ..proto::Label::default()
+        });
         label.push(proto::Label {
             key: self.string("oldest_age"),
             num: nanos(leak.oldest_age_s),
             num_unit: self.string("nanoseconds"),
             ..proto::Label::default()
         });
+        let in_primary = v.source.is_some_and(|s| s.shown_in(primary));
+        let mut value =
+            vec![if in_primary { signed(v.count) } else { 0 }, if in_primary { signed(v.bytes) } else { 0 }];
+        value.extend(views.iter().map(|view| if v.source == Some(*view) { signed(v.bytes) } else { 0 }));
         // `as` saturates; NaN becomes 0.
-        let growth = leak.growth_bytes_per_s.round() as i64;
-        proto::Sample { location_id, value: vec![signed(leak.count), signed(leak.bytes), growth], label }
+        value.push(growth.round() as i64);
+        proto::Sample { location_id, value, label }
     }
 
     fn location(&mut self, frame: &Frame) -> u64 {
@@ -211,14 +263,33 @@ mod tests {
             .iter()
             .map(|vt| (string(&profile, vt.r#type), string(&profile, vt.unit)))
             .collect();
-        assert_eq!(types, SAMPLE_TYPES);
+        assert_eq!(
+            types,
+            [
+                ("inuse_objects", "count"),
+                ("inuse_space", "bytes"),
+                ("mapped_space", "bytes"),
+                ("arena_space", "bytes"),
+                ("touched_space", "bytes"),
+                ("growth_rate", "bytes_per_second")
+            ]
+        );
         assert_eq!(string(&profile, profile.default_sample_type), "inuse_space");
         assert_eq!(profile.duration_nanos, 30_000_000_000);
 
+        // Each sample type's total is its view's total; inuse_* is the mapped view (with the
+        // break's growth), never plus the touched pages of the same memory.
         let total = |i: usize| profile.sample.iter().map(|s| s.value[i]).sum::<i64>();
+        let view = |s: Source| {
+            i64::try_from(report.totals.views.iter().find(|v| v.source == Some(s)).expect("view").bytes)
+                .expect("fits")
+        };
         assert_eq!(total(1), i64::try_from(report.totals.outstanding_bytes).expect("fits"));
         assert_eq!(total(0), 305);
-        assert_eq!(total(2), 409_600 - 11);
+        assert_eq!(total(2), view(Source::Mmap));
+        assert_eq!(total(3), view(Source::Brk));
+        assert_eq!(total(4), view(Source::Faults));
+        assert_eq!(total(5), 409_600 - 11);
 
         // The biggest sample's leaf names the leaking JS function and its file.
         let biggest = profile.sample.iter().max_by_key(|s| s.value[1]).expect("samples");
@@ -233,7 +304,7 @@ mod tests {
             .filter(|l| l.str != 0)
             .map(|l| (string(&profile, l.key), string(&profile, l.str)))
             .collect();
-        assert_eq!(labels, [("source", "mmap,faults")]);
+        assert_eq!(labels, [("source", "mmap"), ("culprit", "rememberOrder app.js:9"), ("verdict", "leak")]);
     }
 
     #[test]
@@ -249,7 +320,7 @@ mod tests {
             }
         }
         for sample in &profile.sample {
-            assert_eq!(sample.value.len(), SAMPLE_TYPES.len());
+            assert_eq!(sample.value.len(), profile.sample_type.len());
             for id in &sample.location_id {
                 assert!((1..=profile.location.len() as u64).contains(id));
             }
@@ -268,6 +339,6 @@ mod tests {
     fn empty_report_is_a_valid_profile() {
         let profile = decode(&Report::default());
         assert!(profile.sample.is_empty());
-        assert_eq!(profile.sample_type.len(), SAMPLE_TYPES.len());
+        assert_eq!(profile.sample_type.len(), 3, "inuse_objects, inuse_space, growth_rate");
     }
 }

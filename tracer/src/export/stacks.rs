@@ -3,48 +3,44 @@
 
 use std::collections::BTreeMap;
 
-use crate::report::{Frame, FrameKind, Leak, Report};
+use crate::report::{Frame, FrameKind, Report, Source};
 
-/// Which number of a leak a flamegraph-style export weighs its stacks by.
+/// Which number of a suspect a flamegraph-style export weighs its stacks by. Each
+/// selector shows one view: views are never added together.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FlameValue {
-    /// Outstanding bytes.
+    /// Held bytes in the report's primary view ([`Report::primary_view`]).
     #[default]
     Outstanding,
-    /// Outstanding allocations.
+    /// Held allocations in the primary view.
     Count,
-    /// Growth in bytes per second, rounded; shrinking stacks count as zero.
+    /// Growth in bytes per second of each suspect (on its largest stack), rounded;
+    /// shrinking suspects count as zero.
     Growth,
-    /// Resident bytes by the stack that first touched them: the bytes of leaks from
-    /// page-fault samples (source `faults`); other leaks count as zero.
+    /// Resident bytes by the stack that first touched them (the touched view).
     Faults,
+    /// Live JS heap bytes (the JS heap view).
+    JsHeap,
 }
 
 impl FlameValue {
-    /// The value of `leak` under this selector.
-    #[must_use]
-    pub fn of(self, leak: &Leak) -> u64 {
-        // Page-fault samples are a second view of memory already counted by the mapping
-        // that holds it: only the `Faults` selector shows them, so no total counts twice.
-        let faulted = !leak.sources.is_empty() && leak.sources.iter().all(|s| s == "faults");
-        match self {
-            Self::Faults if leak.sources.iter().any(|s| s == "faults") => leak.bytes,
-            Self::Faults => 0,
-            _ if faulted => 0,
-            Self::Outstanding => leak.bytes,
-            Self::Count => leak.count,
-            // `as` saturates: NaN and negative rates become 0, huge ones u64::MAX.
-            Self::Growth => leak.growth_bytes_per_s.round() as u64,
-        }
-    }
-
     /// What the value counts, for axis and tooltip labels.
     #[must_use]
     pub fn unit(self) -> &'static str {
         match self {
-            Self::Outstanding | Self::Faults => "bytes",
+            Self::Outstanding | Self::Faults | Self::JsHeap => "bytes",
             Self::Count => "allocations",
             Self::Growth => "bytes/s",
+        }
+    }
+
+    /// The view this selector shows in `report`.
+    #[must_use]
+    pub fn view(self, report: &Report) -> Source {
+        match self {
+            Self::Faults => Source::Faults,
+            Self::JsHeap => Source::JsHeap,
+            Self::Outstanding | Self::Count | Self::Growth => report.primary_view(),
         }
     }
 }
@@ -65,23 +61,45 @@ pub struct WeightedStack<'a> {
     pub value: u64,
 }
 
-/// Every leak whose selected value is non-zero, in report order, with its frames root
-/// first. A leak without frames gets a single `[unknown]` frame.
+/// Every stack variant of every suspect with a non-zero value under the selector, in
+/// report order, frames root first. A stack without frames gets a single `[unknown]`
+/// frame.
 #[must_use]
 pub fn weighted_stacks(report: &Report, value: FlameValue) -> Vec<WeightedStack<'_>> {
-    report
-        .leaks
-        .iter()
-        .filter_map(|leak| {
-            let value = value.of(leak);
-            if value == 0 {
-                return None;
+    let view = value.view(report);
+    let mut out = Vec::new();
+    for leak in report.all_suspects() {
+        if value == FlameValue::Growth {
+            // `as` saturates: NaN and negative rates become 0, huge ones u64::MAX.
+            let growth = leak.growth_bytes_per_s.round() as u64;
+            if growth > 0 && leak.view.is_none_or(|s| s.shown_in(view)) {
+                out.push(WeightedStack { frames: root_first(&leak.frames), value: growth });
             }
-            let frames =
-                if leak.frames.is_empty() { vec![&NO_FRAMES] } else { leak.frames.iter().rev().collect() };
-            Some(WeightedStack { frames, value })
-        })
-        .collect()
+            continue;
+        }
+        if leak.variants.is_empty() {
+            // A version-1 suspect: one stack, one view.
+            let v = leak.variants_or_self();
+            if v[0].source.is_some_and(|s| s.shown_in(view)) {
+                let n = if value == FlameValue::Count { leak.count } else { leak.bytes };
+                if n > 0 {
+                    out.push(WeightedStack { frames: root_first(&leak.frames), value: n });
+                }
+            }
+            continue;
+        }
+        for variant in leak.variants.iter().filter(|v| v.source.is_some_and(|s| s.shown_in(view))) {
+            let n = if value == FlameValue::Count { variant.count } else { variant.bytes };
+            if n > 0 {
+                out.push(WeightedStack { frames: root_first(&variant.frames), value: n });
+            }
+        }
+    }
+    out
+}
+
+fn root_first(frames: &[Frame]) -> Vec<&Frame> {
+    if frames.is_empty() { vec![&NO_FRAMES] } else { frames.iter().rev().collect() }
 }
 
 /// Collapsed stacks: `root;...;leaf` to the summed value, identical stacks merged and
@@ -130,7 +148,10 @@ mod tests {
     fn stacks_are_root_first_and_skip_zero_values() {
         let report = sample_report();
         let stacks = weighted_stacks(&report, FlameValue::Outstanding);
-        assert_eq!(stacks.len(), report.leaks.len());
+        // Every mapped and arena stack of every suspect and segment; the touched variant
+        // of the same memory is not among them.
+        assert_eq!(stacks.len(), 4);
+        assert_eq!(stacks.iter().map(|s| s.value).sum::<u64>(), report.totals.outstanding_bytes);
         assert_eq!(stacks[0].frames.first().map(|f| f.function.as_str()), Some("main"));
         assert_eq!(stacks[0].frames.last().map(|f| f.function.as_str()), Some("rememberOrder"));
         // Only the first leak grows; the others are flat or shrinking.

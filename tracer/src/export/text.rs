@@ -5,7 +5,7 @@ use std::io::Write;
 
 use super::ExportError;
 use super::human::{bytes, duration, plural, rate};
-use crate::report::{Frame, FrameKind, Leak, OomKill, Report, TimelinePoint};
+use crate::report::{Frame, FrameKind, Leak, OomKill, Report, SegmentVerdict, Source, TimelinePoint};
 
 /// Frames printed per suspect: enough to reach the caller's code through allocator, V8
 /// and framework frames; the rest is summarized in one line.
@@ -14,15 +14,67 @@ const MAX_FRAMES: usize = 32;
 /// A memcg limit this large is the kernel's "max" (no limit).
 const UNLIMITED: u64 = 1 << 60;
 
-/// Writes the report for a person: header, the `top` biggest leak suspects with their
-/// stacks, OOM kills, and a timeline summary.
+/// Writes the report for a person: the answer first (the top culprit), the header, a
+/// table of flagged culprits, growing segments, where the memory is, then the details of
+/// the `top` culprits, other memory held, OOM kills and a timeline summary.
 pub fn write_text<W: Write>(report: &Report, top: usize, mut out: W) -> Result<(), ExportError> {
     write_header(report, &mut out)?;
-    write_leaks(report, top, &mut out)?;
+    write_leak_table(report, top, &mut out)?;
+    write_segments(report, &mut out)?;
+    write_memory(report, &mut out)?;
+    write_details(report, top, &mut out)?;
+    write_others(report, top, &mut out)?;
     write_oom_kills(&report.oom_kills, &mut out)?;
     write_timeline(&report.timeline, &mut out)?;
     out.flush()?;
     Ok(())
+}
+
+/// `rememberOrder (server.js:30)`.
+fn culprit_name(leak: &Leak) -> String {
+    let c = &leak.culprit;
+    if c.function.is_empty() && c.file.is_empty() {
+        // A version-1 suspect: the leaf frame.
+        return leak.frames.first().map_or_else(|| "[no stack captured]".to_string(), Frame::label);
+    }
+    let function = if c.function.is_empty() { "(anonymous)" } else { &c.function };
+    if !c.file.is_empty() && c.line > 0 {
+        let file = c.file.rsplit('/').next().unwrap_or(&c.file);
+        format!("{function} ({file}:{})", c.line)
+    } else {
+        c.label()
+    }
+}
+
+/// `12.0 MiB mapped` (or `in 300 sampled pages` for the touched view).
+fn held(leak: &Leak) -> String {
+    match leak.view {
+        Some(view) => format!("{} {}", bytes(leak.bytes), view.view()),
+        None => bytes(leak.bytes),
+    }
+}
+
+/// The first line: what a person must fix, or why nothing is named.
+fn write_answer(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    if let Some(leak) = report.leaks.first() {
+        return writeln!(
+            out,
+            "#1 {}: {} — {}, {}",
+            leak.verdict,
+            culprit_name(leak),
+            held(leak),
+            rate(leak.growth_bytes_per_s)
+        );
+    }
+    if let Some(seg) = report.segments.iter().find(|s| s.verdict != SegmentVerdict::Flat) {
+        return writeln!(
+            out,
+            "No leak named: the {} grew ({}); the stacks that extended it need not hold it (see below)",
+            seg.kind.label(),
+            seg.reason
+        );
+    }
+    writeln!(out, "No leak found: no memory traced keeps growing at a stack that holds it.")
 }
 
 fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
@@ -32,6 +84,7 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     } else {
         writeln!(out, "memtrace report for pid {} ({})", target.pid, target.comm)?;
     }
+    write_answer(report, out)?;
     if report.lost_events > 0 {
         writeln!(
             out,
@@ -54,11 +107,21 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let totals = &report.totals;
     writeln!(
         out,
-        "  outstanding:  {} (allocated {}, freed {})",
+        "  mapped:       {} held (allocated {}, freed {})",
         bytes(totals.outstanding_bytes),
         bytes(totals.allocated_bytes),
         bytes(totals.freed_bytes)
     )?;
+    for v in totals.views.iter().filter(|v| matches!(v.source, Some(Source::Malloc | Source::JsHeap))) {
+        let name = v.source.map_or("", Source::view);
+        writeln!(
+            out,
+            "  {:<13} {} held in {}",
+            format!("{name}:"),
+            bytes(v.bytes),
+            plural(v.count, "block", "blocks")
+        )?;
+    }
     if totals.resident_bytes > 0 {
         let rss_growth = match (report.timeline.first(), report.timeline.last()) {
             (Some(a), Some(b)) => b.rss_bytes.saturating_sub(a.rss_bytes),
@@ -82,71 +145,197 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out, "  lost events:  {}", report.lost_events)
 }
 
-fn write_leaks(report: &Report, top: usize, out: &mut impl Write) -> std::io::Result<()> {
+/// Other views' bytes of a suspect, e.g. `touched 10.0 MiB`.
+fn also(leak: &Leak) -> String {
+    leak.evidence
+        .iter()
+        .filter(|e| e.source != leak.view && e.source.is_some())
+        .map(|e| format!("{} {}", e.source.map_or("", Source::view), bytes(e.bytes)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn write_leak_table(report: &Report, top: usize, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(out)?;
     if report.leaks.is_empty() {
-        return writeln!(out, "No leak suspects: no outstanding memory was attributed to a stack.");
+        return writeln!(out, "No leak suspects: no memory keeps growing at a stack that holds it.");
     }
-    writeln!(out, "Leak suspects (unfreed memory by allocating stack, most suspect first):")?;
-    let mut leaks: Vec<&Leak> = report.leaks.iter().collect();
-    // Stable, so equal scores keep the report's order.
-    leaks.sort_by(|a, b| b.score.total_cmp(&a.score));
-    for (rank, leak) in leaks.iter().take(top).enumerate() {
-        writeln!(out)?;
-        write_leak(rank + 1, leak, out)?;
-    }
-    let rest = &leaks[top.min(leaks.len())..];
-    if !rest.is_empty() {
-        let rest_bytes = rest.iter().fold(0_u64, |sum, leak| sum.saturating_add(leak.bytes));
-        writeln!(out)?;
+    writeln!(out, "Leaks (one line per culprit, most suspect first):")?;
+    writeln!(out, "  {:<3} {:<44} {:>20}  {:>14}  verdict", "#", "culprit", "held", "growth")?;
+    for (rank, leak) in report.leaks.iter().take(top).enumerate() {
         writeln!(
             out,
-            "... and {} more {} ({})",
-            rest.len(),
-            if rest.len() == 1 { "stack" } else { "stacks" },
+            "  {:<3} {:<44} {:>20}  {:>14}  {}",
+            rank + 1,
+            culprit_name(leak),
+            held(leak),
+            rate(leak.growth_bytes_per_s),
+            leak.verdict
+        )?;
+        let also = also(leak);
+        if !also.is_empty() {
+            writeln!(out, "      also seen: {also}")?;
+        }
+    }
+    let rest = &report.leaks[top.min(report.leaks.len())..];
+    if !rest.is_empty() {
+        let rest_bytes = rest.iter().fold(0_u64, |sum, leak| sum.saturating_add(leak.bytes));
+        writeln!(
+            out,
+            "  ... and {} more ({})",
+            plural(rest.len() as u64, "culprit", "culprits"),
             bytes(rest_bytes)
         )?;
     }
     Ok(())
 }
 
-fn write_leak(rank: usize, leak: &Leak, out: &mut impl Write) -> std::io::Result<()> {
+fn write_segments(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    if report.segments.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(out, "Segments (memory that grows as a whole; the stacks that extended it need not hold it):")?;
+    for seg in &report.segments {
+        let verdict = match seg.verdict {
+            SegmentVerdict::Growing => "growing",
+            SegmentVerdict::Flat => "not growing",
+            SegmentVerdict::Fragmentation => "fragmentation",
+        };
+        writeln!(out, "  {}: {verdict} — {}", seg.kind.label(), seg.reason)?;
+        let total: u64 = seg.extended_by.iter().map(|l| l.bytes).sum();
+        let who: Vec<String> = seg
+            .extended_by
+            .iter()
+            .take(3)
+            .map(|l| {
+                format!(
+                    "{} ({}, {:.0}%)",
+                    culprit_name(l),
+                    bytes(l.bytes),
+                    l.bytes as f64 * 100.0 / total.max(1) as f64
+                )
+            })
+            .collect();
+        writeln!(out, "    extended by: {}", who.join("; "))?;
+        writeln!(out, "    {}", seg.advice)?;
+    }
+    Ok(())
+}
+
+fn write_memory(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    let Some(m) = &report.memory else { return Ok(()) };
+    writeln!(out)?;
     writeln!(
         out,
-        "#{rank}  {} in {}, oldest {}, growth {}",
-        bytes(leak.bytes),
-        if leak.sources.iter().all(|s| s == "faults") && !leak.sources.is_empty() {
-            // Each page-fault sample stands for --fault-sample pages.
-            plural(leak.count, "sampled page", "sampled pages")
-        } else {
-            plural(leak.count, "allocation", "allocations")
-        },
+        "Where the memory is (resident, from /proc/PID/smaps, over {}):",
+        duration(m.span_s as f64)
+    )?;
+    let (first, last) = (m.first.parts(), m.last.parts());
+    let mut grew: Option<(&str, i128)> = None;
+    for ((name, a), (_, b)) in first.iter().zip(last.iter()) {
+        if *a == 0 && *b == 0 {
+            continue;
+        }
+        let change = i128::from(*b) - i128::from(*a);
+        let sign = if change < 0 { "-" } else { "+" };
+        writeln!(
+            out,
+            "  {name:<20} {:>12} -> {:>12}  ({sign}{})",
+            bytes(*a),
+            bytes(*b),
+            bytes(change.unsigned_abs() as u64)
+        )?;
+        if change > 0 && grew.is_none_or(|(_, c)| change > c) {
+            grew = Some((name, change));
+        }
+    }
+    if let Some((name, change)) = grew {
+        writeln!(out, "  grew most: {name} (+{})", bytes(change as u64))?;
+    }
+    Ok(())
+}
+
+fn write_details(report: &Report, top: usize, out: &mut impl Write) -> std::io::Result<()> {
+    for (rank, leak) in report.leaks.iter().take(top).enumerate() {
+        writeln!(out)?;
+        write_leak(rank + 1, leak, out)?;
+    }
+    Ok(())
+}
+
+fn write_others(report: &Report, top: usize, out: &mut impl Write) -> std::io::Result<()> {
+    if report.other_suspects.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(out, "Other memory held, not flagged (warm-up, in flight, or seen only by first touch):")?;
+    for leak in report.other_suspects.iter().take(top) {
+        writeln!(out, "  {:<44} {:>20}  {} — {}", culprit_name(leak), held(leak), leak.verdict, leak.reason)?;
+    }
+    let rest = report.other_suspects.len().saturating_sub(top);
+    if rest > 0 {
+        writeln!(out, "  ... and {} more", plural(rest as u64, "culprit", "culprits"))?;
+    }
+    Ok(())
+}
+
+fn write_leak(rank: usize, leak: &Leak, out: &mut impl Write) -> std::io::Result<()> {
+    let unit = if leak.view == Some(Source::Faults) {
+        // Each page-fault sample stands for --fault-sample pages.
+        plural(leak.count, "sampled page", "sampled pages")
+    } else {
+        plural(leak.count, "allocation", "allocations")
+    };
+    writeln!(out, "#{rank}  {}", culprit_name(leak))?;
+    writeln!(
+        out,
+        "    {} in {unit}, oldest {}, growth {}",
+        held(leak),
         duration(leak.oldest_age_s),
         rate(leak.growth_bytes_per_s)
     )?;
-    if leak.sources.iter().all(|s| s == "faults") && !leak.sources.is_empty() {
-        writeln!(
-            out,
-            "    from faults: resident pages first touched here (a second view of memory mapped elsewhere)"
-        )?;
-    } else if !leak.sources.is_empty() {
-        writeln!(out, "    from {}", leak.sources.join(", "))?;
+    let also = also(leak);
+    if !also.is_empty() {
+        writeln!(out, "    also seen: {also} (other views of memory; never added)")?;
     }
-    if !leak.verdict.is_empty() {
-        writeln!(out, "    verdict: {} — {}", leak.verdict, leak.reason)?;
+    writeln!(out, "    verdict: {} — {}", leak.verdict, leak.reason)?;
+    let stacks = leak.variants.iter().filter(|v| v.source == leak.view).count().max(1);
+    if stacks > 1 {
+        let largest = leak.variants.iter().find(|v| v.source == leak.view);
+        let share = largest.map_or(0.0, |v| v.bytes as f64 * 100.0 / leak.bytes.max(1) as f64);
+        writeln!(out, "    {stacks} stacks lead here; the largest ({share:.0}% of {}):", held(leak))?;
     }
-    if leak.frames.is_empty() {
+    write_frames(leak, out)
+}
+
+/// The stack, with the frames on the leaf side of the culprit (allocator, V8, node)
+/// summarized and the culprit marked.
+fn write_frames(leak: &Leak, out: &mut impl Write) -> std::io::Result<()> {
+    let frames = &leak.frames;
+    if frames.is_empty() {
         return writeln!(out, "      (no stack)");
     }
-    for frame in leak.frames.iter().take(MAX_FRAMES) {
-        writeln!(out, "      {}", frame_line(frame))?;
+    let at = frames.iter().position(|f| *f == leak.culprit).unwrap_or(0);
+    if at > 0 {
+        let leaf = frame_line(&frames[0]);
+        writeln!(
+            out,
+            "      ({} below it, from {leaf})",
+            plural(at as u64, "runtime frame", "runtime frames")
+        )?;
     }
-    if leak.frames.len() > MAX_FRAMES {
+    for (i, frame) in frames.iter().enumerate().skip(at).take(MAX_FRAMES) {
+        let mark = if i == at { "->" } else { "  " };
+        writeln!(out, "    {mark}{}", frame_line(frame))?;
+    }
+    let shown = at + MAX_FRAMES;
+    if frames.len() > shown {
         writeln!(
             out,
             "      ... {} more frames down to {} (all of them are in --json and --flamegraph)",
-            leak.frames.len() - MAX_FRAMES,
-            leak.frames.last().map_or_else(String::new, frame_line)
+            frames.len() - shown,
+            frames.last().map_or_else(String::new, frame_line)
         )?;
     }
     Ok(())
@@ -250,30 +439,37 @@ mod tests {
     fn renders_the_expected_report() {
         let expected = "\
 memtrace report for pid 4242 (node)
+#1 leak: rememberOrder (app.js:9) — 12.0 MiB mapped, +400.0 KiB/s
 WARNING: 7 events were lost: the figures below are lower bounds.
   command:      node /srv/app.js
   status:       killed by the OOM killer
   traced for:   30.0s
   tracking:     mmap, brk, faults, oom
-  outstanding:  13.0 MiB (allocated 40.0 MiB, freed 27.0 MiB)
+  mapped:       13.0 MiB held (allocated 40.0 MiB, freed 27.0 MiB)
+  touched:      12.0 MiB of pages first touched while tracing and still held (sampled), 6% of the RSS growth of 190.0 MiB
   lost events:  7
 
-Leak suspects (unfreed memory by allocating stack, most suspect first):
+Leaks (one line per culprit, most suspect first):
+  #   culprit                                                      held          growth  verdict
+  1   rememberOrder (app.js:9)                          12.0 MiB mapped    +400.0 KiB/s  leak
+      also seen: touched 12.0 MiB
 
-#1  12.0 MiB in 300 allocations, oldest 29.5s, growth +400.0 KiB/s
-    from mmap, faults
-      rememberOrder app.js:9 [js]
+Segments (memory that grows as a whole; the stacks that extended it need not hold it):
+  malloc arena: growing — +1.0 MiB in 30s (2.0 MiB/min)
+    extended by: malloc [libc.so.6] (1.0 MiB, 99%); rememberOrder (app.js:9) (8.0 KiB, 1%)
+    to name who holds the blocks: --track malloc
+
+#1  rememberOrder (app.js:9)
+    12.0 MiB mapped in 300 allocations, oldest 29.5s, growth +400.0 KiB/s
+    also seen: touched 12.0 MiB (other views of memory; never added)
+    verdict: leak — grew 24.0 MiB/min in 19 of 20 intervals over 30s and was still growing at the end
+    ->rememberOrder app.js:9 [js]
       handleRequest app.js:22 [js]
       uv_run [node]
       main [node]
 
-#2  1.0 MiB in 2 allocations, oldest 12.3s, growth 0 B/s
-    from brk
-      malloc [libc.so.6]
-      v8::internal::Heap::AllocateRaw heap.cc:120
-      main [node]
-
-... and 2 more stacks (12.0 KiB)
+Other memory held, not flagged (warm-up, in flight, or seen only by first touch):
+  do_anonymous_page                                  4.0 KiB mapped  churn — took 8.0 KiB in all but holds 4.0 KiB now (peak 8.0 KiB): memory is given back (churn)
 
 OOM kills (1):
   pid 4242 (node): anon-rss 480.0 MiB, file-rss 12.0 MiB, shmem-rss 0 B, total-vm 1.2 GiB, oom_score_adj 0
@@ -287,15 +483,37 @@ Timeline (3 samples from 0.0s to 30.0s):
     }
 
     #[test]
-    fn orders_by_score_and_marks_kernel_frames() {
+    fn runtime_frames_below_the_culprit_are_summarized() {
         let mut report = sample_report();
-        report.leaks.reverse();
+        let leak = &mut report.leaks[0];
+        let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+        let mut frames = vec![
+            Frame {
+                function: "__memset_avx2".into(),
+                module: libc.into(),
+                kind: FrameKind::Native,
+                ..Frame::default()
+            },
+            Frame { function: "do_page_fault".into(), kind: FrameKind::Kernel, ..Frame::default() },
+        ];
+        frames.extend(leak.frames.iter().cloned());
+        leak.frames = frames;
         let text = render(&report, 10);
-        let first = text.find("#1  12.0 MiB").expect("biggest score ranked first");
-        let third = text.find("#3  4.0 KiB").expect("kernel stack ranked third");
-        assert!(first < third);
-        assert!(text.contains("      do_anonymous_page [kernel]\n      [unknown]\n"));
-        assert!(!text.contains("more stack"));
+        assert!(text.contains("      (2 runtime frames below it, from __memset_avx2 [libc.so.6])\n    ->rememberOrder app.js:9 [js]\n"), "{text}");
+        assert!(!text.contains("do_page_fault"), "{text}");
+    }
+
+    #[test]
+    fn without_a_leak_the_first_line_says_why() {
+        let mut report = sample_report();
+        report.leaks.clear();
+        let text = render(&report, 10);
+        let second = text.lines().nth(1).expect("two lines");
+        assert!(second.starts_with("No leak named: the malloc arena grew"), "{second}");
+        report.segments.clear();
+        let text = render(&report, 10);
+        assert!(text.lines().nth(1).expect("two lines").starts_with("No leak found"), "{text}");
+        assert!(text.contains("do_anonymous_page [kernel]") || text.contains("do_anonymous_page"), "{text}");
     }
 
     #[test]
@@ -304,6 +522,7 @@ Timeline (3 samples from 0.0s to 30.0s):
         let text = render(&report, 10);
         assert!(!text.contains("WARNING"));
         assert!(text.contains("No leak suspects"));
+        assert!(text.contains("No leak found"));
         assert!(!text.contains("OOM kills"));
         assert!(!text.contains("Timeline"));
     }

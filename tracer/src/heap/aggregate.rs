@@ -98,7 +98,7 @@ pub fn drop_allocator_internal(
     mapped
         .into_iter()
         .filter(|agg| {
-            agg.sources.contains(&Source::Faults)
+            agg.source == Source::Faults
                 || !table.get(agg.stack).iter().enumerate().any(|(i, &addr)| {
                     // Return addresses point after their call instruction.
                     inside(if i == 0 { addr } else { addr.saturating_sub(1) })
@@ -189,8 +189,7 @@ mod tests {
         let direct = table.intern(&[0x7000, 0x4010, 0x4020]);
         // a return address just past malloc's end is a call at its last instruction
         let edge = table.intern(&[0x7000, 0x1100, 0x4000]);
-        let agg =
-            |stack, source| StackAgg { stack, bytes: 4096, count: 1, oldest_ts_ns: 1, sources: vec![source] };
+        let agg = |stack, source| StackAgg { stack, bytes: 4096, count: 1, oldest_ts_ns: 1, source };
         let mapped = vec![
             agg(internal, Source::Mmap),
             agg(direct, Source::Mmap),
@@ -198,7 +197,7 @@ mod tests {
             agg(internal, Source::Faults),
         ];
         let kept = drop_allocator_internal(mapped, &table, |addr| (0x1000..0x1100).contains(&addr));
-        let kept: Vec<_> = kept.iter().map(|a| (a.stack, a.sources[0])).collect();
+        let kept: Vec<_> = kept.iter().map(|a| (a.stack, a.source)).collect();
         assert_eq!(kept, vec![(direct, Source::Mmap), (internal, Source::Faults)]);
     }
 

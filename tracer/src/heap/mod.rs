@@ -330,7 +330,7 @@ impl HeapTracker {
                 bytes: agg.bytes,
                 count: agg.count(),
                 oldest_ts_ns: agg.oldest_ts_ns,
-                sources: vec![Source::Malloc],
+                source: Source::Malloc,
             })
             .collect()
     }

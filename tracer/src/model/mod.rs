@@ -18,27 +18,7 @@ pub struct StackId(pub u32);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AllocId(pub u64);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Source {
-    Mmap,
-    Brk,
-    /// Resident pages first touched by the stack (sampled page faults).
-    Faults,
-    /// Heap blocks from the malloc family (`--track malloc`, see `crate::heap`).
-    Malloc,
-}
-
-impl Source {
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Mmap => "mmap",
-            Self::Brk => "brk",
-            Self::Faults => "faults",
-            Self::Malloc => "malloc",
-        }
-    }
-}
+pub use crate::report::Source;
 
 const MAP_ANONYMOUS: u32 = 0x20;
 const MREMAP_DONTUNMAP: u32 = 4;
@@ -137,7 +117,8 @@ pub struct StackAgg {
     pub bytes: u64,
     pub count: u64,
     pub oldest_ts_ns: u64,
-    pub sources: Vec<Source>,
+    /// The view this memory is seen in.
+    pub source: Source,
 }
 
 /// A sampled resident page: who touched it first, and how many bytes it stands for.
@@ -377,7 +358,7 @@ impl LiveModel {
             let agg = aggs.entry(f.stack).or_insert_with(|| StackAgg {
                 stack: f.stack,
                 oldest_ts_ns: u64::MAX,
-                sources: vec![Source::Faults],
+                source: Source::Faults,
                 ..StackAgg::default()
             });
             agg.bytes += f.bytes;
@@ -388,16 +369,19 @@ impl LiveModel {
     }
 
     fn mapped_by_stack(&self, cutoff_ns: u64) -> Vec<StackAgg> {
-        let mut aggs: HashMap<StackId, (StackAgg, HashSet<AllocId>)> = HashMap::new();
+        let mut aggs: HashMap<(StackId, Source), (StackAgg, HashSet<AllocId>)> = HashMap::new();
         for (start, seg) in self.ranges.iter().filter(|(_, s)| !s.reserved && s.ts_ns <= cutoff_ns) {
-            let (agg, allocs) = aggs.entry(seg.stack).or_insert_with(|| {
-                (StackAgg { stack: seg.stack, oldest_ts_ns: u64::MAX, ..StackAgg::default() }, HashSet::new())
+            let (agg, allocs) = aggs.entry((seg.stack, seg.source)).or_insert_with(|| {
+                let agg = StackAgg {
+                    stack: seg.stack,
+                    oldest_ts_ns: u64::MAX,
+                    source: seg.source,
+                    ..StackAgg::default()
+                };
+                (agg, HashSet::new())
             });
             agg.bytes += seg.end - start;
             agg.oldest_ts_ns = agg.oldest_ts_ns.min(seg.ts_ns);
-            if !agg.sources.contains(&seg.source) {
-                agg.sources.push(seg.source);
-            }
             allocs.insert(seg.alloc);
         }
         aggs.into_values()
@@ -497,7 +481,7 @@ mod tests {
         m.apply(MemOp::Brk { new_brk: 0x101_0000 }, StackId(7), 3);
         assert_eq!(by(&m, 5).map(|a| a.bytes), Some(0x1_0000));
         assert!(by(&m, 6).is_none());
-        assert_eq!(by(&m, 5).map(|a| a.sources), Some(vec![Source::Brk]));
+        assert_eq!(by(&m, 5).map(|a| a.source), Some(Source::Brk));
     }
 
     #[test]
@@ -536,7 +520,7 @@ mod tests {
         m.apply(MemOp::Fault { addr: 0x10_0123, bytes: 64 * 4096 }, StackId(9), 2);
         m.apply(MemOp::Fault { addr: 0x10_8000, bytes: 64 * 4096 }, StackId(9), 3);
         m.apply(MemOp::Fault { addr: 0x90_0000, bytes: 64 * 4096 }, StackId(8), 4);
-        let faults: Vec<_> = m.by_stack().into_iter().filter(|a| a.sources == vec![Source::Faults]).collect();
+        let faults: Vec<_> = m.by_stack().into_iter().filter(|a| a.source == Source::Faults).collect();
         assert_eq!(faults.len(), 2);
         assert_eq!(faults[0].stack, StackId(9));
         assert_eq!((faults[0].bytes, faults[0].count), (128 * 4096, 2));

@@ -3,12 +3,18 @@
 use std::collections::HashMap;
 
 use super::StackId;
+use crate::report::Frame;
 
 /// Stacks by id. Id 0 is the unknown stack (no capture, or the table was full).
+///
+/// Most stacks are addresses to symbolize; views that see stacks already named (the JS
+/// heap profile) intern their frames instead ([`Self::intern_frames`]).
 #[derive(Debug)]
 pub struct StackTable {
     ids: HashMap<Box<[u64]>, StackId>,
     stacks: Vec<Box<[u64]>>,
+    symbolic_ids: HashMap<Box<[Frame]>, StackId>,
+    symbolic: HashMap<StackId, Box<[Frame]>>,
     capacity: usize,
     overflowed: u64,
 }
@@ -16,7 +22,40 @@ pub struct StackTable {
 impl StackTable {
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        Self { ids: HashMap::new(), stacks: vec![Box::new([])], capacity, overflowed: 0 }
+        Self {
+            ids: HashMap::new(),
+            stacks: vec![Box::new([])],
+            symbolic_ids: HashMap::new(),
+            symbolic: HashMap::new(),
+            capacity,
+            overflowed: 0,
+        }
+    }
+
+    /// The id of a stack known by its frames (leaf first), adding it if new. It shares
+    /// the table's capacity with address stacks and has no addresses.
+    pub fn intern_frames(&mut self, frames: &[Frame]) -> StackId {
+        if frames.is_empty() {
+            return StackId(0);
+        }
+        if let Some(id) = self.symbolic_ids.get(frames) {
+            return *id;
+        }
+        if self.stacks.len() > self.capacity {
+            self.overflowed += 1;
+            return StackId(0);
+        }
+        let id = StackId(self.stacks.len() as u32);
+        self.stacks.push(Box::new([]));
+        self.symbolic_ids.insert(frames.into(), id);
+        self.symbolic.insert(id, frames.into());
+        id
+    }
+
+    /// The frames of a stack interned by [`Self::intern_frames`].
+    #[must_use]
+    pub fn frames(&self, id: StackId) -> Option<&[Frame]> {
+        self.symbolic.get(&id).map(|f| &f[..])
     }
 
     /// The id of `frames` (leaf first), adding it if new. When the table is full, new
@@ -76,5 +115,17 @@ mod tests {
         assert_eq!(t.overflowed(), 1);
         assert_eq!(t.get(a), &[1, 2, 3]);
         assert_eq!(t.intern(&[]), StackId(0));
+    }
+
+    #[test]
+    fn symbolic_stacks_share_ids_and_capacity() {
+        let mut t = StackTable::new(2);
+        let f = vec![Frame { function: "keepJob".into(), ..Frame::default() }];
+        let a = t.intern_frames(&f);
+        assert_eq!(t.intern_frames(&f), a);
+        assert_eq!(t.frames(a).map(|f| f[0].function.as_str()), Some("keepJob"));
+        assert!(t.get(a).is_empty(), "no addresses to symbolize");
+        t.intern(&[1]);
+        assert_eq!(t.intern_frames(&[Frame::default()]), StackId(0), "full");
     }
 }

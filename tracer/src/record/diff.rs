@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::{
     cli::{FlameKind, OutputArgs},
     export::{self, ExportError, FlameValue},
-    report::{Frame, FrameKind, Leak, Report, Target, Totals},
+    report::{Frame, FrameKind, Leak, Report, Source, Target, Totals, Variant},
     units::human_bytes,
 };
 
@@ -63,8 +63,8 @@ pub struct StackDelta {
     pub b_bytes: u64,
     pub a_count: u64,
     pub b_count: u64,
-    /// Sources that contributed in either recording.
-    pub sources: Vec<String>,
+    /// Views the stack was seen in, in either recording.
+    pub sources: Vec<Source>,
     /// Leaf first, as in the report.
     pub frames: Vec<Frame>,
 }
@@ -77,12 +77,6 @@ fn delta(a: u64, b: u64) -> i64 {
 
 type FrameKey = (String, String, String, u32);
 
-/// Whether a leak counts resident pages (page-fault samples), a second view of memory
-/// that is kept apart from mapped memory of the same stack.
-fn is_resident(leak: &Leak) -> bool {
-    leak.sources.iter().any(|s| s == "faults")
-}
-
 fn frame_keys(frames: &[Frame]) -> Vec<FrameKey> {
     frames.iter().map(|f| (f.function.clone(), f.module.clone(), f.file.clone(), f.line)).collect()
 }
@@ -92,7 +86,7 @@ fn side(name: &str, report: &Report) -> Side {
         recording: name.to_string(),
         target: report.target.clone(),
         duration_s: report.duration_s,
-        totals: report.totals,
+        totals: report.totals.clone(),
         lost_events: report.lost_events,
     }
 }
@@ -100,10 +94,14 @@ fn side(name: &str, report: &Report) -> Side {
 /// Compares `a` (earlier) with `b` (later); the names label them in every output.
 #[must_use]
 pub fn diff(a_name: &str, a: &Report, b_name: &str, b: &Report) -> Diff {
-    let mut index: HashMap<(bool, Vec<FrameKey>), usize> = HashMap::new();
+    // Each view's stacks are compared with the same view's: views are never added.
+    let mut index: HashMap<(Option<Source>, Vec<FrameKey>), usize> = HashMap::new();
     let mut stacks: Vec<StackDelta> = Vec::new();
-    for (leak, later) in a.leaks.iter().map(|l| (l, false)).chain(b.leaks.iter().map(|l| (l, true))) {
-        let key = (is_resident(leak), frame_keys(&leak.frames));
+    let variants = |r: &Report, later: bool| -> Vec<(Variant, bool)> {
+        r.all_suspects().flat_map(Leak::variants_or_self).map(|v| (v, later)).collect()
+    };
+    for (leak, later) in variants(a, false).into_iter().chain(variants(b, true)) {
+        let key = (leak.source, frame_keys(&leak.frames));
         let i = *index.entry(key).or_insert_with(|| {
             stacks.push(StackDelta {
                 delta_bytes: 0,
@@ -127,9 +125,9 @@ pub fn diff(a_name: &str, a: &Report, b_name: &str, b: &Report) -> Diff {
             s.a_bytes = s.a_bytes.saturating_add(leak.bytes);
             s.a_count = s.a_count.saturating_add(leak.count);
         }
-        for source in &leak.sources {
-            if !s.sources.contains(source) {
-                s.sources.push(source.clone());
+        if let Some(source) = leak.source {
+            if !s.sources.contains(&source) {
+                s.sources.push(source);
             }
         }
     }
@@ -179,7 +177,7 @@ impl Diff {
     pub fn growth_report(&self) -> Report {
         let leaks: Vec<Leak> = self
             .grown()
-            .filter(|s| !s.sources.iter().any(|src| src == "faults"))
+            .filter(|s| !s.sources.contains(&Source::Faults))
             .map(|s| Leak {
                 bytes: s.delta_bytes.unsigned_abs(),
                 count: s.delta_count.max(0).unsigned_abs(),
@@ -188,6 +186,13 @@ impl Diff {
                 score: s.delta_bytes as f64 / f64::from(1 << 20),
                 sources: s.sources.clone(),
                 frames: s.frames.clone(),
+                view: s.sources.first().copied(),
+                variants: vec![Variant {
+                    source: s.sources.first().copied(),
+                    bytes: s.delta_bytes.unsigned_abs(),
+                    count: s.delta_count.max(0).unsigned_abs(),
+                    frames: s.frames.clone(),
+                }],
                 ..Leak::default()
             })
             .collect();
@@ -307,7 +312,8 @@ fn write_list(out: &mut impl Write, title: &str, stacks: &[&StackDelta], top: us
             signed(s.delta_count)
         )?;
         if !s.sources.is_empty() {
-            writeln!(out, "    from {}", s.sources.join(", "))?;
+            let sources: Vec<&str> = s.sources.iter().map(|s| s.name()).collect();
+            writeln!(out, "    from {}", sources.join(", "))?;
         }
         if s.frames.is_empty() {
             writeln!(out, "      (no stack)")?;
@@ -400,7 +406,7 @@ mod tests {
             leak(4096, 1, js_stack("newThing", 3)),
             leak(8192, 2, js_stack("cacheSession", 31)),
             // Resident pages of a known stack stay apart from its mapped bytes.
-            Leak { sources: vec!["faults".to_string()], ..leak(2 << 20, 512, js_stack("rememberOrder", 9)) },
+            Leak { sources: vec![Source::Faults], ..leak(2 << 20, 512, js_stack("rememberOrder", 9)) },
         ]);
         (a, b)
     }
@@ -426,7 +432,7 @@ mod tests {
         );
         assert_eq!(d.stacks[0].frames[2].kind, FrameKind::Unknown, "B's kinds win");
         assert_eq!(d.delta.outstanding_bytes, delta(a.totals.outstanding_bytes, b.totals.outstanding_bytes));
-        assert_eq!(d.stacks[1].sources, vec!["faults"]);
+        assert_eq!(d.stacks[1].sources, vec![Source::Faults]);
         assert_eq!(d.grown().count(), 3);
         assert_eq!(d.shrunk().count(), 1);
     }

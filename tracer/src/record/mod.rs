@@ -212,9 +212,9 @@ pub(crate) mod tests {
             oldest_age_s: 12.25,
             growth_bytes_per_s: bytes as f64 / 12.25,
             score: bytes as f64 / f64::from(1 << 20),
-            sources: vec!["mmap".to_string()],
+            sources: vec![crate::report::Source::Mmap],
             frames,
-            verdict: "leak".to_string(),
+            verdict: crate::report::Verdict::Leak,
             ..Leak::default()
         }
     }
@@ -238,6 +238,7 @@ pub(crate) mod tests {
                 allocated_bytes: outstanding * 3,
                 freed_bytes: outstanding * 2,
                 resident_bytes: outstanding / 2,
+                views: Vec::new(),
             },
             leaks,
             oom_kills: vec![OomKill {

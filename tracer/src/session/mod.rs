@@ -170,6 +170,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         heap,
         comm,
         tracked,
+        rules: crate::analysis::CulpritRules::new(&args.culprit_skip).context("--culprit-skip")?,
+        node: procfs::smaps::is_node(pid),
+        parts: None,
     };
     s.snapshot();
 
@@ -305,6 +308,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             allocated_bytes: model_totals.allocated_bytes,
             freed_bytes: model_totals.freed_bytes,
             resident_bytes: 0,
+            views: Vec::new(),
         },
         stacks: {
             let mapped = s.model.by_stack_before(end_ns.saturating_sub(args.min_age.as_nanos() as u64));
@@ -319,6 +323,13 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
         timeline: s.timeline.clone(),
         history: &s.history,
         lost_events: s.lost_events(),
+        rules: &s.rules,
+        memory: s.parts.map(|((t0, first), (t1, last))| crate::report::MemoryBreakdown {
+            first,
+            last,
+            span_s: (t1 - t0).max(0.0).round() as u64,
+        }),
+        node: s.node,
     });
     let mut report = report;
     report.warnings.clone_from(&s.warnings);

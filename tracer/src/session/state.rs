@@ -45,6 +45,11 @@ pub(super) struct Session {
     pub(super) comm: String,
     /// Sources traced, as named in the report.
     pub(super) tracked: Vec<String>,
+    pub(super) rules: crate::analysis::CulpritRules,
+    /// The target runs V8.
+    pub(super) node: bool,
+    /// Where the memory was at the first and the latest snapshot (seconds since start).
+    pub(super) parts: Option<((f64, crate::report::MemoryParts), (f64, crate::report::MemoryParts))>,
 }
 
 impl Session {
@@ -117,8 +122,13 @@ impl Session {
         self.symbols.refresh_perf_map();
         for id in (self.symbolized_upto + 1)..=total {
             let id = StackId(id as u32);
-            let addrs = self.stacks.get(id).to_vec();
-            let frames = self.symbols.symbolize(&addrs).into_iter().flatten().collect();
+            let frames = match self.stacks.frames(id) {
+                Some(named) => named.to_vec(),
+                None => {
+                    let addrs = self.stacks.get(id).to_vec();
+                    self.symbols.symbolize(&addrs).into_iter().flatten().collect()
+                }
+            };
             self.frames.insert(id, frames);
         }
         self.symbolized_upto = total;
@@ -137,6 +147,10 @@ impl Session {
             aggs.extend(heap_aggs);
         }
         self.history.record(t_s, &aggs);
+        if let Some(parts) = procfs::smaps::memory_parts(self.pid, self.node) {
+            let first = self.parts.map_or((t_s, parts), |(first, _)| first);
+            self.parts = Some((first, (t_s, parts)));
+        }
         self.timeline.push(TimelinePoint {
             t_s,
             rss_bytes: self.last_mem.rss,
@@ -178,7 +192,11 @@ impl Session {
             .take(3)
             .map(|agg| {
                 let frames = self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice);
-                format!("{} by {}", human_bytes(agg.bytes), culprit(frames))
+                format!(
+                    "{} by {}",
+                    human_bytes(agg.bytes),
+                    crate::analysis::culprit(frames, &self.rules).label()
+                )
             })
             .collect();
         let t_s = monotonic_ns().saturating_sub(self.start_ns) as f64 / 1e9;
@@ -201,8 +219,12 @@ impl Session {
             .iter()
             .take(10)
             .map(|agg| crate::export::prometheus::SuspectSample {
-                culprit: culprit(self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice)),
-                source: agg.sources.first().map_or("mmap", |s| s.name()).to_string(),
+                culprit: crate::analysis::culprit(
+                    self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice),
+                    &self.rules,
+                )
+                .label(),
+                source: agg.source.name().to_string(),
                 bytes: agg.bytes,
             })
             .collect();
@@ -244,15 +266,4 @@ impl Session {
             self.lost_events()
         )
     }
-}
-
-/// The frame a person would look at first: the innermost JS frame, else the innermost
-/// frame outside libc.
-pub(super) fn culprit(frames: &[Frame]) -> String {
-    frames
-        .iter()
-        .find(|f| f.kind == crate::report::FrameKind::Js)
-        .or_else(|| frames.iter().find(|f| !f.module.contains("libc.so") && !f.function.starts_with("0x")))
-        .or(frames.first())
-        .map_or_else(|| "[unknown stack]".to_string(), Frame::label)
 }
