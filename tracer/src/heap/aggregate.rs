@@ -88,8 +88,10 @@ pub fn aggregate_totals<'a>(
 }
 
 /// Drops the mapped-memory aggregates whose stack (leaf first) runs through the probed
-/// allocator (`inside` says whether an address is in one of its functions). Resident-page
-/// aggregates stay: they are a different view (who touched the pages first).
+/// allocator (`inside` says whether an address is in one of its functions): the large
+/// blocks it maps are counted block by block by the allocator view. Resident pages and
+/// the break's growth stay: they are other views (who touched pages first; the arena
+/// segment, whose growth against flat live blocks is fragmentation).
 pub fn drop_allocator_internal(
     mapped: Vec<StackAgg>,
     table: &StackTable,
@@ -98,7 +100,7 @@ pub fn drop_allocator_internal(
     mapped
         .into_iter()
         .filter(|agg| {
-            agg.source == Source::Faults
+            matches!(agg.source, Source::Faults | Source::Brk)
                 || !table.get(agg.stack).iter().enumerate().any(|(i, &addr)| {
                     // Return addresses point after their call instruction.
                     inside(if i == 0 { addr } else { addr.saturating_sub(1) })
@@ -198,7 +200,7 @@ mod tests {
         ];
         let kept = drop_allocator_internal(mapped, &table, |addr| (0x1000..0x1100).contains(&addr));
         let kept: Vec<_> = kept.iter().map(|a| (a.stack, a.source)).collect();
-        assert_eq!(kept, vec![(direct, Source::Mmap), (internal, Source::Faults)]);
+        assert_eq!(kept, vec![(direct, Source::Mmap), (edge, Source::Brk), (internal, Source::Faults)]);
     }
 
     #[test]
