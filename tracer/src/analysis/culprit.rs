@@ -117,7 +117,9 @@ pub fn culprit(frames: &[Frame], rules: &CulpritRules) -> Frame {
         .unwrap_or_else(|| Frame { function: "[no stack captured]".into(), ..Frame::default() })
 }
 
-/// V8's heap management: page allocation, spaces, and the garbage collectors.
+/// V8's heap management: page allocation, spaces, and the garbage collectors. Not
+/// `Heap::AllocateExternalBackingStore`: an ArrayBuffer's backing store (a Buffer) is
+/// malloc'd or mapped for the code that made the Buffer, outside V8's pages.
 fn v8_heap_function(function: &str) -> bool {
     const PARTS: [&str; 16] = [
         "MemoryAllocator",
@@ -131,8 +133,8 @@ fn v8_heap_function(function: &str) -> bool {
         "ConcurrentMarking",
         "MemoryChunk",
         "Evacuat",
-        "Heap::",
-        "HeapAllocator",
+        "VirtualMemory",
+        "CodeRange",
         "ReadOnlySpace",
         "PageAllocator",
         "MemoryReducer",
@@ -188,7 +190,8 @@ pub fn segment_of(source: Source, frames: &[Frame], culprit: Option<usize>) -> O
     };
     let leaf_side = &frames[..end];
     let touched = source == Source::Faults;
-    if leaf_side.iter().any(|f| v8_heap_function(&f.function)) {
+    let backing_store = |f: &Frame| f.function.contains("BackingStore") || f.function.contains("ArrayBufferAllocator");
+    if leaf_side.iter().any(|f| v8_heap_function(&f.function)) && !leaf_side.iter().any(backing_store) {
         Some(SegmentKind::V8Heap)
     } else if leaf_side.iter().any(|f| arena_function(&f.function, touched)) {
         Some(SegmentKind::MallocArena)
@@ -290,6 +293,16 @@ mod tests {
             vec![native("__mmap", "libc.so.6"), native("alloc_new_heap", "libc.so.6"), native("keep", "/a")];
         let c = culprit_index(&arena, &none());
         assert_eq!(segment_of(Source::Mmap, &arena, c), Some(SegmentKind::MallocArena));
+        let buffer = vec![
+            native("__GI___mmap64", "libc.so.6"),
+            native("sysmalloc_mmap", "libc.so.6"),
+            native("node::NodeArrayBufferAllocator::AllocateUninitialized(unsigned long)", "/usr/bin/node"),
+            native("v8::internal::Heap::AllocateExternalBackingStore(std::function<void* (unsigned long)> const&)", "/usr/bin/node"),
+            native("v8::internal::BackingStore::Allocate(v8::internal::Isolate*)", "/usr/bin/node"),
+            js("rememberOrder", "/srv/server.js", 30),
+        ];
+        let c = culprit_index(&buffer, &none());
+        assert_eq!(segment_of(Source::Mmap, &buffer, c), None, "a Buffer's backing store is the Buffer maker's");
         let memset_by_app = vec![native("__memset_avx2", "libc.so.6"), native("keep", "/a")];
         let c = culprit_index(&memset_by_app, &none());
         assert_eq!(segment_of(Source::Faults, &memset_by_app, c), None);

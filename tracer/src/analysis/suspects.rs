@@ -198,10 +198,7 @@ fn suspect(mut g: Group, times: &[f64], end_ns: u64) -> Leak {
     } else {
         (
             Verdict::Unattributed,
-            format!(
-                "seen only as pages first touched here ({}): first touch is not ownership, so no verdict",
-                human_bytes(acc.bytes)
-            ),
+            "seen only by first touch, which is not ownership: no verdict".to_string(),
             0.0,
         )
     };

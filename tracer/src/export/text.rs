@@ -270,6 +270,7 @@ fn write_others(report: &Report, top: usize, out: &mut impl Write) -> std::io::R
     }
     writeln!(out)?;
     writeln!(out, "Other memory held, not flagged (warm-up, in flight, or seen only by first touch):")?;
+    let top = top.min(5);
     for leak in report.other_suspects.iter().take(top) {
         writeln!(out, "  {:<44} {:>20}  {} — {}", culprit_name(leak), held(leak), leak.verdict, leak.reason)?;
     }
