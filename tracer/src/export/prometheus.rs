@@ -28,8 +28,10 @@ pub struct MetricsSnapshot {
     pub oom_kills_total: u64,
     pub memcg_usage_bytes: u64,
     pub memcg_limit_bytes: u64,
-    /// Largest holders first.
+    /// Largest holders first, one per (culprit, source).
     pub suspects: Vec<SuspectSample>,
+    /// Where the resident memory is, at the latest snapshot.
+    pub memory: Option<crate::report::MemoryParts>,
 }
 
 /// Escapes a label value: backslash, double quote and newline.
@@ -113,6 +115,17 @@ pub fn render(s: &MetricsSnapshot) -> String {
             s.memcg_limit_bytes,
         );
     }
+    if let Some(parts) = &s.memory {
+        let name = "memtrace_memory_part_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Resident memory of the traced process by part (from /proc/PID/smaps).\n# TYPE {name} gauge"
+        );
+        for (part, bytes) in parts.parts() {
+            let part = part.replace([' ', '-'], "_").to_lowercase();
+            let _ = writeln!(out, "{name}{{{target},part=\"{part}\"}} {bytes}");
+        }
+    }
     let name = "memtrace_suspect_bytes";
     let _ = writeln!(
         out,
@@ -147,8 +160,14 @@ mod tests {
                 source: "mmap".into(),
                 bytes: 40,
             }],
+            memory: Some(crate::report::MemoryParts { v8_heap_bytes: 12, ..Default::default() }),
             ..MetricsSnapshot::default()
         });
+        assert!(
+            text.contains("memtrace_memory_part_bytes{pid=\"7\",comm=\"no\\\"de\",part=\"v8_heap\"} 12\n"),
+            "{text}"
+        );
+        assert!(text.contains("part=\"malloc_arenas\"} 0\n"), "{text}");
         assert!(text.contains("# TYPE memtrace_target_rss_bytes gauge\nmemtrace_target_rss_bytes{pid=\"7\",comm=\"no\\\"de\"} 100\n"), "{text}");
         assert!(text.contains(
             "memtrace_suspect_bytes{pid=\"7\",comm=\"no\\\"de\",rank=\"1\",culprit=\"rememberOrder server.js:30\",source=\"mmap\"} 40\n"

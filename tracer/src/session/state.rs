@@ -213,21 +213,24 @@ impl Session {
     }
 
     pub(super) fn metrics_snapshot(&self) -> crate::export::prometheus::MetricsSnapshot {
-        let suspects = self
-            .model
-            .by_stack()
-            .iter()
-            .take(10)
-            .map(|agg| crate::export::prometheus::SuspectSample {
-                culprit: crate::analysis::culprit(
-                    self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice),
-                    &self.rules,
-                )
-                .label(),
-                source: agg.source.name().to_string(),
-                bytes: agg.bytes,
-            })
-            .collect();
+        // One series per (culprit, view): stacks of one culprit are summed within a view.
+        let mut by_culprit: Vec<crate::export::prometheus::SuspectSample> = Vec::new();
+        for agg in self.model.by_stack() {
+            let frames = self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice);
+            let culprit = crate::analysis::culprit(frames, &self.rules).label();
+            let source = agg.source.name().to_string();
+            match by_culprit.iter_mut().find(|s| s.culprit == culprit && s.source == source) {
+                Some(s) => s.bytes += agg.bytes,
+                None => by_culprit.push(crate::export::prometheus::SuspectSample {
+                    culprit,
+                    source,
+                    bytes: agg.bytes,
+                }),
+            }
+        }
+        by_culprit.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        by_culprit.truncate(10);
+        let suspects = by_culprit;
         crate::export::prometheus::MetricsSnapshot {
             pid: self.pid,
             comm: self.comm.clone(),
@@ -242,6 +245,7 @@ impl Session {
             memcg_usage_bytes: self.memcg.as_ref().and_then(procfs::Memcg::usage_bytes).unwrap_or(0),
             memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
             suspects,
+            memory: self.parts.map(|(_, (_, last))| last),
         }
     }
 
