@@ -196,6 +196,10 @@ pub struct Leak {
     /// The frame to fix.
     #[serde(default)]
     pub culprit: Frame,
+    /// The next application frame towards the root: one culprit called from two places
+    /// (an allocation helper) is two suspects.
+    #[serde(default)]
+    pub caller: Option<Frame>,
     /// The view `bytes` and the verdict come from (absent in version-1 reports).
     #[serde(default)]
     pub view: Option<Source>,

@@ -53,11 +53,45 @@ fn runtime_module(module: &str) -> bool {
     name == "node" || name == "nodejs" || RUNTIME.iter().any(|r| name.starts_with(r))
 }
 
-/// Functions of the runtime when the module is unknown (frames named by a perf map or
-/// without a module).
+/// Functions of the runtime whatever their module: a statically linked program carries
+/// its C library and allocator in its own executable, and perf-map frames have no module.
 fn runtime_function(function: &str) -> bool {
-    const PREFIXES: [&str; 8] = ["v8::", "node::", "Builtins_", "uv_", "uv__", "std::", "__libc_", "_dl_"];
+    const PREFIXES: [&str; 16] = [
+        "v8::",
+        "node::",
+        "Builtins_",
+        "uv_",
+        "uv__",
+        "std::",
+        "__libc_",
+        "_dl_",
+        "__GI_",
+        "_int_",
+        "__mem",
+        "__str",
+        "operator new",
+        "operator delete",
+        "tcache_",
+        "sysmalloc",
+    ];
+    const ALLOCATOR: [&str; 14] = [
+        "malloc",
+        "calloc",
+        "realloc",
+        "reallocarray",
+        "free",
+        "memalign",
+        "_mid_memalign",
+        "aligned_alloc",
+        "posix_memalign",
+        "valloc",
+        "pvalloc",
+        "mmap",
+        "__mmap",
+        "mmap64",
+    ];
     PREFIXES.iter().any(|p| function.starts_with(p))
+        || ALLOCATOR.contains(&function)
         || function.starts_with("0x")
         || function.starts_with('[')
         || function.is_empty()
@@ -106,6 +140,24 @@ pub fn culprit_index(frames: &[Frame], rules: &CulpritRules) -> Option<usize> {
         .or_else(|| ranks.iter().position(|&r| r == 1))
         .or_else(|| frames.iter().position(|f| f.kind == FrameKind::Js && !rules.skipped(f)))
         .or(Some(0))
+}
+
+/// Index of the culprit's caller: the next application frame towards the root. Stacks
+/// of one culprit with different callers are different suspects: an allocation helper
+/// shared by a leak and by churn is not one suspect.
+#[must_use]
+pub fn caller_index(frames: &[Frame], culprit: Option<usize>, rules: &CulpritRules) -> Option<usize> {
+    let c = culprit?;
+    if frames.get(c).is_none_or(|f| rank(f, rules) < 2) {
+        return None;
+    }
+    frames.iter().enumerate().skip(c + 1).find(|(_, f)| rank(f, rules) == 2).map(|(i, _)| i)
+}
+
+/// What makes two frames the same function, whatever line of it is running.
+#[must_use]
+pub fn function_key(frame: &Frame) -> (String, String, String, FrameKind) {
+    (frame.function.clone(), frame.module.clone(), frame.file.clone(), frame.kind)
 }
 
 /// The culprit frame of a stack, or a placeholder for an empty one.
@@ -259,6 +311,17 @@ mod tests {
         assert_eq!(culprit(&frames, &none()).function, "leak_block");
         let rules = CulpritRules::new(&["^leak_"]).expect("valid regex");
         assert_eq!(culprit(&frames, &rules).function, "main", "--culprit-skip adds frames to skip");
+    }
+
+    #[test]
+    fn a_static_program_s_allocator_is_runtime() {
+        let frames = vec![
+            native("_mid_memalign", "/tmp/malloc_leak_static"),
+            native("aligned_alloc", "/tmp/malloc_leak_static"),
+            native("leak_aligned_alloc", "/tmp/malloc_leak_static"),
+            native("main", "/tmp/malloc_leak_static"),
+        ];
+        assert_eq!(culprit(&frames, &none()).function, "leak_aligned_alloc");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::{
     ReportInputs,
-    culprit::{culprit_index, segment_of},
+    culprit::{caller_index, culprit_index, function_key, segment_of},
     trend::{Trend, assess, series_key},
 };
 use crate::{
@@ -31,6 +31,7 @@ struct ViewAcc {
 
 struct Group {
     culprit: Frame,
+    caller: Option<Frame>,
     segment: Option<SegmentKind>,
     views: BTreeMap<Source, ViewAcc>,
     variants: Vec<Variant>,
@@ -97,7 +98,8 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
 fn group(inputs: &ReportInputs<'_>) -> Vec<Group> {
     let points = inputs.history.times().len();
     let mut groups: Vec<Group> = Vec::new();
-    let mut index: HashMap<(Frame, Option<SegmentKind>), usize> = HashMap::new();
+    type FnKey = (String, String, String, FrameKind);
+    let mut index: HashMap<(FnKey, Option<FnKey>, Option<SegmentKind>), usize> = HashMap::new();
     for agg in inputs.stacks.iter().filter(|agg| agg.bytes > 0 || agg.count > 0) {
         let mut frames = (inputs.frames)(agg.stack);
         if frames.is_empty() {
@@ -110,9 +112,12 @@ fn group(inputs: &ReportInputs<'_>) -> Vec<Group> {
         let at = culprit_index(&frames, inputs.rules);
         let segment = segment_of(agg.source, &frames, at);
         let culprit = at.and_then(|i| frames.get(i)).cloned().unwrap_or_default();
-        let i = *index.entry((culprit.clone(), segment)).or_insert_with(|| {
+        let caller = caller_index(&frames, at, inputs.rules).and_then(|i| frames.get(i)).cloned();
+        let key = (function_key(&culprit), caller.as_ref().map(function_key), segment);
+        let i = *index.entry(key).or_insert_with(|| {
             groups.push(Group {
                 culprit,
+                caller,
                 segment,
                 views: BTreeMap::new(),
                 variants: Vec::new(),
@@ -189,7 +194,7 @@ fn suspect(mut g: Group, times: &[f64], end_ns: u64) -> Leak {
     }
     g.variants.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(b.count.cmp(&a.count)));
     let Some((view, trend, growth, age_s)) = primary else {
-        return Leak { culprit: g.culprit, ..Leak::default() };
+        return Leak { culprit: g.culprit, caller: g.caller, ..Leak::default() };
     };
     let acc = &g.views[&view];
     let holder = attributable && view.names_holder();
@@ -220,6 +225,7 @@ fn suspect(mut g: Group, times: &[f64], end_ns: u64) -> Leak {
         verdict,
         reason,
         culprit: g.culprit,
+        caller: g.caller,
         view: Some(view),
         evidence,
         variants: g.variants,
@@ -301,14 +307,25 @@ fn segment(kind: SegmentKind, groups: Vec<Group>, inputs: &ReportInputs<'_>) -> 
     })
 }
 
-/// Growth of the live malloc blocks over the run (bytes/s), when the allocator view ran.
+/// Growth of the live malloc blocks over the run (bytes/s), when the allocator view ran:
+/// the median of the second half of the snapshots against the median of the first, so
+/// that a snapshot taken in the middle of a burst of short-lived blocks does not count
+/// as growth.
 fn heap_growth(inputs: &ReportInputs<'_>) -> Option<f64> {
-    if !inputs.tracked.iter().any(|t| t == "malloc") || inputs.timeline.len() < 3 {
+    let points = &inputs.timeline;
+    if !inputs.tracked.iter().any(|t| t == "malloc") || points.len() < 4 {
         return None;
     }
-    let times: Vec<f64> = inputs.timeline.iter().map(|p| p.t_s).collect();
-    let values: Vec<u64> = inputs.timeline.iter().map(|p| p.heap_bytes).collect();
-    Some(assess(&times, &values).slope_bytes_per_s)
+    let median = |p: &[crate::report::TimelinePoint]| {
+        let mut v: Vec<(u64, f64)> = p.iter().map(|p| (p.heap_bytes, p.t_s)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut t: Vec<f64> = p.iter().map(|p| p.t_s).collect();
+        t.sort_by(f64::total_cmp);
+        (v[v.len() / 2].0 as f64, t[t.len() / 2])
+    };
+    let (first, second) = points.split_at(points.len() / 2);
+    let ((a, ta), (b, tb)) = (median(first), median(second));
+    Some(if tb > ta { (b - a) / (tb - ta) } else { 0.0 })
 }
 
 fn advice(kind: SegmentKind, node: bool, malloc: bool) -> String {

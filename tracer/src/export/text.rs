@@ -30,8 +30,19 @@ pub fn write_text<W: Write>(report: &Report, top: usize, mut out: W) -> Result<(
     Ok(())
 }
 
-/// `rememberOrder (server.js:30)`.
-fn culprit_name(leak: &Leak) -> String {
+/// `rememberOrder (server.js:30)`, and ` ← caller` when the report has that culprit under
+/// more than one caller.
+fn culprit_name(report: &Report, leak: &Leak) -> String {
+    let name = culprit_only(leak);
+    let Some(caller) = &leak.caller else { return name };
+    let same = report
+        .all_suspects()
+        .filter(|l| l.culprit.function == leak.culprit.function && l.culprit.file == leak.culprit.file)
+        .count();
+    if same > 1 { format!("{name} ← {}", caller.function) } else { name }
+}
+
+fn culprit_only(leak: &Leak) -> String {
     let c = &leak.culprit;
     if c.function.is_empty() && c.file.is_empty() {
         // A version-1 suspect: the leaf frame.
@@ -61,7 +72,7 @@ fn write_answer(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             out,
             "#1 {}: {} — {}, {}",
             leak.verdict,
-            culprit_name(leak),
+            culprit_name(report, leak),
             held(leak),
             rate(leak.growth_bytes_per_s)
         );
@@ -167,7 +178,7 @@ fn write_leak_table(report: &Report, top: usize, out: &mut impl Write) -> std::i
             out,
             "  {:<3} {:<44} {:>20}  {:>14}  {}",
             rank + 1,
-            culprit_name(leak),
+            culprit_name(report, leak),
             held(leak),
             rate(leak.growth_bytes_per_s),
             leak.verdict
@@ -211,7 +222,7 @@ fn write_segments(report: &Report, out: &mut impl Write) -> std::io::Result<()> 
             .map(|l| {
                 format!(
                     "{} ({}, {:.0}%)",
-                    culprit_name(l),
+                    culprit_name(report, l),
                     bytes(l.bytes),
                     l.bytes as f64 * 100.0 / total.max(1) as f64
                 )
@@ -259,7 +270,7 @@ fn write_memory(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
 fn write_details(report: &Report, top: usize, out: &mut impl Write) -> std::io::Result<()> {
     for (rank, leak) in report.leaks.iter().take(top).enumerate() {
         writeln!(out)?;
-        write_leak(rank + 1, leak, out)?;
+        write_leak(report, rank + 1, leak, out)?;
     }
     Ok(())
 }
@@ -272,7 +283,14 @@ fn write_others(report: &Report, top: usize, out: &mut impl Write) -> std::io::R
     writeln!(out, "Other memory held, not flagged (warm-up, in flight, or seen only by first touch):")?;
     let top = top.min(5);
     for leak in report.other_suspects.iter().take(top) {
-        writeln!(out, "  {:<44} {:>20}  {} — {}", culprit_name(leak), held(leak), leak.verdict, leak.reason)?;
+        writeln!(
+            out,
+            "  {:<44} {:>20}  {} — {}",
+            culprit_name(report, leak),
+            held(leak),
+            leak.verdict,
+            leak.reason
+        )?;
     }
     let rest = report.other_suspects.len().saturating_sub(top);
     if rest > 0 {
@@ -281,14 +299,14 @@ fn write_others(report: &Report, top: usize, out: &mut impl Write) -> std::io::R
     Ok(())
 }
 
-fn write_leak(rank: usize, leak: &Leak, out: &mut impl Write) -> std::io::Result<()> {
+fn write_leak(report: &Report, rank: usize, leak: &Leak, out: &mut impl Write) -> std::io::Result<()> {
     let unit = if leak.view == Some(Source::Faults) {
         // Each page-fault sample stands for --fault-sample pages.
         plural(leak.count, "sampled page", "sampled pages")
     } else {
         plural(leak.count, "allocation", "allocations")
     };
-    writeln!(out, "#{rank}  {}", culprit_name(leak))?;
+    writeln!(out, "#{rank}  {}", culprit_name(report, leak))?;
     writeln!(
         out,
         "    {} in {unit}, oldest {}, growth {}",

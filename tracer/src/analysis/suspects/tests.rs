@@ -48,6 +48,14 @@ fn frames(id: StackId) -> Vec<Frame> {
                 native("main", "/tmp/fixture"),
             ];
         }
+        6 | 7 => {
+            let caller = if id.0 == 6 { "leak_steadily" } else { "churn" };
+            return vec![
+                native("__mmap", libc),
+                native("map_touched", "/tmp/fixture"),
+                native(caller, "/tmp/fixture"),
+            ];
+        }
         _ => return Vec::new(),
     }
     f
@@ -180,4 +188,20 @@ fn zero_byte_blocks_are_kept() {
     let all: Vec<_> = rep.leaks.iter().chain(&rep.other_suspects).collect();
     assert_eq!(all.len(), 1);
     assert_eq!((all[0].bytes, all[0].count), (0, 7));
+}
+
+#[test]
+fn a_helper_shared_by_a_leak_and_churn_is_two_suspects() {
+    let (r, last) = run(20, |t| vec![agg(6, Source::Mmap, t * MIB), agg(7, Source::Mmap, (t % 3) * 4 * MIB)]);
+    let rep = report(&r, last, &["mmap"]);
+    assert_eq!(rep.leaks.len(), 1, "{:#?} {:#?}", rep.leaks, rep.other_suspects);
+    let leak = &rep.leaks[0];
+    assert_eq!(leak.culprit.function, "map_touched");
+    assert_eq!(leak.caller.as_ref().map(|c| c.function.as_str()), Some("leak_steadily"));
+    assert!(
+        (leak.growth_bytes_per_s - MIB as f64).abs() < 0.05 * MIB as f64,
+        "the churn's bytes are not added"
+    );
+    assert_eq!(rep.other_suspects[0].caller.as_ref().map(|c| c.function.as_str()), Some("churn"));
+    assert_eq!(rep.other_suspects[0].verdict, Verdict::Churn);
 }
