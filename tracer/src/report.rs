@@ -147,6 +147,9 @@ pub enum Verdict {
     WarmUp,
     /// Gives memory back; what it holds at the end is in flight.
     Churn,
+    /// Grew, but what it holds is young: most of it was allocated late in the trace
+    /// (garbage not yet collected, a burst in progress, or a leak that started late).
+    InFlight,
     /// Too few snapshots to judge.
     #[default]
     Unknown,
@@ -162,6 +165,7 @@ impl Verdict {
             Self::Leak => "leak",
             Self::WarmUp => "warm-up",
             Self::Churn => "churn",
+            Self::InFlight => "in-flight",
             Self::Unknown => "unknown",
             Self::Unattributed => "unattributed",
         }

@@ -27,7 +27,24 @@ struct ViewAcc {
     oldest_ts_ns: u64,
     series: Vec<u64>,
     has_series: bool,
+    /// Σ mean allocation time × bytes, and the bytes it covers (stacks that know it).
+    weighted_ts: u128,
+    weighted_bytes: u128,
 }
+
+impl ViewAcc {
+    /// Mean age of the held bytes at `end_ns`, in seconds, when known.
+    fn mean_age_s(&self, end_ns: u64) -> Option<f64> {
+        let mean = self.weighted_ts.checked_div(self.weighted_bytes)?;
+        Some(end_ns.saturating_sub(mean as u64) as f64 / NS)
+    }
+}
+
+/// A leak's held bytes were allocated all along the trace (mean age about half of it);
+/// when their mean age is below this share of the trace, they are in flight.
+const IN_FLIGHT_AGE_SHARE: f64 = 0.2;
+/// Traces shorter than this do not judge ages.
+const IN_FLIGHT_MIN_TRACE_S: f64 = 4.0;
 
 struct Group {
     culprit: Frame,
@@ -57,7 +74,7 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
             by_segment.entry(kind).or_default().push(g);
             continue;
         }
-        let leak = suspect(g, times, inputs.end_ns);
+        let leak = suspect(g, times, inputs.end_ns, inputs.duration_s);
         if flagged(&leak) {
             leaks.push(leak);
         } else {
@@ -134,6 +151,10 @@ fn group(inputs: &ReportInputs<'_>) -> Vec<Group> {
         acc.bytes += agg.bytes;
         acc.count += agg.count;
         acc.oldest_ts_ns = acc.oldest_ts_ns.min(agg.oldest_ts_ns);
+        if agg.mean_ts_ns > 0 {
+            acc.weighted_ts += u128::from(agg.mean_ts_ns) * u128::from(agg.bytes);
+            acc.weighted_bytes += u128::from(agg.bytes);
+        }
         if let Some(series) = inputs.history.series(series_key(agg)) {
             acc.has_series = true;
             for (sum, v) in acc.series.iter_mut().zip(series) {
@@ -167,7 +188,7 @@ fn trend_of(acc: &ViewAcc, times: &[f64], end_ns: u64) -> (Trend, f64, f64) {
     (trend, growth, age_s)
 }
 
-fn suspect(mut g: Group, times: &[f64], end_ns: u64) -> Leak {
+fn suspect(mut g: Group, times: &[f64], end_ns: u64, duration_s: f64) -> Leak {
     let attributable = g.segment.is_none();
     let mut evidence = Vec::new();
     let mut primary: Option<(Source, Trend, f64, f64)> = None;
@@ -198,7 +219,21 @@ fn suspect(mut g: Group, times: &[f64], end_ns: u64) -> Leak {
     };
     let acc = &g.views[&view];
     let holder = attributable && view.names_holder();
-    let (verdict, reason, score) = if holder {
+    let young = acc
+        .mean_age_s(end_ns)
+        .filter(|age| duration_s >= IN_FLIGHT_MIN_TRACE_S && *age < IN_FLIGHT_AGE_SHARE * duration_s);
+    let (verdict, reason, score) = if holder && trend.verdict == Verdict::Leak && young.is_some() {
+        let age = young.unwrap_or(0.0);
+        (
+            Verdict::InFlight,
+            format!(
+                "grew, but what it holds ({}) is on average {age:.1}s old in a {duration_s:.0}s trace: memory in \
+                 flight (garbage not yet collected, a burst), or a leak that began late; trace longer to tell",
+                human_bytes(acc.bytes)
+            ),
+            0.0,
+        )
+    } else if holder {
         (trend.verdict, trend.reason, trend.score)
     } else {
         (
@@ -238,7 +273,7 @@ fn flagged(leak: &Leak) -> bool {
     match leak.verdict {
         Verdict::Leak => true,
         Verdict::Unknown => leak.bytes > 0 && leak.view.is_some_and(Source::names_holder),
-        Verdict::WarmUp | Verdict::Churn | Verdict::Unattributed => false,
+        Verdict::WarmUp | Verdict::Churn | Verdict::InFlight | Verdict::Unattributed => false,
     }
 }
 
@@ -261,7 +296,8 @@ fn segment(kind: SegmentKind, groups: Vec<Group>, inputs: &ReportInputs<'_>) -> 
             }
         }
     }
-    let mut extended_by: Vec<Leak> = groups.into_iter().map(|g| suspect(g, times, inputs.end_ns)).collect();
+    let mut extended_by: Vec<Leak> =
+        groups.into_iter().map(|g| suspect(g, times, inputs.end_ns, inputs.duration_s)).collect();
     extended_by.sort_by(|a, b| b.bytes.cmp(&a.bytes));
     if extended_by.is_empty() {
         return None;

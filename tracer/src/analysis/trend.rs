@@ -256,6 +256,7 @@ mod tests {
             count: 1,
             oldest_ts_ns: 0,
             source: Source::Mmap,
+            mean_ts_ns: 0,
         };
         for i in 0..20u64 {
             let mut aggs = vec![agg(1, i * 10)];

@@ -331,6 +331,7 @@ impl HeapTracker {
                 count: agg.count(),
                 oldest_ts_ns: agg.oldest_ts_ns,
                 source: Source::Malloc,
+                mean_ts_ns: agg.mean_ts_ns,
             })
             .collect()
     }

@@ -8,7 +8,7 @@ use crate::{
 const MIB: u64 = 1 << 20;
 
 fn agg(stack: u32, source: Source, bytes: u64) -> StackAgg {
-    StackAgg { stack: StackId(stack), bytes, count: bytes / 4096 + 1, oldest_ts_ns: 0, source }
+    StackAgg { stack: StackId(stack), bytes, count: bytes / 4096 + 1, oldest_ts_ns: 0, source, mean_ts_ns: 0 }
 }
 
 fn native(function: &str, module: &str) -> Frame {
@@ -182,8 +182,14 @@ fn without_history_biggest_first_and_flagged() {
 #[test]
 fn zero_byte_blocks_are_kept() {
     let r = Run { history: History::new(16, 16), timeline: Vec::new() };
-    let stacks =
-        vec![StackAgg { stack: StackId(5), bytes: 0, count: 7, oldest_ts_ns: 0, source: Source::Malloc }];
+    let stacks = vec![StackAgg {
+        stack: StackId(5),
+        bytes: 0,
+        count: 7,
+        oldest_ts_ns: 0,
+        source: Source::Malloc,
+        mean_ts_ns: 0,
+    }];
     let rep = report(&r, stacks, &["malloc"]);
     let all: Vec<_> = rep.leaks.iter().chain(&rep.other_suspects).collect();
     assert_eq!(all.len(), 1);
@@ -204,4 +210,19 @@ fn a_helper_shared_by_a_leak_and_churn_is_two_suspects() {
     );
     assert_eq!(rep.other_suspects[0].caller.as_ref().map(|c| c.function.as_str()), Some("churn"));
     assert_eq!(rep.other_suspects[0].verdict, Verdict::Churn);
+}
+
+#[test]
+fn young_memory_of_a_growing_stack_is_in_flight() {
+    // Garbage awaiting collection: it grows between collections, and all of it is young.
+    let end_ns = 20_000_000_000;
+    let (r, _) = run(20, |t| vec![agg(3, Source::Malloc, t * MIB), agg(5, Source::Malloc, t * MIB)]);
+    let young = StackAgg { mean_ts_ns: end_ns - 1_000_000_000, ..agg(3, Source::Malloc, 19 * MIB) };
+    let spread = StackAgg { mean_ts_ns: end_ns - 10_000_000_000, ..agg(5, Source::Malloc, 19 * MIB) };
+    let rep = report(&r, vec![young, spread], &["malloc"]);
+    let names: Vec<_> = rep.leaks.iter().map(|l| l.culprit.function.as_str()).collect();
+    assert_eq!(names, vec!["keep_block"], "only the stack whose blocks span the trace");
+    let other = &rep.other_suspects[0];
+    assert_eq!((other.culprit.function.as_str(), other.verdict), ("transient", Verdict::InFlight));
+    assert!(other.reason.contains("1.0s old"), "{}", other.reason);
 }
