@@ -1,13 +1,12 @@
 //! Runs a parsed command line.
 
 use std::{
-    fs::File,
-    io::{BufWriter, Write as _},
+    io::Write as _,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::process::CommandExt as _,
     },
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ExitCode},
     time::Duration,
 };
@@ -17,7 +16,9 @@ use anyhow::{Context as _, bail};
 use crate::{
     bpf::features::{Status, run_checks},
     cli::{Cli, Command, OutputArgs, TraceArgs},
-    export, record,
+    export,
+    output::{self, OutputFile},
+    record,
     report::Report,
     session::{self, Release, StopReason, TraceTarget},
 };
@@ -28,6 +29,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Attach { trace, .. } | Command::Run { trace, .. } = &cli.command {
         check_before_tracing(trace)?;
+    }
+    match &cli.command {
+        Command::Report { output, .. } => check_outputs(output, None)?,
+        Command::Oom { json: Some(path), .. } => output::check(path)?,
+        _ => {}
     }
     match cli.command {
         Command::Doctor => Ok(doctor()),
@@ -49,8 +55,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check_before_tracing(args: &TraceArgs) -> anyhow::Result<()> {
     let tracked: Vec<&str> = args.track.iter().map(|t| t.name()).collect();
     args.output.flamegraph_kind.flame_value(&tracked).map_err(anyhow::Error::msg)?;
-    if let Some(path) = &args.record {
-        record::check_destination(path)?;
+    check_outputs(&args.output, args.record.as_deref())
+}
+
+/// Every output path is checked before anything is attached (see [`crate::output`]).
+fn check_outputs(out: &OutputArgs, record: Option<&Path>) -> anyhow::Result<()> {
+    let paths = [&out.json, &out.flamegraph, &out.folded, &out.pprof, &out.speedscope];
+    let mut seen: Vec<&Path> = Vec::new();
+    for path in paths.into_iter().flatten().map(PathBuf::as_path).chain(record) {
+        if seen.contains(&path) {
+            bail!("{} is given for two outputs; give each its own file", path.display());
+        }
+        seen.push(path);
+        output::check(path)?;
     }
     Ok(())
 }
@@ -110,41 +127,30 @@ pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
     let mut lock = stdout.lock();
     export::text::write_text(report, out.top, &mut lock).context("write the report to stdout")?;
     lock.flush().context("flush stdout")?;
-    let create = |path: &Path| -> anyhow::Result<BufWriter<File>> {
-        Ok(BufWriter::new(File::create(path).with_context(|| format!("create {}", path.display()))?))
+    let write_file = |path: &Path,
+                      what: &str,
+                      render: &dyn Fn(&mut OutputFile) -> Result<(), export::ExportError>|
+     -> anyhow::Result<()> {
+        let mut file = OutputFile::create(path)?;
+        render(&mut file).with_context(|| format!("write {}", path.display()))?;
+        file.commit()?;
+        eprintln!("memtrace: wrote {what} to {}", path.display());
+        Ok(())
     };
     if let Some(path) = &out.json {
-        let mut w = create(path)?;
-        export::json::write_json(report, &mut w).with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote JSON report to {}", path.display());
+        write_file(path, "JSON report", &|w| export::json::write_json(report, w))?;
     }
     if let Some(path) = &out.folded {
-        let mut w = create(path)?;
-        export::folded::write_folded(report, flame, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote folded stacks to {}", path.display());
+        write_file(path, "folded stacks", &|w| export::folded::write_folded(report, flame, w))?;
     }
     if let Some(path) = &out.flamegraph {
-        let mut w = create(path)?;
-        export::flamegraph::write_flamegraph(report, flame, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote flamegraph to {}", path.display());
+        write_file(path, "flamegraph", &|w| export::flamegraph::write_flamegraph(report, flame, w))?;
     }
     if let Some(path) = &out.pprof {
-        let mut w = create(path)?;
-        export::pprof::write_pprof(report, &mut w).with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote pprof profile to {}", path.display());
+        write_file(path, "pprof profile", &|w| export::pprof::write_pprof(report, w))?;
     }
     if let Some(path) = &out.speedscope {
-        let mut w = create(path)?;
-        export::speedscope::write_speedscope(report, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote speedscope profile to {}", path.display());
+        write_file(path, "speedscope profile", &|w| export::speedscope::write_speedscope(report, w))?;
     }
     Ok(())
 }

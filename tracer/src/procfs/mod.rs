@@ -1,5 +1,6 @@
 //! What memtrace reads about a process from /proc.
 
+pub mod access;
 pub mod maps;
 pub mod smaps;
 
