@@ -4,7 +4,7 @@ use std::{
     io::Write as _,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::process::CommandExt as _,
+        unix::process::{CommandExt as _, ExitStatusExt as _},
     },
     path::{Path, PathBuf},
     process::{Child, ExitCode},
@@ -18,7 +18,7 @@ use crate::{
     cli::{Cli, Command, OutputArgs, TraceArgs},
     export,
     output::{self, OutputFile},
-    record,
+    procfs, record,
     report::Report,
     session::{self, Release, StopReason, TraceTarget},
 };
@@ -42,6 +42,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trace_and_report(target, &trace, None)
         }
         Command::Run { trace, command } => {
+            if let Err((status, message)) = find_command(&command) {
+                eprintln!("memtrace: error: {message}");
+                return Ok(ExitCode::from(status));
+            }
             let (child, release) = spawn_held(&command)?;
             let target = TraceTarget { pid: child.id(), release: Some(release) };
             trace_and_report(target, &trace, Some(child))
@@ -94,10 +98,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let result = rt.block_on(session::trace(target, args));
-    if let Some(child) = child {
-        finish_child(child);
+    let child_end = child.and_then(finish_child);
+    let (mut report, reason) = result?;
+    let ended = matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled);
+    // `memtrace run` returns the command's own status when it ended by itself, as a
+    // shell would: its code, or 128 + the signal that killed it.
+    let mut code = ExitCode::SUCCESS;
+    if let Some(status) = child_end.filter(|_| ended) {
+        let exit = procfs::exit::exit_from(status.code(), status.signal(), status.core_dumped());
+        code = ExitCode::from(procfs::exit::shell_status(&exit));
+        report.target.exit = Some(exit);
     }
-    let (report, reason) = result?;
     // The recording goes first, and the other outputs are written even if it fails.
     let recorded = args.record.as_deref().map(|path| {
         record::write_report(path, &report)?;
@@ -110,10 +121,34 @@ fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>)
         StopReason::TargetOomKilled => {
             eprintln!("memtrace: the traced process was OOM-killed; report written");
         }
-        StopReason::TargetExited => eprintln!("memtrace: the traced process exited"),
+        StopReason::TargetExited => match &report.target.exit {
+            Some(exit) => eprintln!("memtrace: the traced process ended: {exit}"),
+            None => eprintln!("memtrace: the traced process exited"),
+        },
         StopReason::Duration | StopReason::Signal => {}
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
+}
+
+/// `memtrace run`: the command must exist before a shell is started for it, so that a
+/// typo is one clear line (and the shell's statuses: 127 not found, 126 not runnable).
+fn find_command(command: &[String]) -> Result<(), (u8, String)> {
+    let Some(program) = command.first() else {
+        return Err((2, "memtrace run needs a command after --".to_string()));
+    };
+    if program.contains('/') {
+        return match std::fs::metadata(program) {
+            Err(e) => Err((127, format!("cannot run {program}: {e}"))),
+            Ok(meta) if meta.is_dir() => Err((126, format!("cannot run {program}: it is a directory"))),
+            Ok(_) if which::which(program).is_err() => {
+                Err((126, format!("cannot run {program}: it is not executable")))
+            }
+            Ok(_) => Ok(()),
+        };
+    }
+    which::which(program)
+        .map(drop)
+        .map_err(|_| (127, format!("cannot run {program}: command not found (searched PATH)")))
 }
 
 /// Writes every requested output; the text report goes to stdout.
@@ -236,18 +271,20 @@ fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Release)> {
 }
 
 /// A command memtrace launched is stopped with it (SIGTERM, then SIGKILL after 5 s).
-fn finish_child(mut child: Child) {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return;
+/// Returns its status if it had ended by itself.
+fn finish_child(mut child: Child) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
     }
     // SAFETY: signals the child we spawned, by its pid.
     unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
     for _ in 0..50 {
         if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = child.kill();
     let _ = child.wait();
+    None
 }

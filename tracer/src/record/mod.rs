@@ -187,6 +187,7 @@ pub(crate) mod tests {
                 cmdline: "node /srv/app.js".to_string(),
                 exited: true,
                 oom_killed: true,
+                exit: None,
             },
             duration_s: 0.1 + 0.2,
             tracked: ["mmap", "brk", "oom"].map(String::from).to_vec(),

@@ -167,6 +167,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         events: 0,
         decode_errors: 0,
         target_oom_killed: false,
+        exit: None,
         last_mem: procfs::MemStatus::default(),
         heap,
         comm,
@@ -224,7 +225,10 @@ async fn event_loop(
                     break StopReason::TargetOomKilled;
                 }
             }
-            _ = pidfd.readable() => break StopReason::TargetExited,
+            _ = pidfd.readable() => {
+                s.exit = procfs::exit::exit_status(s.pid);
+                break StopReason::TargetExited;
+            }
             _ = sigint.recv() => break StopReason::Signal,
             _ = sigterm.recv() => break StopReason::Signal,
             () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
@@ -301,6 +305,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             cmdline: s.cmdline.clone(),
             exited,
             oom_killed: s.target_oom_killed,
+            exit: s.exit.clone(),
         },
         duration_s: started.elapsed().as_secs_f64(),
         tracked: s.tracked.clone(),
