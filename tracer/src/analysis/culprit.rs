@@ -190,7 +190,8 @@ pub fn segment_of(source: Source, frames: &[Frame], culprit: Option<usize>) -> O
     };
     let leaf_side = &frames[..end];
     let touched = source == Source::Faults;
-    let backing_store = |f: &Frame| f.function.contains("BackingStore") || f.function.contains("ArrayBufferAllocator");
+    let backing_store =
+        |f: &Frame| f.function.contains("BackingStore") || f.function.contains("ArrayBufferAllocator");
     if leaf_side.iter().any(|f| v8_heap_function(&f.function)) && !leaf_side.iter().any(backing_store) {
         Some(SegmentKind::V8Heap)
     } else if leaf_side.iter().any(|f| arena_function(&f.function, touched)) {
@@ -297,12 +298,19 @@ mod tests {
             native("__GI___mmap64", "libc.so.6"),
             native("sysmalloc_mmap", "libc.so.6"),
             native("node::NodeArrayBufferAllocator::AllocateUninitialized(unsigned long)", "/usr/bin/node"),
-            native("v8::internal::Heap::AllocateExternalBackingStore(std::function<void* (unsigned long)> const&)", "/usr/bin/node"),
+            native(
+                "v8::internal::Heap::AllocateExternalBackingStore(std::function<void* (unsigned long)> const&)",
+                "/usr/bin/node",
+            ),
             native("v8::internal::BackingStore::Allocate(v8::internal::Isolate*)", "/usr/bin/node"),
             js("rememberOrder", "/srv/server.js", 30),
         ];
         let c = culprit_index(&buffer, &none());
-        assert_eq!(segment_of(Source::Mmap, &buffer, c), None, "a Buffer's backing store is the Buffer maker's");
+        assert_eq!(
+            segment_of(Source::Mmap, &buffer, c),
+            None,
+            "a Buffer's backing store is the Buffer maker's"
+        );
         let memset_by_app = vec![native("__memset_avx2", "libc.so.6"), native("keep", "/a")];
         let c = culprit_index(&memset_by_app, &none());
         assert_eq!(segment_of(Source::Faults, &memset_by_app, c), None);
