@@ -257,6 +257,51 @@ impl Drop for TestProcess {
     }
 }
 
+/// A memory cgroup made for one test; removed on drop (after its process was killed).
+pub struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    /// `None` when the machine has no memory controller (v1 or v2).
+    #[must_use]
+    pub fn new(name: &str, limit: u64) -> Option<Self> {
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let (parent, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.to_path_buf(), "memory.limit_in_bytes")
+        } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            (PathBuf::from("/sys/fs/cgroup"), "memory.max")
+        } else {
+            return None;
+        };
+        let dir = parent.join(format!("memtrace-test-{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+        fs::write(dir.join(limit_file), limit.to_string())
+            .unwrap_or_else(|e| panic!("set {limit_file} in {}: {e}", dir.display()));
+        // No swap: the limit is reached by resident memory, fast and deterministically.
+        let _ = fs::write(dir.join("memory.swappiness"), "0");
+        let _ = fs::write(dir.join("memory.swap.max"), "0");
+        Some(Self { dir })
+    }
+
+    pub fn add(&self, pid: u32) {
+        fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", self.dir.display()));
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("could not remove cgroup {}", self.dir.display());
+    }
+}
+
 /// What a finished memtrace run printed.
 #[derive(Debug)]
 pub struct RunOutput {

@@ -4,60 +4,13 @@
 //! function, and be complete on disk; `memtrace oom` must record the same kill.
 //! Only a memory cgroup is ever exhausted, never the machine.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{fs, path::Path, process::Command, time::Duration};
 
 use integration_tests::{
-    MIB, Memtrace, StartGate, TestProcess, build_c_fixture, keep_buffers_command, perf_map_path, require_root,
+    MIB, MemoryCgroup, Memtrace, StartGate, TestProcess, build_c_fixture, keep_buffers_command,
+    perf_map_path, require_root,
 };
 use serde_json::Value;
-
-/// A memory cgroup made for one test; removed on drop (after its process was killed).
-struct MemoryCgroup {
-    dir: PathBuf,
-}
-
-impl MemoryCgroup {
-    fn new(name: &str, limit: u64) -> Option<Self> {
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        let (parent, limit_file) = if v1.join("memory.limit_in_bytes").exists() {
-            (v1.to_path_buf(), "memory.limit_in_bytes")
-        } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            (PathBuf::from("/sys/fs/cgroup"), "memory.max")
-        } else {
-            return None;
-        };
-        let dir = parent.join(format!("memtrace-test-{name}-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
-        fs::write(dir.join(limit_file), limit.to_string())
-            .unwrap_or_else(|e| panic!("set {limit_file} in {}: {e}", dir.display()));
-        // No swap: the limit is reached by resident memory, fast and deterministically.
-        let _ = fs::write(dir.join("memory.swappiness"), "0");
-        let _ = fs::write(dir.join("memory.swap.max"), "0");
-        Some(Self { dir })
-    }
-
-    fn add(&self, pid: u32) {
-        fs::write(self.dir.join("cgroup.procs"), pid.to_string())
-            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", self.dir.display()));
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not remove cgroup {}", self.dir.display());
-    }
-}
 
 fn functions(leak: &Value) -> Vec<String> {
     leak["frames"]

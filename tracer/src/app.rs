@@ -27,7 +27,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if !matches!(cli.command, Command::Doctor | Command::Report { .. }) {
         protect_from_oom_killer();
     }
-    if let Command::Attach { trace, .. } | Command::Run { trace, .. } = &cli.command {
+    if let Command::Attach { trace, .. } | Command::Top { trace, .. } | Command::Run { trace, .. } =
+        &cli.command
+    {
         check_before_tracing(trace)?;
     }
     match &cli.command {
@@ -40,6 +42,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Attach { pid, trace } => {
             let target = TraceTarget { pid, release: None };
             trace_and_report(target, &trace, None)
+        }
+        Command::Top { pid, mut trace } => {
+            trace.live = true;
+            trace_and_report(TraceTarget { pid, release: None }, &trace, None)
         }
         Command::Run { trace, command } => {
             if let Err((status, message)) = find_command(&command) {

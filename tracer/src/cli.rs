@@ -47,6 +47,14 @@ pub enum Command {
         #[command(flatten)]
         trace: TraceArgs,
     },
+    /// Watch a running process live, full screen (`attach --live`); q stops tracing and
+    /// writes every output asked for, as Ctrl-C does.
+    Top {
+        /// Process id to trace (all its threads).
+        pid: u32,
+        #[command(flatten)]
+        trace: TraceArgs,
+    },
     /// Launch a command and trace it from its first instruction.
     Run {
         #[command(flatten)]
@@ -158,6 +166,10 @@ pub struct TraceArgs {
     /// `function file:line` and its module (repeatable), e.g. `--culprit-skip '^myLogger'`.
     #[arg(long = "culprit-skip", value_name = "REGEX")]
     pub culprit_skip: Vec<String>,
+    /// Show a full-screen live view while tracing, refreshed every second (the timeline
+    /// interval defaults to 1s). Needs a terminal; without one, the status line is shown.
+    #[arg(long)]
+    pub live: bool,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]

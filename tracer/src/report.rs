@@ -35,6 +35,9 @@ pub struct Report {
     /// Where the resident memory is.
     #[serde(default)]
     pub memory: Option<MemoryBreakdown>,
+    /// When the cgroup limit is reached at the recent rate (absent in older reports).
+    #[serde(default)]
+    pub time_to_limit: Option<TimeToLimit>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -528,4 +531,38 @@ impl Leak {
     pub fn bytes_in(&self, view: Source) -> u64 {
         self.variants_or_self().iter().filter(|v| v.source == Some(view)).map(|v| v.bytes).sum()
     }
+}
+
+/// At the rate memory grew lately, when the memory cgroup's limit is reached.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TimeToLimit {
+    pub state: LimitState,
+    /// What is compared with the limit: `memcg` (the cgroup's charged memory, what the
+    /// kernel compares) or `rss` (the target's, when the cgroup's cannot be read).
+    pub basis: String,
+    /// 0: no limit.
+    pub limit_bytes: u64,
+    pub usage_bytes: u64,
+    /// Least-squares slope over the recent window.
+    pub growth_bytes_per_s: f64,
+    /// Seconds until the limit at that rate (`growing`; 0 when `reached`).
+    pub seconds: Option<f64>,
+    /// Seconds of timeline the rate was fitted over.
+    pub window_s: f64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitState {
+    /// Growing clearly: `seconds` says when the limit is reached.
+    Growing,
+    /// Usage is at the limit now.
+    Reached,
+    /// Flat, shrinking, or moving less than the noise.
+    NotGrowing,
+    /// The cgroup has no limit (or none could be read).
+    NoLimit,
+    /// Too few timeline points to fit a rate.
+    #[default]
+    Unknown,
 }

@@ -2,6 +2,7 @@
 //! segment growth; OOM kills; the timeline.
 
 pub mod culprit;
+pub mod limit;
 mod suspects;
 pub mod trend;
 

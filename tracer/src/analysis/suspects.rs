@@ -107,6 +107,7 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         other_suspects: others,
         segments,
         memory: inputs.memory,
+        time_to_limit: Some(super::limit::time_to_limit(&inputs.timeline, super::limit::WINDOW_S)),
     }
 }
 

@@ -98,6 +98,7 @@ pub(crate) fn sample_report() -> Report {
             .to_vec(),
         lost_events: 7,
         warnings: Vec::new(),
+        time_to_limit: None,
     }
 }
 

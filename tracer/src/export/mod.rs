@@ -6,7 +6,7 @@
 
 pub mod flamegraph;
 pub mod folded;
-mod human;
+pub(crate) mod human;
 pub mod json;
 pub mod pprof;
 pub mod prometheus;

@@ -5,7 +5,9 @@ use std::io::Write;
 
 use super::ExportError;
 use super::human::{bytes, duration, plural, rate};
-use crate::report::{Frame, FrameKind, Leak, OomKill, Report, SegmentVerdict, Source, TimelinePoint};
+use crate::report::{
+    Frame, FrameKind, Leak, LimitState, OomKill, Report, SegmentVerdict, Source, TimeToLimit, TimelinePoint,
+};
 
 /// Frames printed per suspect: enough to reach the caller's code through allocator, V8
 /// and framework frames; the rest is summarized in one line.
@@ -154,7 +156,30 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             bytes(totals.resident_bytes)
         )?;
     }
+    if let Some(ttl) = &report.time_to_limit {
+        writeln!(out, "  time to limit: {}", time_to_limit(ttl))?;
+    }
     writeln!(out, "  lost events:  {}", report.lost_events)
+}
+
+/// "at this rate the cgroup limit (512.0 MiB) is reached in 3h 10m 0s (...)", or why not.
+pub(crate) fn time_to_limit(ttl: &TimeToLimit) -> String {
+    let usage =
+        format!("{} {}", if ttl.basis == "rss" { "rss" } else { "cgroup usage" }, bytes(ttl.usage_bytes));
+    let trend =
+        format!("{}, {} over the last {}", usage, rate(ttl.growth_bytes_per_s), duration(ttl.window_s));
+    let limit = bytes(ttl.limit_bytes);
+    match (ttl.state, ttl.seconds) {
+        (LimitState::Growing, Some(s)) => {
+            let when = if s > 2.0 * 86_400.0 { format!("{:.0} days", s / 86_400.0) } else { duration(s) };
+            format!("at this rate the cgroup limit ({limit}) is reached in {when} ({trend})")
+        }
+        (LimitState::Reached, _) => format!("the cgroup limit ({limit}) is reached ({usage})"),
+        (LimitState::NotGrowing | LimitState::Growing, _) => format!("not growing ({trend}; limit {limit})"),
+        (LimitState::NoLimit, _) if ttl.window_s > 0.0 => format!("no limit ({trend})"),
+        (LimitState::NoLimit, _) => "no limit".to_string(),
+        (LimitState::Unknown, _) => "unknown (too few timeline samples yet)".to_string(),
+    }
 }
 
 /// Other views' bytes of a suspect, e.g. `touched 10.0 MiB`.
@@ -534,6 +559,36 @@ Timeline (3 samples from 0.0s to 30.0s):
         let text = render(&report, 10);
         assert!(text.lines().nth(1).expect("two lines").starts_with("No leak found"), "{text}");
         assert!(text.contains("do_anonymous_page [kernel]") || text.contains("do_anonymous_page"), "{text}");
+    }
+
+    #[test]
+    fn header_says_when_the_limit_is_reached() {
+        let mut report = sample_report();
+        report.time_to_limit = Some(TimeToLimit {
+            state: LimitState::Growing,
+            basis: "memcg".to_string(),
+            limit_bytes: 512 << 20,
+            usage_bytes: 230 << 20,
+            growth_bytes_per_s: 28_300.0,
+            seconds: Some(11_400.0),
+            window_s: 300.0,
+        });
+        let text = render(&report, 1);
+        assert!(
+            text.contains(
+                "\n  time to limit: at this rate the cgroup limit (512.0 MiB) is reached in 3h 10m 0s (cgroup usage 230.0 MiB, +27.6 KiB/s over the last 5m 0s)\n"
+            ),
+            "{text}"
+        );
+        let ttl = report.time_to_limit.as_mut().expect("set above");
+        (ttl.state, ttl.seconds, ttl.growth_bytes_per_s) = (LimitState::NotGrowing, None, 0.0);
+        assert!(render(&report, 1).contains("  time to limit: not growing (cgroup usage 230.0 MiB, 0 B/s over the last 5m 0s; limit 512.0 MiB)\n"));
+        let ttl = report.time_to_limit.as_mut().expect("set above");
+        (ttl.state, ttl.limit_bytes, ttl.basis) = (LimitState::NoLimit, 0, "rss".to_string());
+        assert!(
+            render(&report, 1)
+                .contains("  time to limit: no limit (rss 230.0 MiB, 0 B/s over the last 5m 0s)\n")
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
+mod live;
 mod metrics;
 mod os;
 mod state;
@@ -24,13 +25,14 @@ use self::{
     state::Session,
 };
 use crate::{
-    analysis::{History, ReportInputs, build_report},
+    analysis::History,
     bpf::{LoadOptions, Tracer},
     cli::TraceArgs,
     events::OomFormat,
-    model::{LiveModel, StackId, StackTable},
+    live::{Action, LiveView},
+    model::{LiveModel, StackTable},
     procfs,
-    report::{Report, Target, Totals},
+    report::Report,
     symbolize::ProcessSymbols,
 };
 
@@ -72,10 +74,23 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let (mut s, sources) = start(target, args).await?;
     let started = Instant::now();
     let Sources { mut events, pidfd, metrics } = sources;
-    let reason = event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started).await?;
+    let mut live = if args.live { start_live_view() } else { None };
+    let reason =
+        event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started, live.as_mut()).await?;
+    if let Some(view) = live {
+        view.finish();
+    }
     // Whatever is still in the ring buffer belongs to the run.
     s.drain(events.get_mut());
     Ok(finish(s, reason, args, started))
+}
+
+/// The full-screen view, or `None` (the status line) when it cannot be shown.
+fn start_live_view() -> Option<LiveView> {
+    LiveView::start().unwrap_or_else(|e| {
+        warn!("no live view: {e}; printing the status line instead");
+        None
+    })
 }
 
 /// Checks, loads and attaches; returns once tracing has started.
@@ -189,12 +204,19 @@ async fn event_loop(
     metrics: Option<&TcpListener>,
     args: &TraceArgs,
     started: Instant,
+    mut live: Option<&mut LiveView>,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    // The live view's terminal closing ends the trace with its outputs written (only
+    // then: elsewhere SIGHUP keeps its meaning, and `nohup` keeps working).
+    let mut sighup = match live {
+        Some(_) => Some(tokio::signal::unix::signal(SignalKind::hangup()).context("install SIGHUP handler")?),
+        None => None,
+    };
     let deadline = args.duration.and_then(|d| crate::duration::deadline(tokio::time::Instant::now(), d));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The kernel wakes us only when data piles up (see `wakeup_flags` in the eBPF
@@ -202,6 +224,10 @@ async fn event_loop(
     let mut drain = tokio::time::interval(Duration::from_millis(100));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let interval = args.interval.unwrap_or_else(|| {
+        if live.is_some() {
+            // A person is watching: verdicts and the time to the limit within seconds.
+            return Duration::from_secs(1);
+        }
         args.duration.map_or(Duration::from_secs(5), |d| {
             (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
         })
@@ -231,6 +257,17 @@ async fn event_loop(
             }
             _ = sigint.recv() => break StopReason::Signal,
             _ = sigterm.recv() => break StopReason::Signal,
+            _ = async { match sighup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                break StopReason::Signal;
+            }
+            event = async { match live.as_mut() { Some(view) => view.next_event().await, None => std::future::pending().await } } => {
+                if let Some(view) = live.as_mut() {
+                    if view.handle(&event) == Action::Quit {
+                        break StopReason::Signal;
+                    }
+                    draw(view);
+                }
+            }
             () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
                 break StopReason::Duration;
             }
@@ -260,7 +297,15 @@ async fn event_loop(
                     s.snapshot();
                     next_snapshot = next_snapshot.and_then(|at| at.checked_add(interval));
                 }
-                if tty {
+                if let Some(view) = live.as_mut() {
+                    if !view.paused() {
+                        let made = Instant::now();
+                        let report = s.live_report(started, args.min_age);
+                        debug!("live report: {} suspects in {:.1?}", report.leaks.len() + report.other_suspects.len(), made.elapsed());
+                        view.update(report);
+                    }
+                    draw(view);
+                } else if tty {
                     eprint!("\r{}\x1b[K", s.status_line(started));
                 } else if last_status_line.elapsed() >= Duration::from_secs(5) {
                     eprintln!("{}", s.status_line(started));
@@ -270,6 +315,12 @@ async fn event_loop(
         }
     };
     Ok(reason)
+}
+
+fn draw(view: &mut LiveView) {
+    if let Err(e) = view.draw() {
+        debug!("draw the live view: {e}");
+    }
 }
 
 /// The final snapshot and the report.
@@ -296,49 +347,14 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
     if s.stacks.overflowed() > 0 {
         warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
     }
-    let frames = |id: StackId| s.frames.get(&id).cloned().unwrap_or_default();
-    let model_totals = s.model.totals();
-    let report = build_report(&ReportInputs {
-        target: Target {
-            pid: s.pid,
-            comm: s.comm.clone(),
-            cmdline: s.cmdline.clone(),
-            exited,
-            oom_killed: s.target_oom_killed,
-            exit: s.exit.clone(),
-        },
-        duration_s: started.elapsed().as_secs_f64(),
-        tracked: s.tracked.clone(),
-        totals: Totals {
-            outstanding_bytes: 0,
-            allocated_bytes: model_totals.allocated_bytes,
-            freed_bytes: model_totals.freed_bytes,
-            resident_bytes: 0,
-            views: Vec::new(),
-        },
-        stacks: {
-            let mapped = s.model.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(args.min_age)));
-            match (&s.heap, heap_aggs) {
-                (Some(heap), Some(heap_aggs)) => heap.merge(mapped, heap_aggs, &s.stacks),
-                _ => mapped,
-            }
-        },
-        end_ns,
-        frames: &frames,
-        ooms: &s.ooms,
-        timeline: s.timeline.clone(),
-        history: &s.history,
-        lost_events: s.lost_events(),
-        rules: &s.rules,
-        memory: s.parts.map(|((t0, first), (t1, last))| crate::report::MemoryBreakdown {
-            first,
-            last,
-            span_s: (t1 - t0).max(0.0).round() as u64,
-        }),
-        node: s.node,
-    });
-    let mut report = report;
-    report.warnings.clone_from(&s.warnings);
+    let stacks = {
+        let mapped = s.model.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(args.min_age)));
+        match (&s.heap, heap_aggs) {
+            (Some(heap), Some(heap_aggs)) => heap.merge(mapped, heap_aggs, &s.stacks),
+            _ => mapped,
+        }
+    };
+    let mut report = s.report(stacks, end_ns, exited, started);
     if let Some(heap) = &s.heap {
         let t_s = started.elapsed().as_secs_f64();
         eprintln!("memtrace: {}", heap.summary());

@@ -137,9 +137,6 @@ impl Session {
     }
 
     pub(super) fn snapshot(&mut self) {
-        if let Ok(s) = procfs::status(self.pid) {
-            self.last_mem = s.mem;
-        }
         let t_s = (monotonic_ns().saturating_sub(self.start_ns)) as f64 / 1e9;
         let mut aggs = self.model.by_stack();
         let mut heap_bytes = 0;
@@ -153,7 +150,24 @@ impl Session {
             let first = self.parts.map_or((t_s, parts), |(first, _)| first);
             self.parts = Some((first, (t_s, parts)));
         }
-        self.timeline.push(TimelinePoint {
+        let point = self.point_now(t_s, heap_bytes);
+        self.timeline.push(point);
+        if self.timeline.len() > TIMELINE_CAPACITY {
+            // Keep every other point: resolution halves, coverage stays whole.
+            let mut i = 0;
+            self.timeline.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+        }
+    }
+
+    /// The memory now, as a timeline point (`heap_bytes`: the allocator view's total).
+    pub(super) fn point_now(&mut self, t_s: f64, heap_bytes: u64) -> TimelinePoint {
+        if let Ok(s) = procfs::status(self.pid) {
+            self.last_mem = s.mem;
+        }
+        TimelinePoint {
             t_s,
             rss_bytes: self.last_mem.rss,
             outstanding_bytes: self.model.outstanding_bytes(),
@@ -164,14 +178,6 @@ impl Session {
             memcg_usage_bytes: self.memcg.as_ref().and_then(procfs::Memcg::usage_bytes).unwrap_or(0),
             memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
             heap_bytes,
-        });
-        if self.timeline.len() > TIMELINE_CAPACITY {
-            // Keep every other point: resolution halves, coverage stays whole.
-            let mut i = 0;
-            self.timeline.retain(|_| {
-                i += 1;
-                i % 2 == 1
-            });
         }
     }
 
