@@ -31,13 +31,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Doctor => Ok(doctor()),
-        Command::Attach { pid, trace } => {
-            let target = TraceTarget { pid, release: None };
+        Command::Attach { pids, trace } => {
+            let target = TraceTarget { pids, children: trace.children, release: None };
             trace_and_report(target, &trace, None)
         }
         Command::Run { trace, command } => {
             let (child, release) = spawn_held(&command)?;
-            let target = TraceTarget { pid: child.id(), release: Some(release) };
+            let target =
+                TraceTarget { pids: vec![child.id()], children: trace.children, release: Some(release) };
             trace_and_report(target, &trace, Some(child))
         }
         Command::Oom { duration, json } => crate::oomwatch::watch(duration, json.as_deref()),

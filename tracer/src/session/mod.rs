@@ -2,6 +2,7 @@
 
 mod metrics;
 mod os;
+mod procs;
 mod state;
 
 use std::{
@@ -28,7 +29,7 @@ use crate::{
     bpf::{LoadOptions, Tracer},
     cli::TraceArgs,
     events::OomFormat,
-    model::{LiveModel, StackId, StackTable},
+    model::{StackId, StackTable},
     procfs,
     report::{Report, Target, Totals},
     symbolize::ProcessSymbols,
@@ -52,7 +53,10 @@ pub enum StopReason {
 
 /// How the target was obtained.
 pub struct TraceTarget {
-    pub pid: u32,
+    /// The processes to trace; the first is the one the report is for.
+    pub pids: Vec<u32>,
+    /// Follow the processes they fork (and theirs), from their first instruction.
+    pub children: bool,
     /// For `memtrace run`: called once the programs are attached, to let the child run.
     pub release: Option<Release>,
 }
@@ -81,10 +85,18 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
 /// Checks, loads and attaches; returns once tracing has started.
 async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session, Sources)> {
     let attach_started = Instant::now();
-    let pid = resolve_target(target.pid)?;
+    let pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
+    let &pid = pids.first().context("no process to trace")?;
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
     let track = track_bits(&args.track);
+    if track & TRACK_MALLOC != 0 && (target.children || pids.len() > 1) {
+        anyhow::bail!(
+            "--track malloc follows one process: its uprobes are attached to that process's allocator, and \
+             memtrace does not attach them to other processes yet; trace several processes or --children \
+             with the other sources (mmap,brk,faults,oom), or one process with --track malloc"
+        );
+    }
     let metrics = match args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -103,7 +115,8 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     // `memtrace run`: probes go on the waiting shell, armed by its exec of the command.
     malloc.wait_exec = target.release.is_some();
     let mut tracer = Tracer::load(&LoadOptions {
-        target_tgid: pid,
+        targets: pids.clone(),
+        follow_children: target.children,
         track,
         stack_copy_bytes: args.stack_bytes,
         ring_buffer_bytes,
@@ -132,26 +145,35 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
-    let symbols =
-        ProcessSymbols::new(pid).with_context(|| format!("read the memory map of process {pid}"))?;
-    let mut model = LiveModel::new();
-    if let Some(brk) = procfs::program_break(pid) {
-        model.set_initial_brk(brk);
+    let mut procs = procs::Processes::new();
+    for &p in &pids {
+        let symbols =
+            ProcessSymbols::new(p).with_context(|| format!("read the memory map of process {p}"))?;
+        procs.add_running(p, Some(symbols), None);
     }
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
     let tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let whom = match (pids.len(), target.children) {
+        (1, false) => format!("{pid} ({comm})"),
+        (1, true) => format!("{pid} ({comm}) and its children"),
+        (n, children) => format!(
+            "{n} processes ({}){}",
+            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            if children { " and their children" } else { "" }
+        ),
+    };
     eprintln!(
-        "memtrace: attached to {pid} ({comm}) in {:.2}s, tracking {}; Ctrl-C to stop",
+        "memtrace: attached to {whom} in {:.2}s, tracking {}; Ctrl-C to stop",
         attach_started.elapsed().as_secs_f64(),
         tracked.join(",")
     );
     let mut s = Session {
         pid,
         tracer,
-        symbols,
-        model,
+        procs,
+        all_exited: false,
         stacks: StackTable::new(STACK_TABLE_CAPACITY),
         frames: HashMap::new(),
         symbolized_upto: 0,
@@ -189,6 +211,7 @@ async fn event_loop(
     started: Instant,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
+    let mut target_exited = false;
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint =
@@ -216,14 +239,28 @@ async fn event_loop(
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
                 }
+                if s.all_exited {
+                    break StopReason::TargetExited;
+                }
             }
             _ = drain.tick() => {
                 s.drain(events.get_mut());
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
                 }
+                if s.all_exited {
+                    break StopReason::TargetExited;
+                }
             }
-            _ = pidfd.readable() => break StopReason::TargetExited,
+            _ = pidfd.readable(), if !target_exited => {
+                // Its exit event may still be in the ring buffer, with its last changes.
+                s.drain(events.get_mut());
+                s.procs.on_exit(s.pid, monotonic_ns());
+                target_exited = true;
+                if s.procs.live() == 0 {
+                    break StopReason::TargetExited;
+                }
+            }
             _ = sigint.recv() => break StopReason::Signal,
             _ = sigterm.recv() => break StopReason::Signal,
             () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } else { std::future::pending().await } } => {
@@ -244,6 +281,11 @@ async fn event_loop(
                 }
             }
             _ = tick.tick() => {
+                s.procs.reap();
+                if s.procs.live() == 0 {
+                    s.drain(events.get_mut());
+                    break StopReason::TargetExited;
+                }
                 if let Some(heap) = s.heap.as_mut() {
                     heap.poll_new_stacks(&mut s.stacks);
                 }
@@ -292,7 +334,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
         warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
     }
     let frames = |id: StackId| s.frames.get(&id).cloned().unwrap_or_default();
-    let model_totals = s.model.totals();
+    let model_totals = s.procs.totals();
     let report = build_report(&ReportInputs {
         target: Target {
             pid: s.pid,
@@ -311,7 +353,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             views: Vec::new(),
         },
         stacks: {
-            let mapped = s.model.by_stack_before(end_ns.saturating_sub(args.min_age.as_nanos() as u64));
+            let mapped = s.procs.by_stack_before(end_ns.saturating_sub(args.min_age.as_nanos() as u64));
             match (&s.heap, heap_aggs) {
                 (Some(heap), Some(heap_aggs)) => heap.merge(mapped, heap_aggs, &s.stacks),
                 _ => mapped,
@@ -330,6 +372,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             span_s: (t1 - t0).max(0.0).round() as u64,
         }),
         node: s.node,
+        processes: s.procs.report(s.start_ns),
     });
     let mut report = report;
     report.warnings.clone_from(&s.warnings);
