@@ -12,7 +12,7 @@ const SHARES_SHOWN: usize = 4;
 const PROCESSES_SHOWN: usize = 20;
 
 /// The report's entry for `pid` (the latest, should the pid have been reused).
-fn process<'a>(report: &'a Report, pid: u32) -> Option<&'a Process> {
+fn process(report: &Report, pid: u32) -> Option<&Process> {
     report.processes.iter().rev().find(|p| p.pid == pid)
 }
 
