@@ -230,3 +230,45 @@ fn children_with_malloc_probes_is_a_clear_error() {
         out.combined()
     );
 }
+
+#[test]
+fn run_children_follows_the_commands_pool() {
+    if !require_root("run_children_follows_the_commands_pool") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let bin = build_c_fixture("tree_leak", dir.path());
+    let gate = StartGate::new(dir.path());
+    // Open already: the command runs from its start under `memtrace run`.
+    gate.open();
+    let json = dir.path().join("report.json");
+    let out = Memtrace::run(
+        [
+            Path::new("run"),
+            Path::new("--children"),
+            Path::new("--duration"),
+            Path::new("6s"),
+            Path::new("--json"),
+            &json,
+            Path::new("--"),
+            &bin,
+            Path::new("pool"),
+            Path::new("3"),
+            gate.path(),
+        ],
+        Duration::from_mins(1),
+    );
+    assert!(out.status.success(), "memtrace run exited with {}\n{}", out.status, out.combined());
+    let report = Report::read(&json);
+    let summary = report.summary();
+    let jobs: Vec<_> = report.suspects().into_iter().filter(|l| l.culprit() == "pool_job").collect();
+    assert_eq!(jobs.len(), 1, "the jobs' pool_job is one suspect\n{summary}\n{}", out.combined());
+    let split = jobs[0].processes();
+    assert_eq!(split.len(), 3, "three jobs, each its own process: {split:?}\n{summary}");
+    assert!(
+        split
+            .iter()
+            .all(|s| s.2 && within_5_percent(s.1, 4 * MIB) && s.0 != report.target_pid().unwrap_or(0)),
+        "each job held 4 MiB at its exit, none of it the command's: {split:?}"
+    );
+}
