@@ -15,6 +15,8 @@ pub static FAULT_SAMPLE_PERIOD: u32 = 64;
 #[unsafe(no_mangle)]
 pub static FOLLOW_CHILDREN: u32 = 0;
 #[unsafe(no_mangle)]
+pub static SOLE_TGID: u32 = 0;
+#[unsafe(no_mangle)]
 pub static EXIT_GROUP_DEAD_OFFSET: u32 = 0;
 
 /// The traced processes, tgid → 1: seeded by userspace, followed by the kernel (see
@@ -26,6 +28,11 @@ pub static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(TRACED_MAX, 0);
 /// Whether the process `tgid` is traced.
 #[inline(always)]
 pub fn traced(tgid: u32) -> bool {
+    // SAFETY: as in `track_flags`.
+    let sole = unsafe { core::ptr::read_volatile(&raw const SOLE_TGID) };
+    if sole != 0 {
+        return tgid == sole;
+    }
     // SAFETY: the value is only tested for presence, never held across a map update.
     unsafe { TRACED.get(&tgid) }.is_some()
 }

@@ -13,8 +13,8 @@ use aya::{
 use log::{debug, warn};
 use tracer_common::{
     COUNTER_COUNT, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FAULT_SAMPLE_PERIOD, GLOBAL_FOLLOW_CHILDREN,
-    GLOBAL_STACK_COPY_BYTES, GLOBAL_TRACK_FLAGS, MAP_COUNTERS, MAP_EVENTS, MAP_TRACED, TRACK_BRK,
-    TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
+    GLOBAL_SOLE_TGID, GLOBAL_STACK_COPY_BYTES, GLOBAL_TRACK_FLAGS, MAP_COUNTERS, MAP_EVENTS, MAP_TRACED,
+    TRACK_BRK, TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -149,8 +149,13 @@ impl Tracer {
         uprobe::configure_loader(&mut loader, &options.malloc);
         let follow_children = u32::from(options.follow_children);
         let group_dead_offset = exit_group_dead_offset();
+        let sole_tgid = match options.targets.as_slice() {
+            [one] if !options.follow_children => *one,
+            _ => 0,
+        };
         let mut ebpf = loader
             .override_global(GLOBAL_FOLLOW_CHILDREN, &follow_children, true)
+            .override_global(GLOBAL_SOLE_TGID, &sole_tgid, true)
             .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_offset, true)
             .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
             .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)
