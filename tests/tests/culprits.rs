@@ -87,15 +87,12 @@ fn node_buffer_probes_name_the_keeping_function_first() {
         held * 4 >= expected * 3 && held <= expected + MIB,
         "keepSmall holds {held} bytes in the malloc view, want ~{expected}\n{summary}"
     );
-    // Dropped Buffers stay allocated until V8 collects their wrappers, so the allocator
-    // view can catch the transient handler holding uncollected garbage; it must never
-    // outrank the keeper nor hold a noticeable share.
-    for l in leaks.iter().filter(|l| l.culprit() == "churnLarge") {
-        assert!(
-            l.bytes_in("malloc") * 10 < held,
-            "the transient handler holds a share of the leak\n{summary}"
-        );
-    }
+    // Dropped Buffers stay allocated until V8 collects their wrappers: the transient
+    // handler holds young garbage, which is in flight, not a leak.
+    assert!(
+        !leaks.iter().any(|l| l.culprit() == "churnLarge"),
+        "the transient handler is flagged\n{summary}"
+    );
 }
 
 /// A C program whose freed blocks stay in the arena (a live block pins its top) while it

@@ -1,13 +1,12 @@
 //! Runs a parsed command line.
 
 use std::{
-    fs::File,
-    io::{BufWriter, Write as _},
+    io::Write as _,
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        unix::process::CommandExt as _,
+        unix::process::{CommandExt as _, ExitStatusExt as _},
     },
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, ExitCode},
     time::Duration,
 };
@@ -17,7 +16,9 @@ use anyhow::{Context as _, bail};
 use crate::{
     bpf::features::{Status, run_checks},
     cli::{Cli, Command, OutputArgs, TraceArgs},
-    export, record,
+    export,
+    output::{self, OutputFile},
+    procfs, record,
     report::Report,
     session::{self, Release, StopReason, TraceTarget},
 };
@@ -29,6 +30,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Attach { trace, .. } | Command::Run { trace, .. } = &cli.command {
         check_before_tracing(trace)?;
     }
+    match &cli.command {
+        Command::Report { output, .. } => check_outputs(output, None)?,
+        Command::Oom { json: Some(path), .. } => output::check(path)?,
+        _ => {}
+    }
     match cli.command {
         Command::Doctor => Ok(doctor()),
         Command::Attach { pids, trace } => {
@@ -36,6 +42,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             trace_and_report(target, &trace, None)
         }
         Command::Run { trace, command } => {
+            if let Err((status, message)) = find_command(&command) {
+                eprintln!("memtrace: error: {message}");
+                return Ok(ExitCode::from(status));
+            }
             let (child, release) = spawn_held(&command)?;
             let target =
                 TraceTarget { pids: vec![child.id()], children: trace.children, release: Some(release) };
@@ -50,8 +60,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check_before_tracing(args: &TraceArgs) -> anyhow::Result<()> {
     let tracked: Vec<&str> = args.track.iter().map(|t| t.name()).collect();
     args.output.flamegraph_kind.flame_value(&tracked).map_err(anyhow::Error::msg)?;
-    if let Some(path) = &args.record {
-        record::check_destination(path)?;
+    check_outputs(&args.output, args.record.as_deref())
+}
+
+/// Every output path is checked before anything is attached (see [`crate::output`]).
+fn check_outputs(out: &OutputArgs, record: Option<&Path>) -> anyhow::Result<()> {
+    let paths = [&out.json, &out.flamegraph, &out.folded, &out.pprof, &out.speedscope];
+    let mut seen: Vec<&Path> = Vec::new();
+    for path in paths.into_iter().flatten().map(PathBuf::as_path).chain(record) {
+        if seen.contains(&path) {
+            bail!("{} is given for two outputs; give each its own file", path.display());
+        }
+        seen.push(path);
+        output::check(path)?;
     }
     Ok(())
 }
@@ -78,10 +99,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let result = rt.block_on(session::trace(target, args));
-    if let Some(child) = child {
-        finish_child(child);
+    let child_end = child.and_then(finish_child);
+    let (mut report, reason) = result?;
+    let ended = matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled);
+    // `memtrace run` returns the command's own status when it ended by itself, as a
+    // shell would: its code, or 128 + the signal that killed it.
+    let mut code = ExitCode::SUCCESS;
+    if let Some(status) = child_end.filter(|_| ended) {
+        let exit = procfs::exit::exit_from(status.code(), status.signal(), status.core_dumped());
+        code = ExitCode::from(procfs::exit::shell_status(&exit));
+        report.target.exit = Some(exit);
     }
-    let (report, reason) = result?;
     // The recording goes first, and the other outputs are written even if it fails.
     let recorded = args.record.as_deref().map(|path| {
         record::write_report(path, &report)?;
@@ -94,10 +122,34 @@ fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>)
         StopReason::TargetOomKilled => {
             eprintln!("memtrace: the traced process was OOM-killed; report written");
         }
-        StopReason::TargetExited => eprintln!("memtrace: the traced process exited"),
+        StopReason::TargetExited => match &report.target.exit {
+            Some(exit) => eprintln!("memtrace: the traced process ended: {exit}"),
+            None => eprintln!("memtrace: the traced process exited"),
+        },
         StopReason::Duration | StopReason::Signal => {}
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
+}
+
+/// `memtrace run`: the command must exist before a shell is started for it, so that a
+/// typo is one clear line (and the shell's statuses: 127 not found, 126 not runnable).
+fn find_command(command: &[String]) -> Result<(), (u8, String)> {
+    let Some(program) = command.first() else {
+        return Err((2, "memtrace run needs a command after --".to_string()));
+    };
+    if program.contains('/') {
+        return match std::fs::metadata(program) {
+            Err(e) => Err((127, format!("cannot run {program}: {e}"))),
+            Ok(meta) if meta.is_dir() => Err((126, format!("cannot run {program}: it is a directory"))),
+            Ok(_) if which::which(program).is_err() => {
+                Err((126, format!("cannot run {program}: it is not executable")))
+            }
+            Ok(_) => Ok(()),
+        };
+    }
+    which::which(program)
+        .map(drop)
+        .map_err(|_| (127, format!("cannot run {program}: command not found (searched PATH)")))
 }
 
 /// Writes every requested output; the text report goes to stdout.
@@ -111,41 +163,30 @@ pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
     let mut lock = stdout.lock();
     export::text::write_text(report, out.top, &mut lock).context("write the report to stdout")?;
     lock.flush().context("flush stdout")?;
-    let create = |path: &Path| -> anyhow::Result<BufWriter<File>> {
-        Ok(BufWriter::new(File::create(path).with_context(|| format!("create {}", path.display()))?))
+    let write_file = |path: &Path,
+                      what: &str,
+                      render: &dyn Fn(&mut OutputFile) -> Result<(), export::ExportError>|
+     -> anyhow::Result<()> {
+        let mut file = OutputFile::create(path)?;
+        render(&mut file).with_context(|| format!("write {}", path.display()))?;
+        file.commit()?;
+        eprintln!("memtrace: wrote {what} to {}", path.display());
+        Ok(())
     };
     if let Some(path) = &out.json {
-        let mut w = create(path)?;
-        export::json::write_json(report, &mut w).with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote JSON report to {}", path.display());
+        write_file(path, "JSON report", &|w| export::json::write_json(report, w))?;
     }
     if let Some(path) = &out.folded {
-        let mut w = create(path)?;
-        export::folded::write_folded(report, flame, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote folded stacks to {}", path.display());
+        write_file(path, "folded stacks", &|w| export::folded::write_folded(report, flame, w))?;
     }
     if let Some(path) = &out.flamegraph {
-        let mut w = create(path)?;
-        export::flamegraph::write_flamegraph(report, flame, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote flamegraph to {}", path.display());
+        write_file(path, "flamegraph", &|w| export::flamegraph::write_flamegraph(report, flame, w))?;
     }
     if let Some(path) = &out.pprof {
-        let mut w = create(path)?;
-        export::pprof::write_pprof(report, &mut w).with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote pprof profile to {}", path.display());
+        write_file(path, "pprof profile", &|w| export::pprof::write_pprof(report, w))?;
     }
     if let Some(path) = &out.speedscope {
-        let mut w = create(path)?;
-        export::speedscope::write_speedscope(report, &mut w)
-            .with_context(|| format!("write {}", path.display()))?;
-        w.flush()?;
-        eprintln!("memtrace: wrote speedscope profile to {}", path.display());
+        write_file(path, "speedscope profile", &|w| export::speedscope::write_speedscope(report, w))?;
     }
     Ok(())
 }
@@ -231,18 +272,20 @@ fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Release)> {
 }
 
 /// A command memtrace launched is stopped with it (SIGTERM, then SIGKILL after 5 s).
-fn finish_child(mut child: Child) {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return;
+/// Returns its status if it had ended by itself.
+fn finish_child(mut child: Child) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
     }
     // SAFETY: signals the child we spawned, by its pid.
     unsafe { libc::kill(child.id().cast_signed(), libc::SIGTERM) };
     for _ in 0..50 {
         if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = child.kill();
     let _ = child.wait();
+    None
 }

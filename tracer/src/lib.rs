@@ -14,6 +14,7 @@ pub mod export;
 pub mod heap;
 pub mod model;
 pub mod oomwatch;
+pub mod output;
 pub mod procfs;
 pub mod record;
 pub mod report;

@@ -22,7 +22,7 @@ pub fn watch(duration: Option<Duration>, json: Option<&Path>) -> anyhow::Result<
     let entries = rt.block_on(watch_async(duration))?;
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&entries).context("encode OOM records")?;
-        std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))?;
+        crate::output::write_bytes(path, (text + "\n").as_bytes())?;
         eprintln!("memtrace: wrote {} OOM record(s) to {}", entries.len(), path.display());
     }
     Ok(ExitCode::SUCCESS)
@@ -48,7 +48,7 @@ async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomKill>>
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     let started = crate::session::monotonic_ns();
-    let deadline = duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = duration.and_then(|d| crate::duration::deadline(tokio::time::Instant::now(), d));
     eprintln!("memtrace: watching for OOM kills machine-wide; Ctrl-C to stop");
     let mut entries = Vec::new();
     loop {

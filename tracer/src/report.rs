@@ -75,6 +75,40 @@ pub struct Target {
     pub cmdline: String,
     pub exited: bool,
     pub oom_killed: bool,
+    /// How the target ended, when it ended while traced and memtrace could tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<Exit>,
+}
+
+/// How a process ended: its exit code, or the signal that killed it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Exit {
+    /// The code it passed to `exit` (absent when a signal killed it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that killed it, by name (`SIGSEGV`) and number.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal_number: Option<i32>,
+    /// Whether the kernel wrote a core dump.
+    pub core_dumped: bool,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.signal, self.signal_number, self.code) {
+            (Some(name), _, _) => write!(f, "killed by {name}")?,
+            (None, Some(n), _) => write!(f, "killed by signal {n}")?,
+            (None, None, Some(code)) => write!(f, "exited with code {code}")?,
+            (None, None, None) => write!(f, "exited")?,
+        }
+        if self.core_dumped {
+            write!(f, " (core dumped)")?;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +212,9 @@ pub enum Verdict {
     WarmUp,
     /// Gives memory back; what it holds at the end is in flight.
     Churn,
+    /// Grew, but what it holds is young: most of it was allocated late in the trace
+    /// (garbage not yet collected, a burst in progress, or a leak that started late).
+    InFlight,
     /// Too few snapshots to judge.
     #[default]
     Unknown,
@@ -193,6 +230,7 @@ impl Verdict {
             Self::Leak => "leak",
             Self::WarmUp => "warm-up",
             Self::Churn => "churn",
+            Self::InFlight => "in-flight",
             Self::Unknown => "unknown",
             Self::Unattributed => "unattributed",
         }

@@ -28,7 +28,24 @@ struct ViewAcc {
     oldest_ts_ns: u64,
     series: Vec<u64>,
     has_series: bool,
+    /// Σ mean allocation time × bytes, and the bytes it covers (stacks that know it).
+    weighted_ts: u128,
+    weighted_bytes: u128,
 }
+
+impl ViewAcc {
+    /// Mean age of the held bytes at `end_ns`, in seconds, when known.
+    fn mean_age_s(&self, end_ns: u64) -> Option<f64> {
+        let mean = self.weighted_ts.checked_div(self.weighted_bytes)?;
+        Some(end_ns.saturating_sub(mean as u64) as f64 / NS)
+    }
+}
+
+/// A leak's held bytes were allocated all along the trace (mean age about half of it);
+/// when their mean age is below this share of the trace, they are in flight.
+const IN_FLIGHT_AGE_SHARE: f64 = 0.2;
+/// Traces shorter than this do not judge ages.
+const IN_FLIGHT_MIN_TRACE_S: f64 = 4.0;
 
 struct Group {
     culprit: Frame,
@@ -142,6 +159,10 @@ fn group(inputs: &ReportInputs<'_>) -> Vec<Group> {
         let in_proc = g.procs.entry((agg.source, agg.proc)).or_default();
         in_proc.0 += agg.bytes;
         in_proc.1 += agg.count;
+        if agg.mean_ts_ns > 0 {
+            acc.weighted_ts += u128::from(agg.mean_ts_ns) * u128::from(agg.bytes);
+            acc.weighted_bytes += u128::from(agg.bytes);
+        }
         if let Some(series) = inputs.history.series(series_key(agg)) {
             acc.has_series = true;
             for (sum, v) in acc.series.iter_mut().zip(series) {
@@ -196,7 +217,7 @@ fn shares(g: &Group, view: Source, processes: &[Process]) -> Vec<ProcessShare> {
 }
 
 fn suspect(mut g: Group, times: &[f64], inputs: &ReportInputs<'_>) -> Leak {
-    let end_ns = inputs.end_ns;
+    let (end_ns, duration_s) = (inputs.end_ns, inputs.duration_s);
     let attributable = g.segment.is_none();
     let mut evidence = Vec::new();
     let mut primary: Option<(Source, Trend, f64, f64)> = None;
@@ -228,7 +249,21 @@ fn suspect(mut g: Group, times: &[f64], inputs: &ReportInputs<'_>) -> Leak {
     let processes = shares(&g, view, &inputs.processes);
     let acc = &g.views[&view];
     let holder = attributable && view.names_holder();
-    let (verdict, reason, score) = if holder {
+    let young = acc
+        .mean_age_s(end_ns)
+        .filter(|age| duration_s >= IN_FLIGHT_MIN_TRACE_S && *age < IN_FLIGHT_AGE_SHARE * duration_s);
+    let (verdict, reason, score) = if holder && trend.verdict == Verdict::Leak && young.is_some() {
+        let age = young.unwrap_or(0.0);
+        (
+            Verdict::InFlight,
+            format!(
+                "grew, but what it holds ({}) is on average {age:.1}s old in a {duration_s:.0}s trace: memory in \
+                 flight (garbage not yet collected, a burst), or a leak that began late; trace longer to tell",
+                human_bytes(acc.bytes)
+            ),
+            0.0,
+        )
+    } else if holder {
         (trend.verdict, trend.reason, trend.score)
     } else {
         (
@@ -270,7 +305,7 @@ fn flagged(leak: &Leak) -> bool {
     match leak.verdict {
         Verdict::Leak => true,
         Verdict::Unknown => leak.bytes > 0 && leak.view.is_some_and(Source::names_holder),
-        Verdict::WarmUp | Verdict::Churn | Verdict::Unattributed => false,
+        Verdict::WarmUp | Verdict::Churn | Verdict::InFlight | Verdict::Unattributed => false,
     }
 }
 

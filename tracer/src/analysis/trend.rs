@@ -257,6 +257,7 @@ mod tests {
             oldest_ts_ns: 0,
             source: Source::Mmap,
             proc: ProcIndex(0),
+            mean_ts_ns: 0,
         };
         for i in 0..20u64 {
             let mut aggs = vec![agg(1, i * 10)];

@@ -57,6 +57,7 @@ pub(crate) fn sample_report() -> Report {
             cmdline: "node /srv/app.js".to_string(),
             exited: true,
             oom_killed: true,
+            exit: None,
         },
         duration_s: 30.0,
         tracked: ["mmap", "brk", "faults", "oom"].map(String::from).to_vec(),

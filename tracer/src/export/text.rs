@@ -110,10 +110,11 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     if !target.cmdline.is_empty() {
         writeln!(out, "  command:      {}", target.cmdline)?;
     }
-    let status = match (target.exited, target.oom_killed) {
-        (_, true) => "killed by the OOM killer",
-        (true, false) => "exited",
-        (false, false) => "running",
+    let status = match (target.exited, target.oom_killed, &target.exit) {
+        (_, true, _) => "killed by the OOM killer".to_string(),
+        (true, false, Some(exit)) => exit.to_string(),
+        (true, false, None) => "exited".to_string(),
+        (false, false, _) => "running".to_string(),
     };
     writeln!(out, "  status:       {status}")?;
     writeln!(out, "  traced for:   {}", duration(report.duration_s))?;

@@ -18,6 +18,9 @@ pub struct HeapAgg {
     pub recorded: u64,
     /// Oldest outstanding allocation (`bpf_ktime_get_ns`).
     pub oldest_ts_ns: u64,
+    /// Byte-weighted mean allocation time of the outstanding blocks (0: unknown, as from
+    /// the running totals).
+    pub mean_ts_ns: u64,
 }
 
 impl HeapAgg {
@@ -37,7 +40,10 @@ pub fn aggregate_live(
     period: u64,
 ) -> Vec<HeapAgg> {
     let mut by_stack: HashMap<u64, HeapAgg> = HashMap::new();
+    let mut weighted: HashMap<u64, u128> = HashMap::new();
     for entry in live.into_iter().filter(|e| e.ts_ns <= cutoff_ns) {
+        *weighted.entry(entry.stack_id).or_default() +=
+            u128::from(entry.ts_ns) * u128::from(entry.weight.max(1));
         let agg = by_stack.entry(entry.stack_id).or_insert_with(|| HeapAgg {
             kernel_stack: entry.stack_id,
             oldest_ts_ns: u64::MAX,
@@ -47,6 +53,11 @@ pub fn aggregate_live(
         agg.count_fp += sampling::weight_count(entry.size, period);
         agg.recorded += 1;
         agg.oldest_ts_ns = agg.oldest_ts_ns.min(entry.ts_ns);
+    }
+    for agg in by_stack.values_mut() {
+        let w = weighted.get(&agg.kernel_stack).copied().unwrap_or(0);
+        let total = u128::from(agg.bytes.max(agg.recorded));
+        agg.mean_ts_ns = w.checked_div(total).map_or(0, |m| m as u64);
     }
     sorted(by_stack.into_values().collect())
 }
@@ -82,6 +93,7 @@ pub fn aggregate_totals<'a>(
             count_fp: sum.alloc_count.saturating_sub(sum.free_count),
             recorded: 0,
             oldest_ts_ns: if first == u64::MAX { 0 } else { first },
+            mean_ts_ns: 0,
         });
     }
     sorted(out)
@@ -197,6 +209,7 @@ mod tests {
             count: 1,
             oldest_ts_ns: 1,
             source,
+            mean_ts_ns: 1,
             ..StackAgg::default()
         };
         let mapped = vec![

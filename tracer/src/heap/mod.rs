@@ -312,6 +312,7 @@ impl HeapTracker {
                 source: Source::Malloc,
                 // The allocator view follows the first target only.
                 proc: crate::model::ProcIndex(0),
+                mean_ts_ns: agg.mean_ts_ns,
             })
             .collect()
     }

@@ -126,6 +126,9 @@ pub struct StackAgg {
     pub oldest_ts_ns: u64,
     /// The view this memory is seen in.
     pub source: Source,
+    /// Byte-weighted mean allocation time of the held memory (0: unknown): a leak's is
+    /// spread over the run, memory in flight is young.
+    pub mean_ts_ns: u64,
 }
 
 /// A sampled resident page: who touched it first, and how many bytes it stands for.
@@ -382,24 +385,26 @@ impl LiveModel {
     }
 
     fn mapped_by_stack(&self, cutoff_ns: u64) -> Vec<StackAgg> {
-        let mut aggs: HashMap<(StackId, Source), (StackAgg, HashSet<AllocId>)> = HashMap::new();
+        let mut aggs: HashMap<(StackId, Source), (StackAgg, HashSet<AllocId>, u128)> = HashMap::new();
         for (start, seg) in self.ranges.iter().filter(|(_, s)| !s.reserved && s.ts_ns <= cutoff_ns) {
-            let (agg, allocs) = aggs.entry((seg.stack, seg.source)).or_insert_with(|| {
+            let (agg, allocs, weighted) = aggs.entry((seg.stack, seg.source)).or_insert_with(|| {
                 let agg = StackAgg {
                     stack: seg.stack,
                     oldest_ts_ns: u64::MAX,
                     source: seg.source,
                     ..StackAgg::default()
                 };
-                (agg, HashSet::new())
+                (agg, HashSet::new(), 0)
             });
             agg.bytes += seg.end - start;
+            *weighted += u128::from(seg.ts_ns) * u128::from(seg.end - start);
             agg.oldest_ts_ns = agg.oldest_ts_ns.min(seg.ts_ns);
             allocs.insert(seg.alloc);
         }
         aggs.into_values()
-            .map(|(mut agg, allocs)| {
+            .map(|(mut agg, allocs, weighted)| {
                 agg.count = allocs.len() as u64;
+                agg.mean_ts_ns = weighted.checked_div(u128::from(agg.bytes)).map_or(0, |m| m as u64);
                 agg
             })
             .collect()

@@ -1,5 +1,7 @@
 //! What memtrace reads about a process from /proc.
 
+pub mod access;
+pub mod exit;
 pub mod maps;
 pub mod smaps;
 

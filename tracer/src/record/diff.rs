@@ -4,12 +4,7 @@
 //! which a later symbolizer may refine); identical stacks within one report are summed
 //! first. Each stack's delta is B − A: positive deltas grew, negative ones shrank.
 
-use std::{
-    collections::HashMap,
-    fs::File,
-    io::{BufWriter, Write},
-    path::Path,
-};
+use std::{collections::HashMap, io::Write, path::Path};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
@@ -17,6 +12,7 @@ use serde::Serialize;
 use crate::{
     cli::{FlameKind, OutputArgs},
     export::{self, ExportError, FlameValue},
+    output::OutputFile,
     report::{Frame, FrameKind, Leak, Report, Source, Target, Totals, Variant},
     units::human_bytes,
 };
@@ -358,11 +354,11 @@ pub fn write_outputs(diff: &Diff, out: &OutputArgs) -> anyhow::Result<()> {
     write_text(diff, out.top, stdout.lock()).context("write the diff to stdout")?;
     let write_file = |path: &Path,
                       what: &str,
-                      render: &dyn Fn(&mut BufWriter<File>) -> Result<(), ExportError>|
+                      render: &dyn Fn(&mut OutputFile) -> Result<(), ExportError>|
      -> anyhow::Result<()> {
-        let mut w = BufWriter::new(File::create(path).with_context(|| format!("create {}", path.display()))?);
-        render(&mut w).with_context(|| format!("write {}", path.display()))?;
-        w.flush().with_context(|| format!("write {}", path.display()))?;
+        let mut file = OutputFile::create(path)?;
+        render(&mut file).with_context(|| format!("write {}", path.display()))?;
+        file.commit()?;
         eprintln!("memtrace: wrote {what} to {}", path.display());
         Ok(())
     };

@@ -35,6 +35,11 @@ const REQUIRED_FLAGS: u32 = 0xffff;
 /// Flags this version knows (none yet).
 const KNOWN_FLAGS: u32 = 0;
 
+/// The most a section may decompress to. Reports memtrace writes are far smaller (a
+/// few MiB); a file whose section inflates past this is corrupt or a decompression
+/// bomb (deflate reaches 1000:1), and is refused before it exhausts memory.
+pub const MAX_SECTION_BYTES: u64 = 1 << 30;
+
 /// The kind of the end marker.
 pub const SECTION_END: u32 = 0;
 
@@ -88,6 +93,11 @@ pub enum FormatError {
     Checksum { offset: u64, stored: u32, computed: u32 },
     #[error("corrupt section at byte {offset}: {what}")]
     Corrupt { offset: u64, what: String },
+    #[error(
+        "corrupt section at byte {offset}: its {stored} bytes decompress to more than {} MiB, more than any report memtrace writes (a damaged file or a decompression bomb)",
+        limit >> 20
+    )]
+    TooLarge { offset: u64, stored: usize, limit: u64 },
     #[error("incomplete recording: it holds no {0} section")]
     MissingSection(&'static str),
 }
@@ -105,14 +115,28 @@ pub struct Section<'a> {
 impl Section<'_> {
     /// The section's data, decompressed.
     pub fn data(&self) -> Result<Vec<u8>, FormatError> {
+        self.data_within(MAX_SECTION_BYTES)
+    }
+
+    /// The section's data, decompressed, if it holds at most `limit` bytes.
+    fn data_within(&self, limit: u64) -> Result<Vec<u8>, FormatError> {
         match self.encoding {
             Encoding::Raw => Ok(self.stored.to_vec()),
             Encoding::Gzip => {
                 let mut data = Vec::new();
-                GzDecoder::new(self.stored).read_to_end(&mut data).map_err(|e| FormatError::Corrupt {
-                    offset: self.offset,
-                    what: format!("gzip data does not decompress: {e}"),
-                })?;
+                GzDecoder::new(self.stored).take(limit.saturating_add(1)).read_to_end(&mut data).map_err(
+                    |e| FormatError::Corrupt {
+                        offset: self.offset,
+                        what: format!("gzip data does not decompress: {e}"),
+                    },
+                )?;
+                if data.len() as u64 > limit {
+                    return Err(FormatError::TooLarge {
+                        offset: self.offset,
+                        stored: self.stored.len(),
+                        limit,
+                    });
+                }
                 Ok(data)
             }
             Encoding::Unknown(code) => Err(FormatError::Corrupt {
@@ -340,6 +364,22 @@ mod tests {
             decode(&bytes),
             Err(FormatError::Checksum { offset, .. }) if offset == HEADER_LEN as u64
         ));
+    }
+
+    #[test]
+    fn decompression_is_bounded() {
+        // 8 MiB of zeros is 8 KiB of gzip: a small file that inflates a thousandfold.
+        let zeros = vec![0u8; 8 << 20];
+        let bytes = encode(0, &[(2, zeros.as_slice())]).expect("encode");
+        assert!(bytes.len() < 16 << 10, "{} bytes", bytes.len());
+        let c = decode(&bytes).expect("well-formed container");
+        let err = c.sections[0].data_within(2 << 20).expect_err("past the limit");
+        assert!(matches!(err, FormatError::TooLarge { limit, .. } if limit == 2 << 20), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with("corrupt section at byte 16: its "), "{msg}");
+        assert!(msg.contains("decompress to more than 2 MiB"), "{msg}");
+        // Exactly at the limit is fine.
+        assert_eq!(c.sections[0].data_within(8 << 20).expect("at the limit").len(), 8 << 20);
     }
 
     #[test]

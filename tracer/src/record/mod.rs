@@ -12,8 +12,7 @@ pub mod diff;
 pub mod format;
 
 use std::{
-    fs::{self, File},
-    io::Write as _,
+    fs,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -75,6 +74,8 @@ pub enum RecordError {
     Write { path: PathBuf, error: std::io::Error },
     #[error("{}: {error}", path.display())]
     Format { path: PathBuf, error: FormatError },
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
 }
 
 /// The bytes of a recording of `report`.
@@ -120,11 +121,12 @@ fn json_section<T: serde::de::DeserializeOwned>(section: &Section<'_>, what: &st
     })
 }
 
-/// Writes a recording of `report`, made now, to `path`.
+/// Writes a recording of `report`, made now, to `path` (atomically: readers see the old
+/// file or the whole new one, see [`crate::output`]).
 pub fn write_report(path: &Path, report: &Report) -> Result<(), RecordError> {
     let bytes = encode(&Meta::here(), report)
         .map_err(|error| RecordError::Write { path: path.to_path_buf(), error })?;
-    write_atomically(path, &bytes).map_err(|error| RecordError::Write { path: path.to_path_buf(), error })
+    crate::output::write_bytes(path, &bytes).map_err(RecordError::Output)
 }
 
 /// Reads the recording at `path`.
@@ -143,51 +145,6 @@ pub fn read(path: &Path) -> Result<Recording, RecordError> {
         meta.command.join(" ")
     );
     Ok(recording)
-}
-
-/// Fails now, before a long trace, if `path` could not be written at its end.
-pub fn check_destination(path: &Path) -> Result<(), RecordError> {
-    let check = || -> std::io::Result<()> {
-        let tmp = temp_path(path)?;
-        File::create(&tmp)?;
-        fs::remove_file(&tmp)
-    };
-    check().map_err(|error| RecordError::Write { path: path.to_path_buf(), error })
-}
-
-/// A temporary file in the destination's directory, so that the rename is atomic.
-fn temp_path(path: &Path) -> std::io::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    Ok(path.with_file_name(tmp_name))
-}
-
-/// Readers see the old file or the whole new one, never a half-written recording.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = temp_path(path)?;
-    let result = (|| {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    // Makes the rename itself durable; a failure here loses nothing already written.
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    if let Ok(dir) = File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -230,6 +187,7 @@ pub(crate) mod tests {
                 cmdline: "node /srv/app.js".to_string(),
                 exited: true,
                 oom_killed: true,
+                exit: None,
             },
             duration_s: 0.1 + 0.2,
             tracked: ["mmap", "brk", "oom"].map(String::from).to_vec(),
@@ -404,14 +362,5 @@ pub(crate) mod tests {
             err.to_string().starts_with("corrupt section at byte 16: the report does not parse"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn destination_is_checked_before_tracing() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        check_destination(&dir.path().join("ok.mtr")).expect("writable");
-        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 0);
-        let err = check_destination(&dir.path().join("missing/run.mtr")).expect_err("missing directory");
-        assert!(err.to_string().starts_with("cannot write "), "{err}");
     }
 }

@@ -89,6 +89,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let &pid = pids.first().context("no process to trace")?;
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
+    procfs::access::check_traceable(pid)?;
     let track = track_bits(&args.track);
     if track & TRACK_MALLOC != 0 && (target.children || pids.len() > 1) {
         anyhow::bail!(
@@ -188,6 +189,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         events: 0,
         decode_errors: 0,
         target_oom_killed: false,
+        exit: None,
         last_mem: procfs::MemStatus::default(),
         heap,
         comm,
@@ -216,7 +218,7 @@ async fn event_loop(
         tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let deadline = args.duration.and_then(|d| crate::duration::deadline(tokio::time::Instant::now(), d));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The kernel wakes us only when data piles up (see `wakeup_flags` in the eBPF
     // object); between wakeups the ring buffer is drained on this timer.
@@ -227,7 +229,7 @@ async fn event_loop(
             (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
         })
     });
-    let mut next_snapshot = Instant::now() + interval;
+    let mut next_snapshot = Instant::now().checked_add(interval);
     let tty = std::io::stderr().is_terminal();
     let mut last_status_line = Instant::now();
     let reason = loop {
@@ -255,6 +257,7 @@ async fn event_loop(
             _ = pidfd.readable(), if !target_exited => {
                 // Its exit event may still be in the ring buffer, with its last changes.
                 s.drain(events.get_mut());
+                s.exit = procfs::exit::exit_status(s.pid);
                 s.procs.on_exit(s.pid, monotonic_ns());
                 target_exited = true;
                 if s.procs.live() == 0 {
@@ -293,9 +296,9 @@ async fn event_loop(
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
                 }
-                if Instant::now() >= next_snapshot {
+                if next_snapshot.is_some_and(|at| Instant::now() >= at) {
                     s.snapshot();
-                    next_snapshot += interval;
+                    next_snapshot = next_snapshot.and_then(|at| at.checked_add(interval));
                 }
                 if tty {
                     eprint!("\r{}\x1b[K", s.status_line(started));
@@ -306,6 +309,12 @@ async fn event_loop(
             }
         }
     };
+    if reason == StopReason::TargetExited && !target_exited {
+        // The kernel's exit event came first: the target becomes a zombie a moment later,
+        // and how it ended is read then.
+        let _ = tokio::time::timeout(Duration::from_secs(1), pidfd.readable()).await;
+        s.exit = procfs::exit::exit_status(s.pid);
+    }
     Ok(reason)
 }
 
@@ -321,7 +330,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
     // is gone).
     s.snapshot();
     let heap_aggs = s.heap.as_mut().map(|heap| {
-        let cutoff = monotonic_ns().saturating_sub(args.min_age.as_nanos() as u64);
+        let cutoff = monotonic_ns().saturating_sub(crate::duration::nanos(args.min_age));
         heap.finish(cutoff, &mut s.stacks)
     });
     s.symbolize_new();
@@ -342,6 +351,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             cmdline: s.cmdline.clone(),
             exited,
             oom_killed: s.target_oom_killed,
+            exit: s.exit.clone(),
         },
         duration_s: started.elapsed().as_secs_f64(),
         tracked: s.tracked.clone(),
@@ -353,7 +363,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             views: Vec::new(),
         },
         stacks: {
-            let mapped = s.procs.by_stack_before(end_ns.saturating_sub(args.min_age.as_nanos() as u64));
+            let mapped = s.procs.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(args.min_age)));
             match (&s.heap, heap_aggs) {
                 (Some(heap), Some(heap_aggs)) => heap.merge(mapped, heap_aggs, &s.stacks),
                 _ => mapped,

@@ -44,6 +44,8 @@ pub(super) struct Session {
     pub(super) events: u64,
     pub(super) decode_errors: u64,
     pub(super) target_oom_killed: bool,
+    /// How the target ended, if it did while traced.
+    pub(super) exit: Option<crate::report::Exit>,
     pub(super) last_mem: procfs::MemStatus,
     pub(super) heap: Option<crate::heap::HeapTracker>,
     pub(super) comm: String,

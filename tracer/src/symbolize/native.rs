@@ -32,7 +32,9 @@ impl NativeSymbolizer {
         let inner = Symbolizer::builder()
             .enable_code_info(true)
             .enable_inlined_fns(true)
-            .enable_demangling(true)
+            // blazesym hands names it cannot place in a language to the C++ demangler,
+            // which reads a C function `f` as the type `float`: see `demangle`.
+            .enable_demangling(false)
             // Our `/proc/self/fd/N` paths name files we hold open: they cannot change.
             .enable_auto_reload(false)
             .build();
@@ -110,5 +112,52 @@ fn native_frame(function: &str, code_info: Option<&CodeInfo<'_>>, module: &str) 
     let (file, line) = code_info.map_or((String::new(), 0), |info| {
         (info.to_path().to_string_lossy().into_owned(), info.line.unwrap_or(0))
     });
-    Frame { function: function.to_string(), module: module.to_string(), file, line, kind: FrameKind::Native }
+    Frame { function: demangle(function), module: module.to_string(), file, line, kind: FrameKind::Native }
+}
+
+/// The readable name of a symbol, demangled only when it is mangled: Itanium C++ names
+/// start with `_Z`, Rust's with `_R` (v0) or `_ZN…17h<hash>E` (legacy). Anything else
+/// (C names such as `f`, `i` or `d`, which the C++ grammar reads as types) is kept.
+/// The output matches blazesym's own demangling: Rust paths without the hash, C++ with
+/// parameter types.
+pub(crate) fn demangle(name: &str) -> String {
+    if (name.starts_with("_R") || name.starts_with("_Z"))
+        && let Ok(rust) = rustc_demangle::try_demangle(name)
+    {
+        return format!("{rust:#}");
+    }
+    if name.starts_with("_Z")
+        && let Ok(symbol) = cpp_demangle::Symbol::new(name)
+        && let Ok(text) = symbol.demangle()
+    {
+        return text;
+    }
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::demangle;
+
+    #[test]
+    fn c_names_are_not_demangled() {
+        // The hazard: the C++ demangler alone reads `f` as a type.
+        let float = cpp_demangle::Symbol::new("f").ok().and_then(|s| s.demangle().ok());
+        assert_eq!(float.as_deref(), Some("float"));
+        // Each of these is a type or substitution in the Itanium grammar.
+        for name in ["f", "i", "d", "v", "c", "main", "malloc", "Sv", "St", "leak_mappings"] {
+            assert_eq!(demangle(name), name);
+        }
+    }
+
+    #[test]
+    fn mangled_names_are_demangled() {
+        assert_eq!(demangle("_Z3fooi"), "foo(int)");
+        assert_eq!(demangle("_ZN5space3fooEibc"), "space::foo(int, bool, char)");
+        assert_eq!(demangle("_ZN4core3fmt5write17h0123456789abcdefE"), "core::fmt::write");
+        assert_eq!(demangle("_RNvCs15kBYyAo9fc_7mycrate4main"), "mycrate::main");
+        // Mangled-looking but invalid: kept as it is.
+        assert_eq!(demangle("_Zfoo"), "_Zfoo");
+        assert_eq!(demangle("_Rx"), "_Rx");
+    }
 }

@@ -4,7 +4,8 @@
 //!
 //! The file lives in an attacker-writable directory and memtrace runs as root, so it is
 //! opened without following symlinks, must be a regular file, and must belong to the
-//! target's user or to root.
+//! target's user or to root. Its content is the target's to choose: lines, entries and
+//! bytes read are capped, and what is dropped is counted.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -101,6 +102,41 @@ fn parse_location(location: &str) -> Option<(&str, u32)> {
     (!file.is_empty()).then_some((file, line))
 }
 
+/// Longest line kept (V8 names, paths included, stay far below); longer ones are skipped.
+const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Entries kept at most (a busy Node service has tens of thousands).
+const MAX_ENTRIES: usize = 1 << 20;
+/// Bytes of a perf map read at most: a target appending forever would otherwise grow
+/// memtrace without bound.
+const MAX_MAP_BYTES: u64 = 256 << 20;
+/// Bytes read per `read` call.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Bounds on what a perf map may cost memtrace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Limits {
+    line_bytes: usize,
+    entries: usize,
+    map_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { line_bytes: MAX_LINE_BYTES, entries: MAX_ENTRIES, map_bytes: MAX_MAP_BYTES }
+    }
+}
+
+/// What the limits dropped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    /// Lines longer than the line limit.
+    pub long_lines: u64,
+    /// New entries past the entry limit.
+    pub entries: u64,
+    /// Bytes of the file past the size limit, as of the last refresh.
+    pub bytes: u64,
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     end: u64,
@@ -118,18 +154,41 @@ pub(crate) struct PerfMap {
     malformed: u64,
     /// Bumped whenever an entry replaces older ones, so cached lookups can be invalidated.
     generation: u64,
+    limits: Limits,
+    /// Inside a line that grew past the limit: bytes are dropped up to its newline.
+    skipping: bool,
+    dropped: Dropped,
 }
 
 impl PerfMap {
+    fn with_limits(limits: Limits) -> Self {
+        Self { limits, ..Self::default() }
+    }
+
     /// Parses every complete line of `bytes` (after what was left pending by the previous call).
     pub fn feed(&mut self, bytes: &[u8]) {
+        let mut bytes = bytes;
+        if self.skipping {
+            let Some(newline) = bytes.iter().position(|&b| b == b'\n') else {
+                return;
+            };
+            self.skipping = false;
+            self.lines += 1;
+            bytes = &bytes[newline + 1..];
+        }
         self.pending.extend_from_slice(bytes);
         let Some(last_newline) = self.pending.iter().rposition(|&b| b == b'\n') else {
+            self.cap_pending();
             return;
         };
         let complete: Vec<u8> = self.pending.drain(..=last_newline).collect();
+        self.cap_pending();
         for line in complete[..last_newline].split(|&b| b == b'\n') {
             self.lines += 1;
+            if line.len() > self.limits.line_bytes {
+                self.long_line();
+                continue;
+            }
             let line = String::from_utf8_lossy(line);
             if line.trim().is_empty() {
                 continue;
@@ -149,6 +208,26 @@ impl PerfMap {
         }
     }
 
+    /// An unfinished line past the limit is dropped, and the rest of it when it comes.
+    fn cap_pending(&mut self) {
+        if self.pending.len() > self.limits.line_bytes {
+            self.pending = Vec::new();
+            self.skipping = true;
+            self.long_line();
+        }
+    }
+
+    fn long_line(&mut self) {
+        self.dropped.long_lines += 1;
+        if self.dropped.long_lines == 1 {
+            log::warn!(
+                "perf map line {} is longer than {} bytes and was skipped (later ones are counted, not logged)",
+                self.lines + 1,
+                self.limits.line_bytes
+            );
+        }
+    }
+
     /// Adds `[start, start + size)`, dropping the older entries it overlaps: the newest wins.
     pub fn insert(&mut self, start: u64, size: u64, frame: Frame) {
         if size == 0 {
@@ -162,6 +241,16 @@ impl PerfMap {
             .take_while(|(_, entry)| entry.end > start)
             .map(|(&s, _)| s)
             .collect();
+        if overlapped.is_empty() && self.entries.len() >= self.limits.entries {
+            self.dropped.entries += 1;
+            if self.dropped.entries == 1 {
+                log::warn!(
+                    "perf map holds {} entries, the most memtrace keeps: later JIT code is not named",
+                    self.limits.entries
+                );
+            }
+            return;
+        }
         if !overlapped.is_empty() {
             // Addresses that had a name may now have another: cached answers are stale.
             self.generation += 1;
@@ -189,6 +278,11 @@ impl PerfMap {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    #[cfg(test)]
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
     }
 }
 
@@ -257,7 +351,11 @@ impl std::fmt::Debug for PerfMapReader {
 
 impl PerfMapReader {
     pub fn new(path: PathBuf, allowed_uids: Vec<u32>) -> Self {
-        Self { path, allowed_uids, file: None, offset: 0, warned: false, map: PerfMap::default() }
+        Self::with_limits(path, allowed_uids, Limits::default())
+    }
+
+    fn with_limits(path: PathBuf, allowed_uids: Vec<u32>, limits: Limits) -> Self {
+        Self { path, allowed_uids, file: None, offset: 0, warned: false, map: PerfMap::with_limits(limits) }
     }
 
     pub fn path(&self) -> &Path {
@@ -303,19 +401,40 @@ impl PerfMapReader {
         if size < self.offset {
             log::info!("perf map {} shrank; reading it again from the start", self.path.display());
             // Keep generations increasing so answers cached from the old content go stale.
-            self.map = PerfMap { generation: self.map.generation + 1, ..PerfMap::default() };
+            let (generation, limits, dropped) = (self.map.generation + 1, self.map.limits, self.map.dropped);
+            self.map = PerfMap { generation, limits, dropped, ..PerfMap::default() };
             self.file = None;
             self.offset = 0;
             self.refresh();
             return;
         }
-        let mut buf = Vec::new();
-        match file.read_to_end(&mut buf) {
-            Ok(n) => {
-                self.offset += n as u64;
-                self.map.feed(&buf);
+        let budget = self.map.limits.map_bytes.saturating_sub(self.offset);
+        let past_limit = (size - self.offset).saturating_sub(budget);
+        if past_limit > 0 && self.map.dropped.bytes == 0 {
+            log::warn!(
+                "perf map {} is larger than {} MiB, the most memtrace reads: later JIT code is not named",
+                self.path.display(),
+                self.map.limits.map_bytes >> 20
+            );
+        }
+        self.map.dropped.bytes = past_limit;
+        let mut left = (size - self.offset).min(budget);
+        let mut buf = vec![0u8; READ_CHUNK];
+        while left > 0 {
+            let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+            match file.read(&mut buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    self.offset += n as u64;
+                    left = left.saturating_sub(n as u64);
+                    self.map.feed(&buf[..n]);
+                }
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) => {
+                    log::debug!("read {}: {err}", self.path.display());
+                    break;
+                }
             }
-            Err(err) => log::debug!("read {}: {err}", self.path.display()),
         }
     }
 }
@@ -343,173 +462,4 @@ fn open_checked(path: &Path, allowed_uids: &[u32]) -> Result<Option<File>, Refus
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-    use std::os::unix::fs::symlink;
-
-    use super::*;
-
-    fn frame(map: &PerfMap, addr: u64) -> Option<String> {
-        map.lookup(addr).map(|f| f.function.clone())
-    }
-
-    #[test]
-    fn parses_js_names() {
-        let f = parse_symbol("JS:*rememberOrder /srv/app.js:9:21");
-        assert_eq!(
-            f,
-            Frame {
-                function: "rememberOrder".into(),
-                module: "[jit]".into(),
-                file: "/srv/app.js".into(),
-                line: 9,
-                kind: FrameKind::Js,
-            }
-        );
-        let f = parse_symbol("JS:~handler /srv/app.js:30:5");
-        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("handler", "/srv/app.js", 30));
-
-        let f = parse_symbol("JS:~ /srv/app.js:30:5");
-        assert_eq!((f.function.as_str(), f.line, f.kind), ("(anonymous)", 30, FrameKind::Js));
-
-        let f = parse_symbol("LazyCompile:*processTicksAndRejections node:internal/process/task_queues:67");
-        assert_eq!(f.function, "processTicksAndRejections");
-        assert_eq!((f.file.as_str(), f.line), ("node:internal/process/task_queues", 67));
-
-        let f = parse_symbol("Function:^get size node:internal/url:12:3");
-        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("get size", "node:internal/url", 12));
-
-        let f = parse_symbol("JS:+run file:///srv/app.mjs:1:1");
-        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("run", "file:///srv/app.mjs", 1));
-
-        let f = parse_symbol("JS:*noLocation");
-        assert_eq!((f.function.as_str(), f.file.as_str(), f.line), ("noLocation", "", 0));
-    }
-
-    #[test]
-    fn parses_v8_names() {
-        for (name, function) in [
-            ("Builtin:ArrayPrototypePush", "ArrayPrototypePush"),
-            ("Stub:CEntry_Return1", "CEntry_Return1"),
-            ("BytecodeHandler:LdaZero", "LdaZero"),
-            ("RegExp:(\\d+) x", "(\\d+) x"),
-        ] {
-            let f = parse_symbol(name);
-            assert_eq!(
-                (f.function.as_str(), f.module.as_str(), f.kind),
-                (function, "[v8]", FrameKind::Native),
-                "{name}"
-            );
-        }
-        let other = parse_symbol("Lcom/example/Foo;::bar");
-        assert_eq!((other.function.as_str(), other.module.as_str()), ("Lcom/example/Foo;::bar", "[jit]"));
-    }
-
-    #[test]
-    fn newest_entry_wins_and_replaces_overlaps() {
-        let mut map = PerfMap::default();
-        map.feed(b"1000 100 JS:*a /a.js:1:1\n1100 100 JS:*b /b.js:2:1\n1200 100 JS:*c /c.js:3:1\n");
-        assert_eq!(frame(&map, 0x1000).as_deref(), Some("a"));
-        assert_eq!(frame(&map, 0x10ff).as_deref(), Some("a"));
-        assert_eq!(frame(&map, 0x1150).as_deref(), Some("b"));
-        assert_eq!(frame(&map, 0x1300), None);
-        assert_eq!(frame(&map, 0xfff), None);
-        let generation = map.generation();
-        map.feed(b"5000 10 JS:*fresh /f.js:1:1\n");
-        assert_eq!(map.generation(), generation, "new code elsewhere keeps cached names valid");
-
-        // New code over the tail of `a` and the head of `b`: both old entries go.
-        let generation = map.generation();
-        map.feed(b"10f0 20 JS:*d /d.js:4:1\n");
-        assert_ne!(map.generation(), generation, "replacing entries invalidates caches");
-        assert_eq!(frame(&map, 0x10f0).as_deref(), Some("d"));
-        assert_eq!(frame(&map, 0x1000), None, "overlapped older entry dropped");
-        assert_eq!(frame(&map, 0x1150), None, "overlapped older entry dropped");
-        assert_eq!(frame(&map, 0x1250).as_deref(), Some("c"));
-        assert_eq!(map.len(), 3);
-
-        // Same start, newer wins.
-        map.feed(b"1200 100 JS:*e /e.js:5:1\n");
-        assert_eq!(frame(&map, 0x1250).as_deref(), Some("e"));
-        assert_eq!(map.len(), 3);
-    }
-
-    #[test]
-    fn skips_malformed_lines_and_keeps_partial_tail() {
-        let mut map = PerfMap::default();
-        map.feed(b"zzz 10 JS:*bad /x.js:1:1\n2000 10\n\n2100 10 JS:*ok /ok.js:7:1\n2200 1");
-        assert_eq!(map.malformed_lines(), 2);
-        assert_eq!(frame(&map, 0x2105).as_deref(), Some("ok"));
-        assert_eq!(frame(&map, 0x2200), None, "partial line not parsed yet");
-
-        map.feed(b"0 JS:*late /late.js:1:1\n");
-        assert_eq!(frame(&map, 0x2200).as_deref(), Some("late"), "partial line completed");
-        assert_eq!(frame(&map, 0x2300).as_deref(), None);
-        assert_eq!(map.malformed_lines(), 2);
-    }
-
-    #[test]
-    fn reader_reads_appended_lines() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("perf-1.map");
-        let mut file = File::create(&path).expect("create perf map");
-        let mut reader = PerfMapReader::new(path.clone(), vec![file_owner_uid()]);
-        file.write_all(b"3000 10 JS:*first /a.js:1:1\n3010 10 Builtin:Ar").expect("write");
-        reader.refresh();
-        assert_eq!(frame(reader.map(), 0x3000).as_deref(), Some("first"));
-        assert_eq!(frame(reader.map(), 0x3010), None);
-        reader.refresh();
-        file.write_all(b"rayPrototypePush\n").expect("write");
-        reader.refresh();
-        assert_eq!(frame(reader.map(), 0x3015).as_deref(), Some("ArrayPrototypePush"));
-    }
-
-    #[test]
-    fn missing_map_is_fine() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut reader = PerfMapReader::new(dir.path().join("perf-2.map"), vec![]);
-        reader.refresh();
-        assert_eq!(reader.map().len(), 0);
-    }
-
-    #[test]
-    fn refuses_symlink() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let target = dir.path().join("real.map");
-        std::fs::write(&target, b"4000 10 JS:*secret /s.js:1:1\n").expect("write target");
-        let link = dir.path().join("perf-3.map");
-        symlink(&target, &link).expect("symlink");
-
-        let mut reader = PerfMapReader::new(link.clone(), vec![file_owner_uid()]);
-        reader.refresh();
-        assert_eq!(reader.map().len(), 0, "a symlinked perf map must not be followed");
-        assert!(matches!(open_checked(&link, &[file_owner_uid()]), Err(Refusal::Symlink)));
-        assert!(open_checked(&target, &[file_owner_uid()]).expect("regular file opens").is_some());
-    }
-
-    #[test]
-    fn refuses_fifo_and_foreign_owner() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let fifo = dir.path().join("perf-4.map");
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
-        // SAFETY: c_path is a valid NUL-terminated path for the duration of the call.
-        let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
-        assert_eq!(rc, 0, "mkfifo");
-        assert!(matches!(open_checked(&fifo, &[file_owner_uid()]), Err(Refusal::NotRegular)));
-
-        let file = dir.path().join("perf-5.map");
-        std::fs::write(&file, b"").expect("write");
-        let me = file_owner_uid();
-        if me != 0 {
-            // Owned by us, but we are neither root nor the (pretend) target's user.
-            assert!(matches!(open_checked(&file, &[me + 1]), Err(Refusal::Owner(_))));
-        }
-        assert!(open_checked(&file, &[me]).expect("own file").is_some());
-    }
-
-    /// The uid owning files this test creates.
-    fn file_owner_uid() -> u32 {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::metadata(dir.path()).expect("stat tempdir").uid()
-    }
-}
+mod tests;

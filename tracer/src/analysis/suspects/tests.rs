@@ -253,3 +253,18 @@ fn a_culprit_in_several_workers_is_one_suspect_split_by_process() {
     assert_eq!((parent.pid, parent.processes.len()), (100, 1));
     assert_eq!(rep.processes, processes);
 }
+
+#[test]
+fn young_memory_of_a_growing_stack_is_in_flight() {
+    // Garbage awaiting collection: it grows between collections, and all of it is young.
+    let end_ns = 20_000_000_000;
+    let (r, _) = run(20, |t| vec![agg(3, Source::Malloc, t * MIB), agg(5, Source::Malloc, t * MIB)]);
+    let young = StackAgg { mean_ts_ns: end_ns - 1_000_000_000, ..agg(3, Source::Malloc, 19 * MIB) };
+    let spread = StackAgg { mean_ts_ns: end_ns - 10_000_000_000, ..agg(5, Source::Malloc, 19 * MIB) };
+    let rep = report(&r, vec![young, spread], &["malloc"]);
+    let names: Vec<_> = rep.leaks.iter().map(|l| l.culprit.function.as_str()).collect();
+    assert_eq!(names, vec!["keep_block"], "only the stack whose blocks span the trace");
+    let other = &rep.other_suspects[0];
+    assert_eq!((other.culprit.function.as_str(), other.verdict), ("transient", Verdict::InFlight));
+    assert!(other.reason.contains("1.0s old"), "{}", other.reason);
+}
