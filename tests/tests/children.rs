@@ -93,7 +93,7 @@ fn workers_leak_under_their_own_pids_and_the_parent_is_clean() {
     let parents: Vec<_> = report
         .suspects()
         .iter()
-        .flat_map(|l| l.processes())
+        .flat_map(integration_tests::Leak::processes)
         .filter(|&(pid, bytes, _)| pid == parent && bytes >= MIB)
         .collect();
     assert!(parents.is_empty(), "the parent holds nothing, yet: {parents:?}\n{summary}");
@@ -110,10 +110,10 @@ fn workers_leak_under_their_own_pids_and_the_parent_is_clean() {
 
 #[test]
 fn short_lived_children_keep_their_symbolized_evidence() {
+    const JOBS: u64 = 6;
     if !require_root("short_lived_children_keep_their_symbolized_evidence") {
         return;
     }
-    const JOBS: u64 = 6;
     let dir = tempfile::tempdir().expect("create temp dir");
     let bin = build_c_fixture("tree_leak", dir.path());
     let gate = StartGate::new(dir.path());
@@ -171,10 +171,10 @@ fn short_lived_children_keep_their_symbolized_evidence() {
 
 #[test]
 fn after_exec_the_new_image_is_traced_and_the_old_one_is_not_a_leak() {
+    const REGIONS: u64 = 30;
     if !require_root("after_exec_the_new_image_is_traced_and_the_old_one_is_not_a_leak") {
         return;
     }
-    const REGIONS: u64 = 30;
     let dir = tempfile::tempdir().expect("create temp dir");
     let bin = build_c_fixture("tree_leak", dir.path());
     let leaker = build_c_fixture("mmap_leak", dir.path());

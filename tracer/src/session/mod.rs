@@ -91,13 +91,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     crate::bpf::require_root()?;
     procfs::access::check_traceable(pid)?;
     let track = track_bits(&args.track);
-    if track & TRACK_MALLOC != 0 && (target.children || pids.len() > 1) {
-        anyhow::bail!(
-            "--track malloc follows one process: its uprobes are attached to that process's allocator, and \
-             memtrace does not attach them to other processes yet; trace several processes or --children \
-             with the other sources (mmap,brk,faults,oom), or one process with --track malloc"
-        );
-    }
+    check_scope(track, target.children, pids.len())?;
     let metrics = match args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -146,25 +140,12 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
-    let mut procs = procs::Processes::new();
-    for &p in &pids {
-        let symbols =
-            ProcessSymbols::new(p).with_context(|| format!("read the memory map of process {p}"))?;
-        procs.add_running(p, Some(symbols), None);
-    }
+    let procs = open_targets(&pids)?;
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
     let tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
-    let whom = match (pids.len(), target.children) {
-        (1, false) => format!("{pid} ({comm})"),
-        (1, true) => format!("{pid} ({comm}) and its children"),
-        (n, children) => format!(
-            "{n} processes ({}){}",
-            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
-            if children { " and their children" } else { "" }
-        ),
-    };
+    let whom = whom(&pids, target.children, &comm);
     eprintln!(
         "memtrace: attached to {whom} in {:.2}s, tracking {}; Ctrl-C to stop",
         attach_started.elapsed().as_secs_f64(),
@@ -201,6 +182,43 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     s.snapshot();
 
     Ok((s, Sources { events, pidfd, metrics }))
+}
+
+/// The targets' models and symbols, read from `/proc` (an error if one cannot be read).
+fn open_targets(pids: &[u32]) -> anyhow::Result<procs::Processes> {
+    let mut procs = procs::Processes::new();
+    for &p in pids {
+        let symbols =
+            ProcessSymbols::new(p).with_context(|| format!("read the memory map of process {p}"))?;
+        procs.add_running(p, Some(symbols), None);
+    }
+    Ok(procs)
+}
+
+/// What can be traced together: the allocator view follows one process.
+fn check_scope(track: u32, children: bool, targets: usize) -> anyhow::Result<()> {
+    if track & TRACK_MALLOC != 0 && (children || targets > 1) {
+        anyhow::bail!(
+            "--track malloc follows one process: its uprobes are attached to that process's allocator, and \
+             memtrace does not attach them to other processes yet; trace several processes or --children \
+             with the other sources (mmap,brk,faults,oom), or one process with --track malloc"
+        );
+    }
+    Ok(())
+}
+
+/// `4242 (node) and its children`, for the attach message.
+fn whom(pids: &[u32], children: bool, comm: &str) -> String {
+    match (pids, children) {
+        ([pid], false) => format!("{pid} ({comm})"),
+        ([pid], true) => format!("{pid} ({comm}) and its children"),
+        (pids, children) => format!(
+            "{} processes ({}){}",
+            pids.len(),
+            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            if children { " and their children" } else { "" }
+        ),
+    }
 }
 
 /// Reads events, snapshots and reports status until a stop condition.
@@ -255,12 +273,8 @@ async fn event_loop(
                 }
             }
             _ = pidfd.readable(), if !target_exited => {
-                // Its exit event may still be in the ring buffer, with its last changes.
-                s.drain(events.get_mut());
-                s.exit = procfs::exit::exit_status(s.pid);
-                s.procs.on_exit(s.pid, monotonic_ns());
                 target_exited = true;
-                if s.procs.live() == 0 {
+                if s.target_exited(events.get_mut()) {
                     break StopReason::TargetExited;
                 }
             }

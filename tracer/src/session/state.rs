@@ -127,6 +127,15 @@ impl Session {
         }
     }
 
+    /// The (first) target ended, as its pidfd says; returns whether no traced process runs.
+    pub(super) fn target_exited(&mut self, rb: &mut RingBuf<MapData>) -> bool {
+        // Its exit event may still be in the ring buffer, with its last changes.
+        self.drain(rb);
+        self.exit = procfs::exit::exit_status(self.pid);
+        self.procs.on_exit(self.pid, monotonic_ns());
+        self.procs.live() == 0
+    }
+
     /// A traced process forked (the kernel traces the child already), exec'd or ended.
     fn lifecycle(&mut self, event: &tracer_common::ProcEvent) {
         let (tgid, ts_ns) = (event.header.tgid, event.header.ts_ns);
@@ -160,12 +169,11 @@ impl Session {
         self.procs.refresh_perf_maps();
         for id in (self.symbolized_upto + 1)..=total {
             let id = StackId(id as u32);
-            let frames = match self.stacks.frames(id) {
-                Some(named) => named.to_vec(),
-                None => {
-                    let addrs = self.stacks.get(id).to_vec();
-                    self.procs.symbolize(self.stacks.space(id), &addrs)
-                }
+            let frames = if let Some(named) = self.stacks.frames(id) {
+                named.to_vec()
+            } else {
+                let addrs = self.stacks.get(id).to_vec();
+                self.procs.symbolize(self.stacks.space(id), &addrs)
             };
             self.frames.insert(id, frames);
         }
