@@ -532,12 +532,13 @@ impl Report {
             let frames: Vec<String> = leak.frames().iter().take(32).map(Frame::label).collect();
             let _ = writeln!(
                 out,
-                "  {:>12} bytes {:>6} allocs {:?} {} culprit {}: {}",
+                "  {:>12} bytes {:>6} allocs {:?} {} culprit {} pids {:?}: {}",
                 leak.bytes(),
                 leak.count(),
                 leak.sources(),
                 leak.verdict(),
                 leak.culprit(),
+                leak.processes(),
                 frames.join(" <- ")
             );
         }
@@ -591,6 +592,27 @@ impl<'a> Leak<'a> {
             .filter(|e| e.get("source").and_then(Value::as_str) == Some(source))
             .filter_map(|e| e.get("bytes").and_then(Value::as_u64))
             .sum()
+    }
+
+    /// The process holding the most of it.
+    #[must_use]
+    pub fn pid(&self) -> u64 {
+        self.json.get("pid").and_then(Value::as_u64).unwrap_or(0)
+    }
+
+    /// Its memory per process: (pid, bytes, exited), most first.
+    #[must_use]
+    pub fn processes(&self) -> Vec<(u64, u64, bool)> {
+        self.json
+            .get("processes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                let int = |k| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+                (int("pid"), int("bytes"), p.get("exited").and_then(Value::as_bool).unwrap_or(false))
+            })
+            .collect()
     }
 
     /// Leaf first.

@@ -26,6 +26,12 @@ pub mod kind {
     /// this sample stands for (page size times the sampling period).
     pub const FAULT: u32 = 7;
     pub const OOM_MARK_VICTIM: u32 = 32;
+    /// A traced process forked a process that is now traced too (`tgid` is the child's).
+    pub const FORK: u32 = 48;
+    /// A traced process exec'd: its address space is a new image.
+    pub const EXEC: u32 = 49;
+    /// A traced process ended (its last thread exited); it is no longer traced.
+    pub const EXIT: u32 = 50;
 }
 
 /// Leads every record.
@@ -108,7 +114,26 @@ pub struct OomEvent {
     pub record: [u8; OOM_RECORD_MAX],
 }
 
+/// A process of the traced set appeared, exec'd or ended (`kind::FORK`, `EXEC`, `EXIT`).
+/// `header.tgid` is the process; `header.tid` the thread that made the change.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    pub header: EventHeader,
+    /// `FORK`: the parent's tgid; 0 otherwise.
+    pub parent_tgid: u32,
+    #[allow(
+        clippy::pub_underscore_fields,
+        reason = "explicit padding, zeroed by the writer; carries no data"
+    )]
+    pub _pad: u32,
+    /// `FORK`: the child's comm (the parent's at fork time); `EXEC`: the new image's;
+    /// `EXIT`: the process's last.
+    pub comm: [u8; COMM_LEN],
+}
+
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
+const _: () = assert!(core::mem::size_of::<ProcEvent>() == 24 + 8 + COMM_LEN);
 const _: () = assert!(core::mem::size_of::<MemEvent>() == 24 + 32 + 16);
 const _: () = assert!(core::mem::size_of::<UserStack>() == UserStack::DATA_OFFSET + STACK_COPY_MAX);
 const _: () = assert!(
@@ -126,4 +151,6 @@ mod pod {
     unsafe impl aya::Pod for super::MemEvent {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::OomEvent {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ProcEvent {}
 }

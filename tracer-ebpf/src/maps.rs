@@ -2,11 +2,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{COUNTER_COUNT, MemEventWithStack};
+use tracer_common::{COUNTER_COUNT, MemEventWithStack, TRACED_MAX};
 
 /// Set by userspace before load (see `tracer_common::config`).
-#[unsafe(no_mangle)]
-pub static TARGET_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 pub static TRACK_FLAGS: u32 = 0;
 #[unsafe(no_mangle)]
@@ -14,29 +12,59 @@ pub static STACK_COPY_BYTES: u32 = 0;
 
 #[unsafe(no_mangle)]
 pub static FAULT_SAMPLE_PERIOD: u32 = 64;
+#[unsafe(no_mangle)]
+pub static FOLLOW_CHILDREN: u32 = 0;
+#[unsafe(no_mangle)]
+pub static SOLE_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+pub static EXIT_GROUP_DEAD_OFFSET: u32 = 0;
+
+/// The traced processes, tgid → 1: seeded by userspace, followed by the kernel (see
+/// `probes::process`). Every probe asks it, so the filter follows a process tree with no
+/// round trip through userspace.
+#[map(name = "TRACED")]
+pub static TRACED: HashMap<u32, u32> = HashMap::with_max_entries(TRACED_MAX, 0);
+
+/// Whether the process `tgid` is traced.
+#[inline(always)]
+pub fn traced(tgid: u32) -> bool {
+    // SAFETY: as in `track_flags`.
+    let sole = unsafe { core::ptr::read_volatile(&raw const SOLE_TGID) };
+    if sole != 0 {
+        return tgid == sole;
+    }
+    // SAFETY: the value is only tested for presence, never held across a map update.
+    unsafe { TRACED.get(&tgid) }.is_some()
+}
 
 #[inline(always)]
 pub fn fault_sample_period() -> u32 {
-    // SAFETY: as in `target_tgid`.
+    // SAFETY: as in `track_flags`.
     unsafe { core::ptr::read_volatile(&raw const FAULT_SAMPLE_PERIOD) }
 }
 
 #[inline(always)]
-pub fn target_tgid() -> u32 {
-    // SAFETY: a plain read of a global that userspace writes before load; volatile so
-    // that the compiler does not fold the initial value.
-    unsafe { core::ptr::read_volatile(&raw const TARGET_TGID) }
+pub fn follow_children() -> bool {
+    // SAFETY: as in `track_flags`.
+    unsafe { core::ptr::read_volatile(&raw const FOLLOW_CHILDREN) != 0 }
+}
+
+#[inline(always)]
+pub fn exit_group_dead_offset() -> u32 {
+    // SAFETY: as in `track_flags`.
+    unsafe { core::ptr::read_volatile(&raw const EXIT_GROUP_DEAD_OFFSET) }
 }
 
 #[inline(always)]
 pub fn track_flags() -> u32 {
-    // SAFETY: as in `target_tgid`.
+    // SAFETY: a plain read of a global that userspace writes before load; volatile so
+    // that the compiler does not fold the initial value.
     unsafe { core::ptr::read_volatile(&raw const TRACK_FLAGS) }
 }
 
 #[inline(always)]
 pub fn stack_copy_bytes() -> u32 {
-    // SAFETY: as in `target_tgid`.
+    // SAFETY: as in `track_flags`.
     unsafe { core::ptr::read_volatile(&raw const STACK_COPY_BYTES) }
 }
 

@@ -39,13 +39,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Doctor => Ok(doctor()),
-        Command::Attach { pid, trace } => {
-            let target = TraceTarget { pid, release: None };
+        Command::Attach { pids, trace } => {
+            let target = TraceTarget { pids, children: trace.children, release: None };
             trace_and_report(target, &trace, None)
         }
         Command::Top { pid, mut trace } => {
             trace.live = true;
-            trace_and_report(TraceTarget { pid, release: None }, &trace, None)
+            let target = TraceTarget { pids: vec![pid], children: trace.children, release: None };
+            trace_and_report(target, &trace, None)
         }
         Command::Run { trace, command } => {
             if let Err((status, message)) = find_command(&command) {
@@ -53,7 +54,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(status));
             }
             let (child, release) = spawn_held(&command)?;
-            let target = TraceTarget { pid: child.id(), release: Some(release) };
+            let target =
+                TraceTarget { pids: vec![child.id()], children: trace.children, release: Some(release) };
             trace_and_report(target, &trace, Some(child))
         }
         Command::Oom { duration, json } => crate::oomwatch::watch(duration, json.as_deref()),

@@ -40,10 +40,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Trace a running process until Ctrl-C, SIGTERM, --duration, or its exit.
+    /// Trace running processes until Ctrl-C, SIGTERM, --duration, or their exit.
     Attach {
-        /// Process id to trace (all its threads).
-        pid: u32,
+        /// Process ids to trace (all their threads); the report is for the first.
+        #[arg(required = true, num_args = 1.., value_name = "PID")]
+        pids: Vec<u32>,
         #[command(flatten)]
         trace: TraceArgs,
     },
@@ -133,6 +134,10 @@ pub struct TraceArgs {
     /// What to trace (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "mmap,brk,faults,oom")]
     pub track: Vec<Track>,
+    /// Also trace every process the targets fork (and theirs), from its first instruction:
+    /// worker pools, `cluster` workers, sandboxed job processes. Not with --track malloc.
+    #[arg(long)]
+    pub children: bool,
     /// How often to take a timeline snapshot (default: a twentieth of --duration,
     /// between 1s and 10s; 5s without --duration).
     #[arg(long, value_parser = parse_duration)]

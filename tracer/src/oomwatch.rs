@@ -32,7 +32,8 @@ async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomKill>>
     crate::bpf::require_root()?;
     let format = OomFormat::load().context("read the oom:mark_victim tracepoint format")?;
     let mut tracer = Tracer::load(&LoadOptions {
-        target_tgid: 0,
+        targets: Vec::new(),
+        follow_children: false,
         track: TRACK_OOM,
         stack_copy_bytes: 512,
         ring_buffer_bytes: 1 << 20,

@@ -38,6 +38,37 @@ pub struct Report {
     /// When the cgroup limit is reached at the recent rate (absent in older reports).
     #[serde(default)]
     pub time_to_limit: Option<TimeToLimit>,
+    /// Every process traced: the targets, and with `--children` the processes they forked.
+    #[serde(default)]
+    pub processes: Vec<Process>,
+}
+
+/// A process traced in the run. A pid names one process here: a reused pid is another
+/// entry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    /// The traced process that forked it (absent for a target).
+    pub parent_pid: Option<u32>,
+    pub comm: String,
+    pub cmdline: String,
+    /// Seconds since tracing started (negative: it started before).
+    pub started_s: f64,
+    /// Seconds since tracing started; absent while it runs.
+    pub exited_s: Option<f64>,
+    pub oom_killed: bool,
+    /// Times it exec'd while traced (each replaces its memory with a new image's).
+    pub execs: u32,
+}
+
+/// A suspect's memory in one process, in the suspect's view.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessShare {
+    pub pid: u32,
+    pub bytes: u64,
+    pub count: u64,
+    /// The process ended while traced: this is what it held when it exited.
+    pub exited: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +281,13 @@ pub struct Leak {
     /// The distinct stacks under the culprit, per view, biggest first.
     #[serde(default)]
     pub variants: Vec<Variant>,
+    /// The process holding the most of it (0 in reports made before processes were kept).
+    #[serde(default)]
+    pub pid: u32,
+    /// Its memory in each process that holds some, in `view`, most first: a culprit found
+    /// in several workers is one suspect.
+    #[serde(default)]
+    pub processes: Vec<ProcessShare>,
 }
 
 /// A culprit's memory in one view.

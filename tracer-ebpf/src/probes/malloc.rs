@@ -16,9 +16,9 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_stack,
     },
-    macros::{map, tracepoint, uprobe, uretprobe},
+    macros::{map, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
     MALLOC_STACK_DEPTH, MALLOC_UNKNOWN_STACK, MCOUNTER_ALLOC_BYTES, MCOUNTER_ANNOUNCE_FULL, MCOUNTER_CALLS,
@@ -28,7 +28,7 @@ use tracer_common::{
     MCOUNTER_TRACKED, MallocLive, MallocStack, MallocStackTotals, TRACK_MALLOC, sampling,
 };
 
-use crate::maps::{target_tgid, track_flags};
+use crate::maps::{traced, track_flags};
 
 /// Set by userspace before load (see `tracer_common::malloc`).
 #[unsafe(no_mangle)]
@@ -138,7 +138,7 @@ fn target_tid() -> Option<u32> {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 != target_tgid() {
+    if !traced((pid_tgid >> 32) as u32) {
         return None;
     }
     // SAFETY: as in `sample_bytes`.
@@ -151,17 +151,14 @@ fn target_tid() -> Option<u32> {
     Some(pid_tgid as u32)
 }
 
-/// `sched:sched_process_exec`: the target has exec'd; the probes are armed from its
-/// first instruction on (with `MALLOC_WAIT_EXEC`).
-#[tracepoint]
-pub fn tp_sched_process_exec(_ctx: TracePointContext) -> u32 {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == target_tgid()
-        && let Some(state) = MALLOC_STATE.get_ptr_mut(0)
-    {
+/// Called at `sched:sched_process_exec` of a traced process (see `probes::process`): the
+/// probes are armed from its first instruction on (with `MALLOC_WAIT_EXEC`).
+#[inline(always)]
+pub(crate) fn arm_after_exec() {
+    if let Some(state) = MALLOC_STATE.get_ptr_mut(0) {
         // SAFETY: a valid pointer to the array's only value.
         unsafe { *state = 1 };
     }
-    0
 }
 
 #[inline(always)]

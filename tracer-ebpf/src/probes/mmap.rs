@@ -16,7 +16,7 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{EVENTS, PENDING, Pending, SCRATCH, count, target_tgid, track_flags, wakeup_flags},
+    maps::{EVENTS, PENDING, Pending, SCRATCH, count, traced, track_flags, wakeup_flags},
     probes::stack,
 };
 
@@ -28,14 +28,15 @@ const MADV_FREE: u64 = 8;
 const MADV_DONTNEED: u64 = 4;
 const MADV_REMOVE: u64 = 9;
 
-/// Returns the current thread id when it belongs to the target and `family` is tracked.
+/// Returns the current thread id when it belongs to a traced process and `family` is
+/// tracked.
 #[inline(always)]
 pub(crate) fn target_tid(family: u32) -> Option<u32> {
     if track_flags() & family == 0 {
         return None;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if (pid_tgid >> 32) as u32 != target_tgid() {
+    if !traced((pid_tgid >> 32) as u32) {
         return None;
     }
     Some(pid_tgid as u32)
@@ -75,7 +76,7 @@ fn take(tid: u32) -> Option<Pending> {
 pub(crate) fn header(kind: u32, tid: u32, has_stack: u32) -> EventHeader {
     EventHeader {
         kind,
-        tgid: target_tgid(),
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         tid,
         has_stack,
         // SAFETY: no preconditions.

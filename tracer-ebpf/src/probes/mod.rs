@@ -2,4 +2,5 @@ mod fault;
 mod malloc;
 mod mmap;
 mod oom;
+mod process;
 mod stack;

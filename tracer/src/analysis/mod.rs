@@ -37,6 +37,8 @@ pub struct ReportInputs<'a> {
     pub memory: Option<MemoryBreakdown>,
     /// The target runs V8 (the advice for segments names the JS heap view and Buffer probes).
     pub node: bool,
+    /// The processes traced, indexed by [`crate::model::ProcIndex`].
+    pub processes: Vec<crate::report::Process>,
 }
 
 /// Whether a kill was made because the victim's cgroup hit its limit.

@@ -10,9 +10,10 @@ use super::{
     trend::{Trend, assess, series_key},
 };
 use crate::{
+    model::ProcIndex,
     report::{
-        Evidence, Frame, FrameKind, Leak, Report, SegmentGrowth, SegmentKind, SegmentVerdict, Source, Totals,
-        Variant, Verdict, ViewTotal,
+        Evidence, Frame, FrameKind, Leak, Process, ProcessShare, Report, SegmentGrowth, SegmentKind,
+        SegmentVerdict, Source, Totals, Variant, Verdict, ViewTotal,
     },
     units::human_bytes,
 };
@@ -51,6 +52,8 @@ struct Group {
     caller: Option<Frame>,
     segment: Option<SegmentKind>,
     views: BTreeMap<Source, ViewAcc>,
+    /// Bytes and count per view and process: the per-process split of the suspect.
+    procs: BTreeMap<(Source, ProcIndex), (u64, u64)>,
     variants: Vec<Variant>,
     variant_index: HashMap<(Vec<Frame>, Source), usize>,
 }
@@ -74,7 +77,7 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
             by_segment.entry(kind).or_default().push(g);
             continue;
         }
-        let leak = suspect(g, times, inputs.end_ns, inputs.duration_s);
+        let leak = suspect(g, times, inputs);
         if flagged(&leak) {
             leaks.push(leak);
         } else {
@@ -108,6 +111,7 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         segments,
         memory: inputs.memory,
         time_to_limit: Some(super::limit::time_to_limit(&inputs.timeline, super::limit::WINDOW_S)),
+        processes: inputs.processes.clone(),
     }
 }
 
@@ -138,6 +142,7 @@ fn group(inputs: &ReportInputs<'_>) -> Vec<Group> {
                 caller,
                 segment,
                 views: BTreeMap::new(),
+                procs: BTreeMap::new(),
                 variants: Vec::new(),
                 variant_index: HashMap::new(),
             });
@@ -152,6 +157,9 @@ fn group(inputs: &ReportInputs<'_>) -> Vec<Group> {
         acc.bytes += agg.bytes;
         acc.count += agg.count;
         acc.oldest_ts_ns = acc.oldest_ts_ns.min(agg.oldest_ts_ns);
+        let in_proc = g.procs.entry((agg.source, agg.proc)).or_default();
+        in_proc.0 += agg.bytes;
+        in_proc.1 += agg.count;
         if agg.mean_ts_ns > 0 {
             acc.weighted_ts += u128::from(agg.mean_ts_ns) * u128::from(agg.bytes);
             acc.weighted_bytes += u128::from(agg.bytes);
@@ -189,7 +197,28 @@ fn trend_of(acc: &ViewAcc, times: &[f64], end_ns: u64) -> (Trend, f64, f64) {
     (trend, growth, age_s)
 }
 
-fn suspect(mut g: Group, times: &[f64], end_ns: u64, duration_s: f64) -> Leak {
+/// The processes holding a view's memory under a culprit, most first.
+fn shares(g: &Group, view: Source, processes: &[Process]) -> Vec<ProcessShare> {
+    let mut out: Vec<ProcessShare> = g
+        .procs
+        .range((view, ProcIndex(0))..=(view, ProcIndex(u32::MAX)))
+        .filter(|(_, (bytes, count))| *bytes > 0 || *count > 0)
+        .map(|((_, proc), (bytes, count))| {
+            let p = processes.get(proc.0 as usize);
+            ProcessShare {
+                pid: p.map_or(0, |p| p.pid),
+                bytes: *bytes,
+                count: *count,
+                exited: p.is_some_and(|p| p.exited_s.is_some()),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
+    out
+}
+
+fn suspect(mut g: Group, times: &[f64], inputs: &ReportInputs<'_>) -> Leak {
+    let (end_ns, duration_s) = (inputs.end_ns, inputs.duration_s);
     let attributable = g.segment.is_none();
     let mut evidence = Vec::new();
     let mut primary: Option<(Source, Trend, f64, f64)> = None;
@@ -218,6 +247,7 @@ fn suspect(mut g: Group, times: &[f64], end_ns: u64, duration_s: f64) -> Leak {
     let Some((view, trend, growth, age_s)) = primary else {
         return Leak { culprit: g.culprit, caller: g.caller, ..Leak::default() };
     };
+    let processes = shares(&g, view, &inputs.processes);
     let acc = &g.views[&view];
     let holder = attributable && view.names_holder();
     let young = acc
@@ -265,6 +295,8 @@ fn suspect(mut g: Group, times: &[f64], end_ns: u64, duration_s: f64) -> Leak {
         view: Some(view),
         evidence,
         variants: g.variants,
+        pid: processes.first().map_or(inputs.target.pid, |p| p.pid),
+        processes,
     }
 }
 
@@ -297,8 +329,7 @@ fn segment(kind: SegmentKind, groups: Vec<Group>, inputs: &ReportInputs<'_>) -> 
             }
         }
     }
-    let mut extended_by: Vec<Leak> =
-        groups.into_iter().map(|g| suspect(g, times, inputs.end_ns, inputs.duration_s)).collect();
+    let mut extended_by: Vec<Leak> = groups.into_iter().map(|g| suspect(g, times, inputs)).collect();
     extended_by.sort_by(|a, b| b.bytes.cmp(&a.bytes));
     if extended_by.is_empty() {
         return None;

@@ -17,16 +17,16 @@ use std::collections::HashMap;
 
 pub use crate::report::Verdict;
 use crate::{
-    model::{Source, StackAgg, StackId},
+    model::{ProcIndex, Source, StackAgg, StackId},
     units::human_bytes,
 };
 
-/// A series is the held bytes of one stack in one view.
-pub type SeriesKey = (StackId, Source);
+/// A series is the held bytes of one stack in one view of one process.
+pub type SeriesKey = (ProcIndex, StackId, Source);
 
 #[must_use]
 pub fn series_key(agg: &StackAgg) -> SeriesKey {
-    (agg.stack, agg.source)
+    (agg.proc, agg.stack, agg.source)
 }
 
 /// Held bytes per stack at each snapshot, bounded in points and series.
@@ -256,6 +256,7 @@ mod tests {
             count: 1,
             oldest_ts_ns: 0,
             source: Source::Mmap,
+            proc: ProcIndex(0),
             mean_ts_ns: 0,
         };
         for i in 0..20u64 {
@@ -268,10 +269,10 @@ mod tests {
         }
         assert!(h.times().len() <= 8);
         assert_eq!(h.times().last(), Some(&19.0), "the newest point is kept");
-        let s1 = h.series((StackId(1), Source::Mmap)).expect("series 1");
+        let s1 = h.series((ProcIndex(0), StackId(1), Source::Mmap)).expect("series 1");
         assert_eq!(s1.len(), h.times().len());
         assert_eq!(s1.last(), Some(&190));
-        assert!(h.series((StackId(3), Source::Mmap)).is_none());
+        assert!(h.series((ProcIndex(0), StackId(3), Source::Mmap)).is_none());
         assert_eq!(h.dropped_series(), 10);
     }
 }

@@ -12,8 +12,9 @@ use aya::{
 };
 use log::{debug, warn};
 use tracer_common::{
-    COUNTER_COUNT, GLOBAL_FAULT_SAMPLE_PERIOD, GLOBAL_STACK_COPY_BYTES, GLOBAL_TARGET_TGID,
-    GLOBAL_TRACK_FLAGS, MAP_COUNTERS, MAP_EVENTS, TRACK_BRK, TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
+    COUNTER_COUNT, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FAULT_SAMPLE_PERIOD, GLOBAL_FOLLOW_CHILDREN,
+    GLOBAL_SOLE_TGID, GLOBAL_STACK_COPY_BYTES, GLOBAL_TRACK_FLAGS, MAP_COUNTERS, MAP_EVENTS, MAP_TRACED,
+    TRACK_BRK, TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -49,6 +50,12 @@ pub enum BpfError {
     },
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("trace process {pid}: add it to the table of traced processes: {source}")]
+    Seed {
+        pid: u32,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("open map {name}: {source}")]
     Map {
         name: &'static str,
@@ -86,11 +93,24 @@ const ATTACHMENTS: &[Attachment] = &[
     tp("tp_oom_mark_victim", "oom", "mark_victim", TRACK_OOM),
 ];
 
+/// The process lifecycle, attached whenever processes are traced: the set of traced
+/// processes follows forks and exits in the kernel, and userspace hears of each change.
+const LIFECYCLE: &[Attachment] = &[
+    tp("tp_task_newtask", "task", "task_newtask", 0),
+    tp("tp_sched_process_exec", "sched", "sched_process_exec", 0),
+    tp("tp_sched_process_exit", "sched", "sched_process_exit", 0),
+];
+
+/// Where `sched:sched_process_exit` says whether the whole process ended.
+const EXIT_FORMAT: &str = "/sys/kernel/tracing/events/sched/sched_process_exit/format";
+
 /// What to load.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadOptions {
-    /// Thread-group id to trace; 0 traces no process (only machine-wide OOM kills).
-    pub target_tgid: u32,
+    /// Thread-group ids to trace; none traces no process (only machine-wide OOM kills).
+    pub targets: Vec<u32>,
+    /// Trace the processes the targets fork (and theirs), from their first instruction.
+    pub follow_children: bool,
     /// `TRACK_*` bits.
     pub track: u32,
     /// Bytes of user stack copied per allocation event.
@@ -109,6 +129,8 @@ pub struct Tracer {
     ebpf: Ebpf,
     events: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
+    /// The traced processes (the kernel keeps it up to date).
+    _traced: aya::maps::HashMap<MapData, u32, u32>,
 }
 
 impl Tracer {
@@ -125,15 +147,29 @@ impl Tracer {
         raise_memlock();
         let mut loader = EbpfLoader::new();
         uprobe::configure_loader(&mut loader, &options.malloc);
+        let follow_children = u32::from(options.follow_children);
+        let group_dead_offset = exit_group_dead_offset();
+        let sole_tgid = match options.targets.as_slice() {
+            [one] if !options.follow_children => *one,
+            _ => 0,
+        };
         let mut ebpf = loader
-            .override_global(GLOBAL_TARGET_TGID, &options.target_tgid, true)
+            .override_global(GLOBAL_FOLLOW_CHILDREN, &follow_children, true)
+            .override_global(GLOBAL_SOLE_TGID, &sole_tgid, true)
+            .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_offset, true)
             .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
             .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)
             .override_global(GLOBAL_FAULT_SAMPLE_PERIOD, &options.fault_sample_period, true)
             .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
             .load(OBJECT)
             .map_err(BpfError::Load)?;
-        for a in ATTACHMENTS.iter().filter(|a| a.family & options.track != 0) {
+        // Seeded before any program runs, so that none misses a target's first event.
+        let mut traced: aya::maps::HashMap<MapData, u32, u32> = take_map(&mut ebpf, MAP_TRACED)?;
+        for &pid in &options.targets {
+            traced.insert(pid, 1, 0).map_err(|source| BpfError::Seed { pid, source })?;
+        }
+        let lifecycle = LIFECYCLE.iter().filter(|_| !options.targets.is_empty());
+        for a in ATTACHMENTS.iter().filter(|a| a.family & options.track != 0).chain(lifecycle) {
             let attach_err = |source| BpfError::Attach {
                 program: a.program,
                 category: a.category,
@@ -151,7 +187,7 @@ impl Tracer {
         }
         let events = take_map(&mut ebpf, MAP_EVENTS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
-        Ok(Self { ebpf, events: Some(events), counters })
+        Ok(Self { ebpf, events: Some(events), counters, _traced: traced })
     }
 
     /// The loaded object, for probe families that attach or read maps of their own.
@@ -175,6 +211,15 @@ impl Tracer {
         }
         out
     }
+}
+
+/// Offset of `group_dead` in the `sched:sched_process_exit` record, or 0 when this kernel
+/// does not have the field (the kernel side then takes the leader's exit as the process's).
+fn exit_group_dead_offset() -> u32 {
+    let text = std::fs::read_to_string(EXIT_FORMAT).unwrap_or_default();
+    let offset = crate::events::field_offset(&text, "group_dead").unwrap_or(0);
+    debug!("sched_process_exit: group_dead at offset {offset}");
+    u32::try_from(offset).unwrap_or(0)
 }
 
 /// Takes a map out of the loaded object, typed.

@@ -2,9 +2,9 @@
 
 pub mod oom;
 
-use tracer_common::{EventHeader, FP_STACK_DEPTH, MemEvent, OomEvent, UserStack, kind};
+use tracer_common::{EventHeader, FP_STACK_DEPTH, MemEvent, OomEvent, ProcEvent, UserStack, kind};
 
-pub use oom::{OomFormat, OomRecord};
+pub use oom::{OomFormat, OomRecord, field_offset};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -35,8 +35,23 @@ impl StackCapture<'_> {
 
 #[derive(Debug, Clone, Copy)]
 pub enum Event<'a> {
-    Mem { event: MemEvent, stack: Option<StackCapture<'a>> },
-    Oom { event: &'a [u8] },
+    Mem {
+        event: MemEvent,
+        stack: Option<StackCapture<'a>>,
+    },
+    Oom {
+        event: &'a [u8],
+    },
+    /// A traced process forked (`kind::FORK`, the child traced from now on), exec'd, or ended.
+    Proc {
+        event: ProcEvent,
+    },
+}
+
+/// A task's `comm` (NUL-padded) as text.
+#[must_use]
+pub fn comm_of(comm: &[u8]) -> String {
+    oom::c_string(comm)
 }
 
 fn read_u64(b: &[u8]) -> u64 {
@@ -97,6 +112,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             need("OOM event", bytes, size_of::<OomEvent>())?;
             Ok(Event::Oom { event: bytes })
         }
+        kind::FORK | kind::EXEC | kind::EXIT => {
+            need("process event", bytes, size_of::<ProcEvent>())?;
+            Ok(Event::Proc { event: read_pod(bytes) })
+        }
         other => Err(DecodeError::UnknownKind(other)),
     }
 }
@@ -153,6 +172,30 @@ mod tests {
         assert_eq!((stack.ip, stack.sp, stack.bp), (0x1111, 0x2222, 0x3333));
         assert_eq!(stack.fp_frames(), vec![0xaaaa, 0xbbbb]);
         assert_eq!(stack.data, &[7; 16]);
+    }
+
+    #[test]
+    fn decodes_process_events() {
+        let mut ev = ProcEvent {
+            header: EventHeader { kind: kind::FORK, tgid: 42, tid: 7, has_stack: 0, ts_ns: 3 },
+            parent_tgid: 7,
+            ..ProcEvent::default()
+        };
+        ev.comm[..6].copy_from_slice(b"worker");
+        let Ok(Event::Proc { event }) = decode(as_bytes(&ev)) else { panic!("not a process event") };
+        assert_eq!(event, ev);
+        assert!(matches!(decode(&as_bytes(&ev)[..30]), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn finds_group_dead_in_the_exit_format() {
+        let format = "name: sched_process_exit\nformat:\n\
+            \tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\
+            \tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\
+            \tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n";
+        assert_eq!(field_offset(format, "group_dead"), Some(32));
+        assert_eq!(field_offset(format, "comm"), Some(8));
+        assert_eq!(field_offset("format:\n", "group_dead"), None, "older kernels lack it");
     }
 
     #[test]

@@ -56,6 +56,40 @@ pub struct OomRecord {
     pub trigger_comm: String,
 }
 
+/// The fields of a tracepoint `format` file by name.
+fn fields(text: &str) -> HashMap<String, Field> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
+        let mut parts = rest.split(';').map(str::trim);
+        let decl = parts.next().unwrap_or_default();
+        let mut offset = None;
+        let mut size = None;
+        for p in parts {
+            if let Some(v) = p.strip_prefix("offset:") {
+                offset = v.parse().ok();
+            } else if let Some(v) = p.strip_prefix("size:") {
+                size = v.parse().ok();
+            }
+        }
+        let name = decl.rsplit(' ').next().unwrap_or_default();
+        let name = name.split('[').next().unwrap_or(name);
+        if let (Some(offset), Some(size)) = (offset, size) {
+            fields.insert(name.to_string(), Field { offset, size, data_loc: decl.contains("__data_loc") });
+        }
+    }
+    fields
+}
+
+/// The offset of field `name` in a tracepoint's record, from its `format` file's text.
+#[must_use]
+pub fn field_offset(format: &str, name: &str) -> Option<usize> {
+    fields(format).get(name).map(|f| f.offset)
+}
+
 impl OomFormat {
     pub fn load() -> Result<Self, FormatError> {
         Self::parse(&std::fs::read_to_string(MARK_VICTIM_FORMAT)?)
@@ -63,30 +97,7 @@ impl OomFormat {
 
     /// Parses the text of a tracepoint `format` file.
     pub fn parse(text: &str) -> Result<Self, FormatError> {
-        let mut fields = HashMap::new();
-        for line in text.lines() {
-            let line = line.trim();
-            let Some(rest) = line.strip_prefix("field:") else {
-                continue;
-            };
-            let mut parts = rest.split(';').map(str::trim);
-            let decl = parts.next().unwrap_or_default();
-            let mut offset = None;
-            let mut size = None;
-            for p in parts {
-                if let Some(v) = p.strip_prefix("offset:") {
-                    offset = v.parse().ok();
-                } else if let Some(v) = p.strip_prefix("size:") {
-                    size = v.parse().ok();
-                }
-            }
-            let name = decl.rsplit(' ').next().unwrap_or_default();
-            let name = name.split('[').next().unwrap_or(name);
-            if let (Some(offset), Some(size)) = (offset, size) {
-                fields
-                    .insert(name.to_string(), Field { offset, size, data_loc: decl.contains("__data_loc") });
-            }
-        }
+        let fields = fields(text);
         let get = |n: &'static str| fields.get(n).copied().ok_or(FormatError::MissingField(n));
         Ok(Self {
             pid: get("pid")?,
@@ -148,7 +159,7 @@ impl OomFormat {
     }
 }
 
-fn c_string(b: &[u8]) -> String {
+pub(crate) fn c_string(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()
 }

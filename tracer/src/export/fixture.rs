@@ -76,6 +76,7 @@ pub(crate) fn sample_report() -> Report {
         other_suspects: others,
         segments,
         memory: None,
+        processes: Vec::new(),
         oom_kills: vec![OomKill {
             pid: 4242,
             comm: "node".to_string(),

@@ -1,6 +1,8 @@
 //! The human report printed at the end of `memtrace attach`: plain text, no colours,
 //! the same bytes for the same report.
 
+mod procs;
+
 use std::io::Write;
 
 use super::ExportError;
@@ -26,6 +28,7 @@ pub fn write_text<W: Write>(report: &Report, top: usize, mut out: W) -> Result<(
     write_memory(report, &mut out)?;
     write_details(report, top, &mut out)?;
     write_others(report, top, &mut out)?;
+    procs::write_processes(report, &mut out)?;
     write_oom_kills(&report.oom_kills, &mut out)?;
     write_timeline(&report.timeline, &mut out)?;
     out.flush()?;
@@ -72,9 +75,10 @@ fn write_answer(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     if let Some(leak) = report.leaks.first() {
         return writeln!(
             out,
-            "#1 {}: {} — {}, {}",
+            "#1 {}: {} — {}{}, {}",
             leak.verdict,
             culprit_name(report, leak),
+            procs::spread(leak),
             held(leak),
             rate(leak.growth_bytes_per_s)
         );
@@ -213,6 +217,9 @@ fn write_leak_table(report: &Report, top: usize, out: &mut impl Write) -> std::i
         if !also.is_empty() {
             writeln!(out, "      also seen: {also}")?;
         }
+        if let Some(line) = procs::where_held(report, leak) {
+            writeln!(out, "      {line}")?;
+        }
     }
     let rest = &report.leaks[top.min(report.leaks.len())..];
     if !rest.is_empty() {
@@ -317,6 +324,9 @@ fn write_others(report: &Report, top: usize, out: &mut impl Write) -> std::io::R
             leak.verdict,
             leak.reason
         )?;
+        if let Some(line) = procs::where_held(report, leak) {
+            writeln!(out, "      {line}")?;
+        }
     }
     let rest = report.other_suspects.len().saturating_sub(top);
     if rest > 0 {
@@ -343,6 +353,9 @@ fn write_leak(report: &Report, rank: usize, leak: &Leak, out: &mut impl Write) -
     let also = also(leak);
     if !also.is_empty() {
         writeln!(out, "    also seen: {also} (other views of memory; never added)")?;
+    }
+    if let Some(line) = procs::where_held(report, leak) {
+        writeln!(out, "    {line}")?;
     }
     writeln!(out, "    verdict: {} — {}", leak.verdict, leak.reason)?;
     let stacks = leak.variants.iter().filter(|v| v.source == leak.view).count().max(1);

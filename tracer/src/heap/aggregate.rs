@@ -203,8 +203,15 @@ mod tests {
         let direct = table.intern(&[0x7000, 0x4010, 0x4020]);
         // a return address just past malloc's end is a call at its last instruction
         let edge = table.intern(&[0x7000, 0x1100, 0x4000]);
-        let agg =
-            |stack, source| StackAgg { stack, bytes: 4096, count: 1, oldest_ts_ns: 1, source, mean_ts_ns: 1 };
+        let agg = |stack, source| StackAgg {
+            stack,
+            bytes: 4096,
+            count: 1,
+            oldest_ts_ns: 1,
+            source,
+            mean_ts_ns: 1,
+            ..StackAgg::default()
+        };
         let mapped = vec![
             agg(internal, Source::Mmap),
             agg(direct, Source::Mmap),

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::TracePoint,
 };
 use log::{debug, info};
 use tracer_common::{
@@ -40,13 +39,6 @@ pub enum HeapError {
     Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Uprobe(#[from] Box<UprobeError>),
-    #[error("program {0} is missing from the eBPF object")]
-    MissingProgram(&'static str),
-    #[error("attach tp_sched_process_exec to sched:sched_process_exec: {source}")]
-    Exec {
-        #[source]
-        source: aya::programs::ProgramError,
-    },
 }
 
 /// The kernel's malloc counters, summed over CPUs.
@@ -184,19 +176,6 @@ fn attach_when_mapped(
     Ok(allocator)
 }
 
-/// `sched:sched_process_exec`, which arms the probes when the target execs.
-fn attach_exec_tracepoint(ebpf: &mut Ebpf) -> Result<(), HeapError> {
-    const PROGRAM: &str = "tp_sched_process_exec";
-    let program: &mut TracePoint = ebpf
-        .program_mut(PROGRAM)
-        .ok_or(HeapError::MissingProgram(PROGRAM))?
-        .try_into()
-        .map_err(|source| HeapError::Exec { source })?;
-    program.load().map_err(|source| HeapError::Exec { source })?;
-    program.attach("sched", "sched_process_exec").map_err(|source| HeapError::Exec { source })?;
-    Ok(())
-}
-
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, HeapError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -217,7 +196,7 @@ impl HeapTracker {
         let counters = take(ebpf, MAP_MALLOC_COUNTERS)?;
         let new_stacks = take(ebpf, MAP_MALLOC_NEW_STACKS)?;
         let allocator = if settings.wait_exec {
-            attach_exec_tracepoint(ebpf)?;
+            // `sched:sched_process_exec` (attached with the process lifecycle) arms them.
             if settings.node_buffers {
                 AttachedAllocator::default()
             } else {
@@ -331,6 +310,8 @@ impl HeapTracker {
                 count: agg.count(),
                 oldest_ts_ns: agg.oldest_ts_ns,
                 source: Source::Malloc,
+                // The allocator view follows the first target only.
+                proc: crate::model::ProcIndex(0),
                 mean_ts_ns: agg.mean_ts_ns,
             })
             .collect()

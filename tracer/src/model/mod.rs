@@ -110,9 +110,16 @@ pub struct Totals {
     pub ops: u64,
 }
 
+/// A traced process, by its place in the session's list of processes (a pid can be
+/// reused; this cannot). `ProcIndex(0)` is the first target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcIndex(pub u32);
+
 /// Outstanding memory of one stack.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StackAgg {
+    /// The process that holds it.
+    pub proc: ProcIndex,
     pub stack: StackId,
     pub bytes: u64,
     pub count: u64,
@@ -152,6 +159,12 @@ impl LiveModel {
     /// growth is measured from it.
     pub fn set_initial_brk(&mut self, brk: u64) {
         self.brk = Some(brk);
+    }
+
+    /// The program break as last seen (a forked child starts from its parent's).
+    #[must_use]
+    pub fn brk(&self) -> Option<u64> {
+        self.brk
     }
 
     #[must_use]

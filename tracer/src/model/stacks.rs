@@ -9,10 +9,16 @@ use crate::report::Frame;
 ///
 /// Most stacks are addresses to symbolize; views that see stacks already named (the JS
 /// heap profile) intern their frames instead ([`Self::intern_frames`]).
+///
+/// Addresses mean something only in an address space: a stack is interned in a *space*
+/// (one program image; a forked child shares its parent's until it execs), and the same
+/// addresses in two spaces are two stacks.
 #[derive(Debug)]
 pub struct StackTable {
-    ids: HashMap<Box<[u64]>, StackId>,
+    ids: HashMap<u32, HashMap<Box<[u64]>, StackId>>,
     stacks: Vec<Box<[u64]>>,
+    /// The space of each stack, by id.
+    spaces: Vec<u32>,
     symbolic_ids: HashMap<Box<[Frame]>, StackId>,
     symbolic: HashMap<StackId, Box<[Frame]>>,
     capacity: usize,
@@ -25,6 +31,7 @@ impl StackTable {
         Self {
             ids: HashMap::new(),
             stacks: vec![Box::new([])],
+            spaces: vec![0],
             symbolic_ids: HashMap::new(),
             symbolic: HashMap::new(),
             capacity,
@@ -47,6 +54,7 @@ impl StackTable {
         }
         let id = StackId(self.stacks.len() as u32);
         self.stacks.push(Box::new([]));
+        self.spaces.push(0);
         self.symbolic_ids.insert(frames.into(), id);
         self.symbolic.insert(id, frames.into());
         id
@@ -58,13 +66,19 @@ impl StackTable {
         self.symbolic.get(&id).map(|f| &f[..])
     }
 
-    /// The id of `frames` (leaf first), adding it if new. When the table is full, new
-    /// stacks get the unknown id and are counted.
+    /// The id of `frames` (leaf first) in space 0, adding it if new (see
+    /// [`Self::intern_in`]).
     pub fn intern(&mut self, frames: &[u64]) -> StackId {
+        self.intern_in(0, frames)
+    }
+
+    /// The id of `frames` (leaf first) in `space`, adding it if new. When the table is
+    /// full, new stacks get the unknown id and are counted.
+    pub fn intern_in(&mut self, space: u32, frames: &[u64]) -> StackId {
         if frames.is_empty() {
             return StackId(0);
         }
-        if let Some(id) = self.ids.get(frames) {
+        if let Some(id) = self.ids.get(&space).and_then(|ids| ids.get(frames)) {
             return *id;
         }
         if self.stacks.len() > self.capacity {
@@ -73,8 +87,15 @@ impl StackTable {
         }
         let id = StackId(self.stacks.len() as u32);
         self.stacks.push(frames.into());
-        self.ids.insert(frames.into(), id);
+        self.spaces.push(space);
+        self.ids.entry(space).or_default().insert(frames.into(), id);
         id
+    }
+
+    /// The space a stack was interned in.
+    #[must_use]
+    pub fn space(&self, id: StackId) -> u32 {
+        self.spaces.get(id.0 as usize).copied().unwrap_or(0)
     }
 
     #[must_use]
@@ -115,6 +136,17 @@ mod tests {
         assert_eq!(t.overflowed(), 1);
         assert_eq!(t.get(a), &[1, 2, 3]);
         assert_eq!(t.intern(&[]), StackId(0));
+    }
+
+    #[test]
+    fn the_same_addresses_in_two_spaces_are_two_stacks() {
+        let mut t = StackTable::new(10);
+        let a = t.intern_in(1, &[0x40_1000, 0x40_2000]);
+        let b = t.intern_in(2, &[0x40_1000, 0x40_2000]);
+        assert_ne!(a, b, "an exec'd image reuses addresses for other code");
+        assert_eq!(t.intern_in(1, &[0x40_1000, 0x40_2000]), a);
+        assert_eq!((t.space(a), t.space(b)), (1, 2));
+        assert_eq!(t.get(b), &[0x40_1000, 0x40_2000]);
     }
 
     #[test]

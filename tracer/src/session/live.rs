@@ -30,7 +30,7 @@ impl Session {
     /// `--min-age` cutoff (that needs the per-allocation table, read only at the end).
     pub(super) fn live_report(&mut self, started: Instant, min_age: Duration) -> Report {
         let end_ns = monotonic_ns();
-        let mapped = self.model.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(min_age)));
+        let mapped = self.procs.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(min_age)));
         let mut heap_bytes = 0;
         let stacks = match self.heap.as_mut() {
             Some(heap) => {
@@ -57,7 +57,7 @@ impl Session {
         timeline: Vec<crate::report::TimelinePoint>,
     ) -> Report {
         let frames = |id: StackId| self.frames.get(&id).cloned().unwrap_or_default();
-        let model_totals = self.model.totals();
+        let model_totals = self.procs.totals();
         let mut report = build_report(&ReportInputs {
             target: Target {
                 pid: self.pid,
@@ -88,6 +88,7 @@ impl Session {
                 span_s: (t1 - t0).max(0.0).round() as u64,
             }),
             node: self.node,
+            processes: self.procs.report(self.start_ns),
         });
         report.warnings.clone_from(&self.warnings);
         report

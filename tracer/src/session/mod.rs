@@ -3,6 +3,7 @@
 mod live;
 mod metrics;
 mod os;
+mod procs;
 mod state;
 
 use std::{
@@ -30,7 +31,7 @@ use crate::{
     cli::TraceArgs,
     events::OomFormat,
     live::{Action, LiveView},
-    model::{LiveModel, StackTable},
+    model::StackTable,
     procfs,
     report::Report,
     symbolize::ProcessSymbols,
@@ -54,7 +55,10 @@ pub enum StopReason {
 
 /// How the target was obtained.
 pub struct TraceTarget {
-    pub pid: u32,
+    /// The processes to trace; the first is the one the report is for.
+    pub pids: Vec<u32>,
+    /// Follow the processes they fork (and theirs), from their first instruction.
+    pub children: bool,
     /// For `memtrace run`: called once the programs are attached, to let the child run.
     pub release: Option<Release>,
 }
@@ -96,11 +100,13 @@ fn start_live_view() -> Option<LiveView> {
 /// Checks, loads and attaches; returns once tracing has started.
 async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session, Sources)> {
     let attach_started = Instant::now();
-    let pid = resolve_target(target.pid)?;
+    let pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
+    let &pid = pids.first().context("no process to trace")?;
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
     procfs::access::check_traceable(pid)?;
     let track = track_bits(&args.track);
+    check_scope(track, target.children, pids.len())?;
     let metrics = match args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -119,7 +125,8 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     // `memtrace run`: probes go on the waiting shell, armed by its exec of the command.
     malloc.wait_exec = target.release.is_some();
     let mut tracer = Tracer::load(&LoadOptions {
-        target_tgid: pid,
+        targets: pids.clone(),
+        follow_children: target.children,
         track,
         stack_copy_bytes: args.stack_bytes,
         ring_buffer_bytes,
@@ -148,26 +155,22 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
-    let symbols =
-        ProcessSymbols::new(pid).with_context(|| format!("read the memory map of process {pid}"))?;
-    let mut model = LiveModel::new();
-    if let Some(brk) = procfs::program_break(pid) {
-        model.set_initial_brk(brk);
-    }
+    let procs = open_targets(&pids)?;
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
     let tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let whom = whom(&pids, target.children, &comm);
     eprintln!(
-        "memtrace: attached to {pid} ({comm}) in {:.2}s, tracking {}; Ctrl-C to stop",
+        "memtrace: attached to {whom} in {:.2}s, tracking {}; Ctrl-C to stop",
         attach_started.elapsed().as_secs_f64(),
         tracked.join(",")
     );
     let mut s = Session {
         pid,
         tracer,
-        symbols,
-        model,
+        procs,
+        all_exited: false,
         stacks: StackTable::new(STACK_TABLE_CAPACITY),
         frames: HashMap::new(),
         symbolized_upto: 0,
@@ -196,6 +199,43 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     Ok((s, Sources { events, pidfd, metrics }))
 }
 
+/// The targets' models and symbols, read from `/proc` (an error if one cannot be read).
+fn open_targets(pids: &[u32]) -> anyhow::Result<procs::Processes> {
+    let mut procs = procs::Processes::new();
+    for &p in pids {
+        let symbols =
+            ProcessSymbols::new(p).with_context(|| format!("read the memory map of process {p}"))?;
+        procs.add_running(p, Some(symbols), None);
+    }
+    Ok(procs)
+}
+
+/// What can be traced together: the allocator view follows one process.
+fn check_scope(track: u32, children: bool, targets: usize) -> anyhow::Result<()> {
+    if track & TRACK_MALLOC != 0 && (children || targets > 1) {
+        anyhow::bail!(
+            "--track malloc follows one process: its uprobes are attached to that process's allocator, and \
+             memtrace does not attach them to other processes yet; trace several processes or --children \
+             with the other sources (mmap,brk,faults,oom), or one process with --track malloc"
+        );
+    }
+    Ok(())
+}
+
+/// `4242 (node) and its children`, for the attach message.
+fn whom(pids: &[u32], children: bool, comm: &str) -> String {
+    match (pids, children) {
+        ([pid], false) => format!("{pid} ({comm})"),
+        ([pid], true) => format!("{pid} ({comm}) and its children"),
+        (pids, children) => format!(
+            "{} processes ({}){}",
+            pids.len(),
+            pids.iter().map(u32::to_string).collect::<Vec<_>>().join(", "),
+            if children { " and their children" } else { "" }
+        ),
+    }
+}
+
 /// Reads events, snapshots and reports status until a stop condition.
 async fn event_loop(
     s: &mut Session,
@@ -207,6 +247,7 @@ async fn event_loop(
     mut live: Option<&mut LiveView>,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
+    let mut target_exited = false;
     let mut sigterm =
         tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
     let mut sigint =
@@ -244,16 +285,24 @@ async fn event_loop(
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
                 }
+                if s.all_exited {
+                    break StopReason::TargetExited;
+                }
             }
             _ = drain.tick() => {
                 s.drain(events.get_mut());
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
                 }
+                if s.all_exited {
+                    break StopReason::TargetExited;
+                }
             }
-            _ = pidfd.readable() => {
-                s.exit = procfs::exit::exit_status(s.pid);
-                break StopReason::TargetExited;
+            _ = pidfd.readable(), if !target_exited => {
+                target_exited = true;
+                if s.target_exited(events.get_mut()) {
+                    break StopReason::TargetExited;
+                }
             }
             _ = sigint.recv() => break StopReason::Signal,
             _ = sigterm.recv() => break StopReason::Signal,
@@ -286,6 +335,11 @@ async fn event_loop(
                 }
             }
             _ = tick.tick() => {
+                s.procs.reap();
+                if s.procs.live() == 0 {
+                    s.drain(events.get_mut());
+                    break StopReason::TargetExited;
+                }
                 if let Some(heap) = s.heap.as_mut() {
                     heap.poll_new_stacks(&mut s.stacks);
                 }
@@ -314,6 +368,12 @@ async fn event_loop(
             }
         }
     };
+    if reason == StopReason::TargetExited && !target_exited {
+        // The kernel's exit event came first: the target becomes a zombie a moment later,
+        // and how it ended is read then.
+        let _ = tokio::time::timeout(Duration::from_secs(1), pidfd.readable()).await;
+        s.exit = procfs::exit::exit_status(s.pid);
+    }
     Ok(reason)
 }
 
@@ -348,7 +408,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
         warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
     }
     let stacks = {
-        let mapped = s.model.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(args.min_age)));
+        let mapped = s.procs.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(args.min_age)));
         match (&s.heap, heap_aggs) {
             (Some(heap), Some(heap_aggs)) => heap.merge(mapped, heap_aggs, &s.stacks),
             _ => mapped,

@@ -7,14 +7,15 @@ use log::warn;
 use tracer_common::{COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL};
 
 use super::os::monotonic_ns;
+use super::procs::Processes;
 use crate::{
     analysis::History,
     bpf::Tracer,
     events::{Event, OomFormat, decode},
-    model::{LiveModel, MemOp, StackId, StackTable},
+    model::{MemOp, StackId, StackTable},
     procfs,
     report::{Frame, TimelinePoint},
-    symbolize::{ProcessSymbols, Regs},
+    symbolize::Regs,
     units::human_bytes,
 };
 
@@ -22,10 +23,13 @@ use crate::{
 const TIMELINE_CAPACITY: usize = 4096;
 
 pub(super) struct Session {
+    /// The (first) target.
     pub(super) pid: u32,
     pub(super) tracer: Tracer,
-    pub(super) symbols: ProcessSymbols,
-    pub(super) model: LiveModel,
+    /// The traced processes, each with its model and symbols.
+    pub(super) procs: Processes,
+    /// No traced process runs any more.
+    pub(super) all_exited: bool,
     pub(super) stacks: StackTable,
     pub(super) frames: HashMap<StackId, Vec<Frame>>,
     pub(super) symbolized_upto: usize,
@@ -66,24 +70,27 @@ impl Session {
         self.events += 1;
         match decode(bytes) {
             Ok(Event::Mem { event, stack }) => {
+                let proc = self.procs.index_of(event.header.tgid);
                 let id = match stack {
                     Some(s) => {
                         let regs = Regs { ip: s.ip, sp: s.sp, bp: s.bp };
-                        let addrs = self.symbols.unwind(regs, s.data, &s.fp_frames());
-                        self.stacks.intern(&addrs)
+                        let (space, addrs) = self.procs.unwind(proc, regs, s.data, &s.fp_frames());
+                        self.stacks.intern_in(space, &addrs)
                     }
                     None => StackId(0),
                 };
                 if let Some(op) = MemOp::from_event(&event) {
-                    self.model.apply(op, id, event.header.ts_ns);
+                    self.procs.apply(proc, op, id, event.header.ts_ns);
                 }
             }
+            Ok(Event::Proc { event }) => self.lifecycle(&event),
             Ok(Event::Oom { event }) => {
                 let Some(format) = &self.oom_format else {
                     return;
                 };
                 match format.decode(event) {
                     Ok(rec) => {
+                        let traced = self.procs.mark_oom_killed(rec.pid);
                         eprintln!(
                             "memtrace: OOM kill: pid {} ({}) anon-rss {} file-rss {} shmem-rss {}{}",
                             rec.pid,
@@ -91,7 +98,13 @@ impl Session {
                             human_bytes(rec.anon_rss_bytes),
                             human_bytes(rec.file_rss_bytes),
                             human_bytes(rec.shmem_rss_bytes),
-                            if rec.pid == self.pid { " — the traced process" } else { "" }
+                            if rec.pid == self.pid {
+                                " — the traced process"
+                            } else if traced {
+                                " — a traced process"
+                            } else {
+                                ""
+                            }
                         );
                         let t_s = rec.ts_ns.saturating_sub(self.start_ns) as f64 / 1e9;
                         let kill = if rec.pid == self.pid {
@@ -114,6 +127,38 @@ impl Session {
         }
     }
 
+    /// The (first) target ended, as its pidfd says; returns whether no traced process runs.
+    pub(super) fn target_exited(&mut self, rb: &mut RingBuf<MapData>) -> bool {
+        // Its exit event may still be in the ring buffer, with its last changes.
+        self.drain(rb);
+        self.exit = procfs::exit::exit_status(self.pid);
+        self.procs.on_exit(self.pid, monotonic_ns());
+        self.procs.live() == 0
+    }
+
+    /// A traced process forked (the kernel traces the child already), exec'd or ended.
+    fn lifecycle(&mut self, event: &tracer_common::ProcEvent) {
+        let (tgid, ts_ns) = (event.header.tgid, event.header.ts_ns);
+        let comm = crate::events::comm_of(&event.comm);
+        match event.header.kind {
+            tracer_common::kind::FORK => {
+                self.procs.on_fork(tgid, event.parent_tgid, comm, ts_ns);
+                log::info!("following process {tgid}, forked by {}", event.parent_tgid);
+            }
+            tracer_common::kind::EXEC => {
+                // Stacks of the old image are named with its symbols before they go.
+                self.symbolize_new();
+                self.procs.on_exec(tgid, comm, ts_ns);
+                log::info!("process {tgid} exec'd {}", procfs::cmdline(tgid));
+            }
+            _ => {
+                self.symbolize_new();
+                self.procs.on_exit(tgid, ts_ns);
+                self.all_exited = self.procs.live() == 0;
+            }
+        }
+    }
+
     /// Symbolizes stacks seen since the last call, while the target still lives (JIT code
     /// moves and the process may exit).
     pub(super) fn symbolize_new(&mut self) {
@@ -121,15 +166,14 @@ impl Session {
         if self.symbolized_upto >= total {
             return;
         }
-        self.symbols.refresh_perf_map();
+        self.procs.refresh_perf_maps();
         for id in (self.symbolized_upto + 1)..=total {
             let id = StackId(id as u32);
-            let frames = match self.stacks.frames(id) {
-                Some(named) => named.to_vec(),
-                None => {
-                    let addrs = self.stacks.get(id).to_vec();
-                    self.symbols.symbolize(&addrs).into_iter().flatten().collect()
-                }
+            let frames = if let Some(named) = self.stacks.frames(id) {
+                named.to_vec()
+            } else {
+                let addrs = self.stacks.get(id).to_vec();
+                self.procs.symbolize(self.stacks.space(id), &addrs)
             };
             self.frames.insert(id, frames);
         }
@@ -137,8 +181,11 @@ impl Session {
     }
 
     pub(super) fn snapshot(&mut self) {
+        if let Some(mem) = self.procs.mem_status() {
+            self.last_mem = mem;
+        }
         let t_s = (monotonic_ns().saturating_sub(self.start_ns)) as f64 / 1e9;
-        let mut aggs = self.model.by_stack();
+        let mut aggs = self.procs.by_stack();
         let mut heap_bytes = 0;
         if let Some(heap) = self.heap.as_mut() {
             let heap_aggs = heap.snapshot(&mut self.stacks);
@@ -170,11 +217,11 @@ impl Session {
         TimelinePoint {
             t_s,
             rss_bytes: self.last_mem.rss,
-            outstanding_bytes: self.model.outstanding_bytes(),
+            outstanding_bytes: self.procs.outstanding_bytes(),
             rss_anon_bytes: self.last_mem.rss_anon,
             rss_file_bytes: self.last_mem.rss_file,
             rss_shmem_bytes: self.last_mem.rss_shmem,
-            resident_bytes: self.model.resident_bytes(),
+            resident_bytes: self.procs.resident_bytes(),
             memcg_usage_bytes: self.memcg.as_ref().and_then(procfs::Memcg::usage_bytes).unwrap_or(0),
             memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
             heap_bytes,
@@ -194,7 +241,7 @@ impl Session {
         }
         self.symbolize_new();
         let top: Vec<String> = self
-            .model
+            .procs
             .by_stack()
             .iter()
             .take(3)
@@ -223,7 +270,7 @@ impl Session {
     pub(super) fn metrics_snapshot(&self) -> crate::export::prometheus::MetricsSnapshot {
         // One series per (culprit, view): stacks of one culprit are summed within a view.
         let mut by_culprit: Vec<crate::export::prometheus::SuspectSample> = Vec::new();
-        for agg in self.model.by_stack() {
+        for agg in self.procs.by_stack() {
             let frames = self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice);
             let culprit = crate::analysis::culprit(frames, &self.rules).label();
             let source = agg.source.name().to_string();
@@ -243,8 +290,8 @@ impl Session {
             pid: self.pid,
             comm: self.comm.clone(),
             rss_bytes: self.last_mem.rss,
-            mapped_bytes: self.model.outstanding_bytes(),
-            touched_bytes: self.model.resident_bytes(),
+            mapped_bytes: self.procs.outstanding_bytes(),
+            touched_bytes: self.procs.resident_bytes(),
             heap_bytes: self.heap.as_ref().map(|h| h.counters().outstanding_bytes()),
             events_total: self.events,
             lost_events_total: self.lost_events(),
@@ -266,13 +313,18 @@ impl Session {
     pub(super) fn status_line(&self, started: Instant) -> String {
         let elapsed = started.elapsed().as_secs_f64();
         format!(
-            "memtrace: {:>6.1}s  events {} ({:.0}/s)  stacks {}  mapped {}  touched {}{}  rss {}  lost {}",
+            "memtrace: {:>6.1}s  events {} ({:.0}/s){}  stacks {}  mapped {}  touched {}{}  rss {}  lost {}",
             elapsed,
             self.events,
             self.events as f64 / elapsed.max(0.001),
+            if self.procs.len() > 1 {
+                format!("  processes {} running, {} traced", self.procs.live(), self.procs.len())
+            } else {
+                String::new()
+            },
             self.stacks.len(),
-            human_bytes(self.model.outstanding_bytes()),
-            human_bytes(self.model.resident_bytes()),
+            human_bytes(self.procs.outstanding_bytes()),
+            human_bytes(self.procs.resident_bytes()),
             self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status())),
             human_bytes(self.last_mem.rss),
             self.lost_events()

@@ -1,14 +1,26 @@
 use super::*;
 use crate::{
     analysis::{CulpritRules, History},
-    model::{StackAgg, StackId},
-    report::{Target, TimelinePoint},
+    model::{ProcIndex, StackAgg, StackId},
+    report::{Process, Target, TimelinePoint},
 };
 
 const MIB: u64 = 1 << 20;
 
 fn agg(stack: u32, source: Source, bytes: u64) -> StackAgg {
-    StackAgg { stack: StackId(stack), bytes, count: bytes / 4096 + 1, oldest_ts_ns: 0, source, mean_ts_ns: 0 }
+    StackAgg {
+        stack: StackId(stack),
+        bytes,
+        count: bytes / 4096 + 1,
+        oldest_ts_ns: 0,
+        source,
+        ..StackAgg::default()
+    }
+}
+
+fn in_proc(proc: u32, mut agg: StackAgg) -> StackAgg {
+    agg.proc = ProcIndex(proc);
+    agg
 }
 
 fn native(function: &str, module: &str) -> Frame {
@@ -80,6 +92,10 @@ fn run(n: u32, at: impl Fn(u64) -> Vec<StackAgg>) -> (Run, Vec<StackAgg>) {
 }
 
 fn report(r: &Run, stacks: Vec<StackAgg>, tracked: &[&str]) -> Report {
+    report_of(r, stacks, tracked, Vec::new())
+}
+
+fn report_of(r: &Run, stacks: Vec<StackAgg>, tracked: &[&str], processes: Vec<Process>) -> Report {
     let rules = CulpritRules::default();
     build_report(&ReportInputs {
         target: Target::default(),
@@ -96,6 +112,7 @@ fn report(r: &Run, stacks: Vec<StackAgg>, tracked: &[&str]) -> Report {
         rules: &rules,
         memory: None,
         node: true,
+        processes,
     })
 }
 
@@ -188,7 +205,7 @@ fn zero_byte_blocks_are_kept() {
         count: 7,
         oldest_ts_ns: 0,
         source: Source::Malloc,
-        mean_ts_ns: 0,
+        ..StackAgg::default()
     }];
     let rep = report(&r, stacks, &["malloc"]);
     let all: Vec<_> = rep.leaks.iter().chain(&rep.other_suspects).collect();
@@ -210,6 +227,31 @@ fn a_helper_shared_by_a_leak_and_churn_is_two_suspects() {
     );
     assert_eq!(rep.other_suspects[0].caller.as_ref().map(|c| c.function.as_str()), Some("churn"));
     assert_eq!(rep.other_suspects[0].verdict, Verdict::Churn);
+}
+
+#[test]
+fn a_culprit_in_several_workers_is_one_suspect_split_by_process() {
+    let process = |pid, exited_s| Process { pid, exited_s, ..Process::default() };
+    let processes = vec![process(100, None), process(101, None), process(102, Some(5.0))];
+    // Workers 101 and 102 run the same code (one stack id, their parent's image): 101
+    // keeps growing, 102 grew and exited; the parent holds nothing there.
+    let (r, last) = run(10, |t| {
+        vec![
+            in_proc(1, agg(1, Source::Mmap, t * 2 * MIB)),
+            in_proc(2, agg(1, Source::Mmap, t.min(5) * MIB)),
+            in_proc(0, agg(5, Source::Mmap, 4096)),
+        ]
+    });
+    let rep = report_of(&r, last, &["mmap"], processes.clone());
+    let keeper = rep.all_suspects().find(|l| l.culprit.function == "rememberOrder").expect("suspect");
+    assert_eq!(keeper.bytes, 23 * MIB, "the sum over the processes");
+    assert_eq!(keeper.pid, 101, "the process holding the most");
+    let split: Vec<_> = keeper.processes.iter().map(|p| (p.pid, p.bytes, p.exited)).collect();
+    assert_eq!(split, vec![(101, 18 * MIB, false), (102, 5 * MIB, true)]);
+    assert_eq!(keeper.verdict, Verdict::Leak, "{}", keeper.reason);
+    let parent = rep.all_suspects().find(|l| l.culprit.function == "keep_block").expect("parent's");
+    assert_eq!((parent.pid, parent.processes.len()), (100, 1));
+    assert_eq!(rep.processes, processes);
 }
 
 #[test]
