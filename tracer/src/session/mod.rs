@@ -1,5 +1,6 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
+mod jsheap;
 mod metrics;
 mod os;
 mod state;
@@ -72,9 +73,14 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let (mut s, sources) = start(target, args).await?;
     let started = Instant::now();
     let Sources { mut events, pidfd, metrics } = sources;
+    // On an error the view is dropped with the session, which stops the agent too.
     let reason = event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started).await?;
     // Whatever is still in the ring buffer belongs to the run.
     s.drain(events.get_mut());
+    if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
+        s.js_heap.refresh(&mut s.stacks).await;
+    }
+    s.js_heap.close().await;
     Ok(finish(s, reason, args, started))
 }
 
@@ -82,6 +88,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
 async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session, Sources)> {
     let attach_started = Instant::now();
     let pid = resolve_target(target.pid)?;
+    let launched = target.release.is_some();
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
     let track = track_bits(&args.track);
@@ -141,7 +148,11 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
-    let tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let mut tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let js_heap = jsheap::JsHeap::start(pid, args, launched).await;
+    if js_heap.is_open() {
+        tracked.push(crate::report::Source::JsHeap.name().to_string());
+    }
     eprintln!(
         "memtrace: attached to {pid} ({comm}) in {:.2}s, tracking {}; Ctrl-C to stop",
         attach_started.elapsed().as_secs_f64(),
@@ -172,6 +183,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         tracked,
         rules: crate::analysis::CulpritRules::new(&args.culprit_skip).context("--culprit-skip")?,
         node: procfs::smaps::is_node(pid),
+        js_heap,
         parts: None,
     };
     s.snapshot();
@@ -247,6 +259,15 @@ async fn event_loop(
                 if let Some(heap) = s.heap.as_mut() {
                     heap.poll_new_stacks(&mut s.stacks);
                 }
+                if !s.js_heap.is_open() {
+                    s.js_heap.poll_open(s.pid).await;
+                    if s.js_heap.is_open() {
+                        s.tracked.push(crate::report::Source::JsHeap.name().to_string());
+                    }
+                }
+                if Instant::now() >= next_snapshot {
+                    s.js_heap.refresh(&mut s.stacks).await;
+                }
                 s.symbolize_new();
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
@@ -312,10 +333,12 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
         },
         stacks: {
             let mapped = s.model.by_stack_before(end_ns.saturating_sub(args.min_age.as_nanos() as u64));
-            match (&s.heap, heap_aggs) {
+            let mut stacks = match (&s.heap, heap_aggs) {
                 (Some(heap), Some(heap_aggs)) => heap.merge(mapped, heap_aggs, &s.stacks),
                 _ => mapped,
-            }
+            };
+            stacks.extend_from_slice(s.js_heap.aggs());
+            stacks
         },
         end_ns,
         frames: &frames,
