@@ -34,7 +34,7 @@ impl Node {
             .arg(fixture(entry))
             .arg(keep_mib.to_string())
             .arg(&gate)
-            .arg("30")
+            .arg("1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
