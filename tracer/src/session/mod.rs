@@ -1,6 +1,7 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
 mod live;
+mod jsheap;
 mod metrics;
 mod os;
 mod procs;
@@ -79,6 +80,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let started = Instant::now();
     let Sources { mut events, pidfd, metrics } = sources;
     let mut live = if args.live { start_live_view() } else { None };
+    // On an error the view is dropped with the session, which stops the agent too.
     let reason =
         event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started, live.as_mut()).await?;
     if let Some(view) = live {
@@ -86,6 +88,10 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     }
     // Whatever is still in the ring buffer belongs to the run.
     s.drain(events.get_mut());
+    if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
+        s.js_heap.refresh(&mut s.stacks).await;
+    }
+    s.js_heap.close().await;
     Ok(finish(s, reason, args, started))
 }
 
@@ -102,6 +108,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let attach_started = Instant::now();
     let pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
     let &pid = pids.first().context("no process to trace")?;
+    let launched = target.release.is_some();
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
     procfs::access::check_traceable(pid)?;
@@ -159,7 +166,11 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
-    let tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let mut tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let js_heap = jsheap::JsHeap::start(pid, args, launched).await;
+    if js_heap.is_open() {
+        tracked.push(crate::report::Source::JsHeap.name().to_string());
+    }
     let whom = whom(&pids, target.children, &comm);
     eprintln!(
         "memtrace: attached to {whom} in {:.2}s, tracking {}; Ctrl-C to stop",
@@ -192,6 +203,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         tracked,
         rules: crate::analysis::CulpritRules::new(&args.culprit_skip).context("--culprit-skip")?,
         node: procfs::smaps::is_node(pid),
+        js_heap,
         parts: None,
     };
     s.snapshot();
@@ -343,6 +355,15 @@ async fn event_loop(
                 if let Some(heap) = s.heap.as_mut() {
                     heap.poll_new_stacks(&mut s.stacks);
                 }
+                if !s.js_heap.is_open() {
+                    s.js_heap.poll_open(s.pid).await;
+                    if s.js_heap.is_open() {
+                        s.tracked.push(crate::report::Source::JsHeap.name().to_string());
+                    }
+                }
+                if next_snapshot.is_some_and(|at| Instant::now() >= at) {
+                    s.js_heap.refresh(&mut s.stacks).await;
+                }
                 s.symbolize_new();
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
@@ -414,6 +435,8 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             _ => mapped,
         }
     };
+    let mut stacks = stacks;
+    stacks.extend_from_slice(s.js_heap.aggs());
     let mut report = s.report(stacks, end_ns, exited, started);
     if let Some(heap) = &s.heap {
         let t_s = started.elapsed().as_secs_f64();
