@@ -1,7 +1,7 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
-mod live;
 mod jsheap;
+mod live;
 mod metrics;
 mod os;
 mod procs;

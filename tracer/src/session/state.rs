@@ -333,7 +333,8 @@ impl Session {
             self.stacks.len(),
             human_bytes(self.procs.outstanding_bytes()),
             human_bytes(self.procs.resident_bytes()),
-            self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status())) + &self.js_heap.status(),
+            self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status()))
+                + &self.js_heap.status(),
             human_bytes(self.last_mem.rss),
             self.lost_events()
         )
