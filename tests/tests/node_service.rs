@@ -80,7 +80,8 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         .take(6)
         .map(|l| format!("{} B {} {} {}", l["bytes"], l["verdict"], l["culprit"]["function"], l["reason"]))
         .collect();
-    let top = leaks.first().unwrap_or_else(|| panic!("nothing flagged; other suspects:\n{}", others.join("\n")));
+    let top =
+        leaks.first().unwrap_or_else(|| panic!("nothing flagged; other suspects:\n{}", others.join("\n")));
     let names_it = top["frames"]
         .as_array()
         .into_iter()
