@@ -1,7 +1,8 @@
 //! End to end on a real Node.js process: stop it at `mmap` syscalls with ptrace (as the
 //! eBPF tracepoint would see them), copy its registers and stack, and check that the stack
 //! unwinds from glibc (no frame pointers) through node's C++ and V8's builtins into the
-//! JIT-compiled JavaScript function that allocated, named by the perf map.
+//! JavaScript function that allocated, named by the perf map, or, without one, from V8's
+//! heap.
 //!
 //! Needs `node` on PATH; the test says so and passes when it is missing. Tracing one's own
 //! child needs no privileges.
@@ -104,21 +105,17 @@ fn sample_mmaps(pid: i32, wanted: usize, deadline: Instant) -> Option<Vec<Sample
     Some(samples)
 }
 
-#[test]
-fn unwinds_node_from_libc_into_javascript() {
+/// Starts node on [`SCRIPT`] with `flags`, samples its mmap stacks and returns the
+/// symbols and the symbolized stacks; `None` (after saying why) when it cannot run here.
+fn sampled_stacks(test: &str, flags: &[&str]) -> Option<(ProcessSymbols, Vec<Vec<Frame>>, Fixture)> {
     let Ok(node) = which_node() else {
-        eprintln!("SKIPPED unwinds_node_from_libc_into_javascript: `node` is not installed");
-        return;
+        eprintln!("SKIPPED {test}: `node` is not installed");
+        return None;
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let script = dir.path().join("app.js");
     File::create(&script).and_then(|mut f| f.write_all(SCRIPT.as_bytes())).expect("write script");
-    let child = Command::new(node)
-        .args(["--perf-basic-prof", "--interpreted-frames-native-stack", "--no-turbo-inlining"])
-        .arg(&script)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start node");
+    let child = Command::new(node).args(flags).arg(&script).stdin(Stdio::null()).spawn().expect("start node");
     let fixture = Fixture(child);
     let pid = fixture.0.id();
     // Let the function get hot (and JIT-compiled) first.
@@ -126,32 +123,69 @@ fn unwinds_node_from_libc_into_javascript() {
 
     let mut symbols = ProcessSymbols::new(pid).expect("symbols of node");
     let Some(samples) = sample_mmaps(pid.cast_signed(), 40, Instant::now() + Duration::from_secs(10)) else {
-        eprintln!("SKIPPED unwinds_node_from_libc_into_javascript: ptrace is not allowed here");
-        return;
+        eprintln!("SKIPPED {test}: ptrace is not allowed here");
+        return None;
     };
     assert!(!samples.is_empty(), "node made no mmap calls");
     symbols.refresh_perf_map();
+    let stacks = samples
+        .iter()
+        .map(|sample| {
+            let addrs = symbols.unwind(sample.regs, &sample.stack, &[]);
+            symbols.symbolize(&addrs).into_iter().flatten().collect()
+        })
+        .collect();
+    Some((symbols, stacks, fixture))
+}
 
-    let mut best: Vec<Frame> = Vec::new();
-    for sample in &samples {
-        let addrs = symbols.unwind(sample.regs, &sample.stack, &[]);
-        let frames: Vec<Frame> = symbols.symbolize(&addrs).into_iter().flatten().collect();
-        let js = frames.iter().position(|f| f.kind == FrameKind::Js && f.function == "rememberOrder");
-        let libc_leaf = frames.first().is_some_and(|f| f.module.contains("libc.so"));
-        if let (Some(js), true) = (js, libc_leaf) {
-            // The perf map gives the function's own position, not the allocating line.
-            let frame = &frames[js];
-            assert!(frame.file.ends_with("app.js") && frame.line == 3, "{frame:?}");
-            // The caller from the timer is found past the JIT frame, through frame pointers.
-            assert!(frames.len() > js + 1, "frames end at the JS function: {frames:#?}");
-            return;
-        }
-        if frames.len() > best.len() {
-            best = frames;
-        }
-    }
-    let labels: Vec<String> = best.iter().map(Frame::label).collect();
-    panic!("no mmap stack of {} reached rememberOrder; deepest: {labels:#?}", samples.len());
+/// The first stack from libc into `rememberOrder`, with the index of its frame.
+fn stack_into_remember_order(stacks: &[Vec<Frame>]) -> Option<(&Vec<Frame>, usize)> {
+    stacks.iter().find_map(|frames| {
+        let js = frames.iter().position(|f| f.kind == FrameKind::Js && f.function == "rememberOrder")?;
+        frames.first().is_some_and(|f| f.module.contains("libc.so")).then_some((frames, js))
+    })
+}
+
+fn deepest(stacks: &[Vec<Frame>]) -> Vec<String> {
+    stacks.iter().max_by_key(|s| s.len()).map(|s| s.iter().map(Frame::label).collect()).unwrap_or_default()
+}
+
+#[test]
+fn unwinds_node_from_libc_into_javascript() {
+    let test = "unwinds_node_from_libc_into_javascript";
+    let flags = ["--perf-basic-prof", "--interpreted-frames-native-stack", "--no-turbo-inlining"];
+    let Some((_symbols, stacks, _fixture)) = sampled_stacks(test, &flags) else { return };
+    let Some((frames, js)) = stack_into_remember_order(&stacks) else {
+        panic!("no mmap stack of {} reached rememberOrder; deepest: {:#?}", stacks.len(), deepest(&stacks));
+    };
+    // The perf map gives the function's own position, not the allocating line.
+    let frame = &frames[js];
+    assert!(frame.file.ends_with("app.js") && frame.line == 3, "{frame:?}");
+    // The caller from the timer is found past the JIT frame, through frame pointers.
+    assert!(frames.len() > js + 1, "frames end at the JS function: {frames:#?}");
+}
+
+#[test]
+fn names_javascript_from_the_v8_heap_without_a_perf_map() {
+    let test = "names_javascript_from_the_v8_heap_without_a_perf_map";
+    let Some((symbols, stacks, fixture)) = sampled_stacks(test, &["--no-turbo-inlining"]) else { return };
+    assert!(!std::path::Path::new(&format!("/tmp/perf-{}.map", fixture.0.id())).exists());
+    let stats = symbols.js_stats().expect("node's V8 is readable");
+    let Some((frames, js)) = stack_into_remember_order(&stacks) else {
+        panic!(
+            "no mmap stack of {} reached rememberOrder ({stats:?}); deepest: {:#?}",
+            stacks.len(),
+            deepest(&stacks)
+        );
+    };
+    let frame = &frames[js];
+    // The same name, file and line as the perf map gives (the function's start).
+    assert!(frame.file.ends_with("app.js") && frame.line == 3, "{frame:?}");
+    assert_eq!(frame.module, "[jit]");
+    // Its caller, the anonymous timer callback, is named too.
+    let caller = frames[js + 1..].iter().find(|f| f.kind == FrameKind::Js).expect("a JS caller");
+    assert_eq!((caller.function.as_str(), caller.line), ("(anonymous)", 8), "{frames:#?}");
+    eprintln!("{}", symbols.js_summary().unwrap_or_default());
 }
 
 fn which_node() -> Result<std::path::PathBuf, ()> {
