@@ -12,7 +12,7 @@ use std::ops::Range;
 
 use super::perfmap::JIT_MODULE;
 use super::unwind::UnwoundFrame;
-use super::v8::{JsFrame, Place, StackCopy, V8Reader};
+use super::v8::{JsFrame, Place, Refusal, StackCopy, V8Reader};
 use super::{ProcessSymbols, Region, RegionKind};
 use crate::procfs::maps::MapEntry;
 use crate::report::{Frame, FrameKind};
@@ -27,18 +27,25 @@ const MAX_TOKENS: usize = 1 << 20;
 /// Whether the process runs a V8 memtrace can read.
 #[derive(Debug, Default)]
 pub(super) enum V8State {
-    /// No node module seen yet.
+    /// No V8 found yet: the modules that may hold one and were looked at, and why the
+    /// last of them could not be used (node's launcher has no V8 of its own when it links
+    /// libnode, so this is said only once every module was seen).
     #[default]
     Unknown,
+    Looking {
+        tried: Vec<usize>,
+        refusal: Refusal,
+    },
     /// A node module was seen and its V8 cannot be read (the reason was logged).
     Refused,
     Ready {
         reader: Box<V8Reader>,
         /// The module holding V8.
         module: usize,
-        /// Process addresses of the embedded builtins; `None` when the file does not say
-        /// (no `.symtab`): then every frame in the module is looked at.
-        builtins: Option<Range<u64>>,
+        /// Process addresses of the embedded builtins: in the executable's text, and where
+        /// V8 remapped them (near its code, for short calls). `None` when the file does not
+        /// say (no `.symtab`): then every frame in the module is looked at.
+        builtins: Option<Vec<Range<u64>>>,
     },
 }
 
@@ -91,7 +98,12 @@ impl ProcessSymbols {
     /// Looks for V8 in a module just opened; logs why when it cannot be read.
     pub(super) fn consider_v8_module(&mut self, module: usize) {
         let file = &self.modules[module];
-        if !matches!(self.v8, V8State::Unknown) || !may_embed_v8(&file.name) {
+        let tried = match &self.v8 {
+            V8State::Unknown => false,
+            V8State::Looking { tried, .. } => tried.contains(&module),
+            V8State::Refused | V8State::Ready { .. } => true,
+        };
+        if tried || !may_embed_v8(&file.name) {
             return;
         }
         let Some(handle) = file.file() else { return };
@@ -106,13 +118,27 @@ impl ProcessSymbols {
                 self.v8 = V8State::Ready { reader: Box::new(reader), module, builtins: None };
             }
             Err(refusal) => {
-                log::warn!(
-                    "pid {}: JS frames cannot be read from V8's heap: {refusal}; they are named only from /tmp/perf-{}.map (node --perf-basic-prof), else left as addresses",
-                    self.pid,
-                    self.pid
-                );
-                self.v8 = V8State::Refused;
+                log::debug!("pid {}: no V8 to read in {}: {refusal}", self.pid, file.name);
+                let mut tried = match std::mem::take(&mut self.v8) {
+                    V8State::Looking { tried, .. } => tried,
+                    _ => Vec::new(),
+                };
+                tried.push(module);
+                self.v8 = V8State::Looking { tried, refusal };
             }
+        }
+    }
+
+    /// After a pass over the process's mappings: if a module may hold V8 but none could be
+    /// read, says why, once.
+    pub(super) fn settle_v8(&mut self) {
+        if let V8State::Looking { refusal, .. } = &self.v8 {
+            log::warn!(
+                "pid {}: JS frames cannot be read from V8's heap: {refusal}; they are named only from /tmp/perf-{}.map (node --perf-basic-prof), else left as addresses",
+                self.pid,
+                self.pid
+            );
+            self.v8 = V8State::Refused;
         }
     }
 
@@ -126,7 +152,11 @@ impl ProcessSymbols {
             return;
         };
         if let Some(bias) = elf.bias_for(entry) {
-            *builtins = Some(stated.start + bias..stated.end + bias);
+            let start = (stated.start + bias).max(entry.start);
+            let end = (stated.end + bias).min(entry.end);
+            if start < end {
+                builtins.get_or_insert_with(Vec::new).push(start..end);
+            }
         }
     }
 
@@ -161,7 +191,7 @@ impl ProcessSymbols {
                 Some(Place::Jit)
             }
             Region { kind: RegionKind::File { module, .. }, .. } if module == v8_module => {
-                builtins.as_ref().is_none_or(|b| b.contains(&pc)).then_some(Place::Builtins)
+                builtins.as_ref().is_none_or(|b| b.iter().any(|r| r.contains(&pc))).then_some(Place::Builtins)
             }
             _ => None,
         }

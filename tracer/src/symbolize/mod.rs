@@ -163,6 +163,7 @@ impl ProcessSymbols {
                 self.add_region(&entry);
             }
         }
+        self.settle_v8();
         Ok(())
     }
 

@@ -267,6 +267,13 @@ pub(crate) struct CodeLayout {
     pub kind_baseline: u32,
     /// `bytecode_or_interpreter_data` of baseline code (shares the deoptimization data slot).
     pub bytecode: u64,
+    /// Bytes between the start of the object in front of the instructions (the
+    /// InstructionStream, or the Code itself before V8 11) and the instructions.
+    pub header_size: u64,
+    /// The Code's `instruction_stream` field (V8 11).
+    pub instruction_stream: u64,
+    /// Index of the SharedFunctionInfo in optimized code's deoptimization data.
+    pub deopt_sfi_index: u64,
 }
 
 /// String instance-type bits.
@@ -430,6 +437,7 @@ fn code_layout(c: &HashMap<String, i64>, version: (u32, u32, u32)) -> Result<Cod
     let kind_shift = get("CodeKindFieldShift").unwrap_or(0) as u32;
     let kind_baseline = get("CodeKindBaseline").ok_or(Refusal::Missing("CodeKindBaseline"))? as u32;
     let start_is_pointer = version >= (11, 1, 204);
+    let deopt_sfi_index = get("DeoptimizationDataSharedFunctionInfoIndex").unwrap_or(6);
     // The deoptimization data slot, right after relocation_info (no constant in V8 10).
     let bytecode = get("class_Code__bytecode_or_interpreter_data__HeapObject")
         .or_else(|| get("class_Code__deoptimization_data__FixedArray"))
@@ -448,6 +456,10 @@ fn code_layout(c: &HashMap<String, i64>, version: (u32, u32, u32)) -> Result<Cod
             kind_shift,
             kind_baseline,
             bytecode,
+            // Instructions follow the Code header itself.
+            header_size: start,
+            instruction_stream: 0,
+            deopt_sfi_index,
         });
     }
     // V8 11 lost Code's constants; the layout from `source_position_table` on is
@@ -469,6 +481,10 @@ fn code_layout(c: &HashMap<String, i64>, version: (u32, u32, u32)) -> Result<Cod
         kind_shift,
         kind_baseline,
         bytecode,
+        // InstructionStream: map, code, then the instructions.
+        header_size: get("class_InstructionStream__instruction_start__uintptr_t").unwrap_or(16),
+        instruction_stream: positions + 8,
+        deopt_sfi_index,
     })
 }
 
@@ -519,6 +535,8 @@ pub(crate) mod tests {
         let code = layout.code;
         assert_eq!((code.instruction_start, code.flags, code.instruction_size), (40, 48, 56));
         assert!(code.start_is_pointer);
+        // Seen in a live heap: InstructionStream {map, code}, instructions 16 bytes in.
+        assert_eq!((code.instruction_stream, code.header_size, code.deopt_sfi_index), (32, 16, 6));
         assert_eq!(code.kind_baseline, 11);
         assert_eq!(layout.scope_info.idx_first_vars, 3);
         assert_eq!(layout.scope_info.flag_receiver, None);
@@ -533,6 +551,7 @@ pub(crate) mod tests {
         let code = layout.code;
         assert_eq!((code.instruction_start, code.flags, code.instruction_size), (128, 48, 40));
         assert!(!code.start_is_pointer, "V8 10 keeps instructions inline after the Code header");
+        assert_eq!(code.header_size, 128);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! rather than misnamed.
 
 use super::cache::Caches;
+use super::code::CodeFinder;
 use super::constants::Layout;
 use super::heap::{Heap, dword, half, object_address, smi, word};
 use super::remote::Memory;
@@ -59,6 +60,9 @@ pub(crate) struct FrameStats {
     pub candidates: u64,
     pub named_interpreted: u64,
     pub named_compiled: u64,
+    /// Compiled frames named from the code holding their pc, their JSFunction having
+    /// other code now (on-stack replacement) or having moved.
+    pub named_by_code: u64,
     /// Stub, entry and exit frames (a frame-type marker), and builtins without a JS frame.
     pub not_js: u64,
     /// Interpreted frames whose slots are beyond the stack copy: not read, since the
@@ -96,8 +100,11 @@ struct Candidate {
     pc: u64,
     jit: bool,
     function: u64,
-    /// The frame's BytecodeArray and bytecode offset, when it has an interpreted shape.
-    bytecode: Option<(u64, i64)>,
+    /// The SharedFunctionInfo (tagged) the frame was found to run.
+    sfi: u64,
+    /// The frame's BytecodeArray, when the slot holds an object, and its bytecode offset
+    /// (interpreted frames; baseline frames keep the feedback vector there).
+    bytecode: Option<(u64, Option<i64>)>,
     function_header: Vec<u8>,
     bytecode_header: Vec<u8>,
     sfi_header: Vec<u8>,
@@ -121,6 +128,7 @@ pub(crate) fn resolve(
     layout: &Layout,
     memory: &mut dyn Memory,
     caches: &mut Caches,
+    code: &mut CodeFinder,
     stats: &mut FrameStats,
     frames: &[UnwoundFrame],
     stack: StackCopy<'_>,
@@ -133,7 +141,40 @@ pub(crate) fn resolve(
     }
     read_objects(layout, memory, &mut candidates);
     let mut heap = Heap::new(layout, memory);
-    for c in &candidates {
+    for c in candidates.iter().filter(|c| c.failed.is_none() && c.jit && c.sfi_bytecode.is_none()) {
+        code.learn(&mut heap, word(&c.function_header, layout.js_function_code), &c.code_header);
+    }
+    for c in &mut candidates {
+        let mut by_code = false;
+        if c.failed.is_some() && c.jit {
+            // The JSFunction does not vouch for the frame: the code holding the pc may.
+            if let Ok(sfi) = code.function_at(&mut heap, c.pc)
+                && let Ok(addr) = heap.typed(sfi, layout.type_sfi, "SharedFunctionInfo")
+                && let Ok(header) = heap.read(addr, SFI_BYTES)
+            {
+                c.sfi = sfi;
+                c.sfi_header = header;
+                c.failed = None;
+                c.bytecode = None;
+                by_code = true;
+            }
+        }
+        if c.failed.is_some() && std::env::var_os("DBG").is_some() {
+            eprintln!(
+                "DBG fail map {:#x} sfimap {:#x} {:?} jit {} pc {:#x} fn {:#x} bc {:x?} types {:?} fnhdr {} sfihdr {} sfi_bytecode {:x?}",
+                word(&c.function_header, 0),
+                word(&c.sfi_header, 0),
+                c.failed,
+                c.jit,
+                c.pc,
+                c.function,
+                c.bytecode,
+                c.types,
+                c.function_header.len(),
+                c.sfi_header.len(),
+                c.sfi_bytecode
+            );
+        }
         match c.failed {
             Some(Failure::Moved) => stats.moved += 1,
             Some(Failure::Mismatched) => stats.mismatched += 1,
@@ -142,14 +183,14 @@ pub(crate) fn resolve(
         if c.failed.is_some() {
             continue;
         }
-        let sfi = object_address(word(&c.function_header, layout.js_function_shared)).unwrap_or(0);
+        let sfi = object_address(c.sfi).unwrap_or(0);
         let Ok(entry) = caches.function(&mut heap, sfi, &c.sfi_header) else {
             stats.moved += 1;
             continue;
         };
         let (function, script, line) = (entry.name.clone(), entry.script, entry.line);
         let mut position = 0;
-        if let (Some((bytecode, offset)), Some(_)) = (c.bytecode, c.sfi_bytecode) {
+        if let (Some((bytecode, Some(offset))), Some(_)) = (c.bytecode, c.sfi_bytecode) {
             let table = word(&c.bytecode_header, layout.bytecode_array_positions);
             position = caches
                 .bytecode_line(&mut heap, sfi, bytecode, table, offset)
@@ -157,6 +198,7 @@ pub(crate) fn resolve(
             stats.named_interpreted += 1;
         } else {
             stats.named_compiled += 1;
+            stats.named_by_code += u64::from(by_code);
         }
         let file =
             script.and_then(|s| caches.script(&mut heap, s).ok().map(|s| s.name.clone())).unwrap_or_default();
@@ -185,8 +227,8 @@ fn slots(
     let mut out = Vec::new();
     let mut remote = Vec::new();
     for (index, frame) in frames.iter().enumerate() {
-        let Some(fp) = frame.fp.filter(|&fp| fp % 8 == 0 && fp > stack.sp) else { continue };
         let Some(place) = place(index, frame.addr) else { continue };
+        let Some(fp) = frame.fp.filter(|&fp| fp % 8 == 0 && fp > stack.sp) else { continue };
         stats.candidates += 1;
         let start = fp.wrapping_add_signed(lowest);
         let pc = if index == 0 { frame.addr } else { frame.addr - 1 };
@@ -230,10 +272,10 @@ fn slots(
                 return None;
             }
             let array = slot(layout.fp_bytecode_array);
-            c.bytecode = smi(slot(layout.fp_bytecode_offset))
-                .filter(|_| object_address(array).is_some())
-                .map(|offset| (array, offset - (layout.bytecode_array_data as i64 - 1)));
-            if !c.jit && c.bytecode.is_none() {
+            let offset =
+                smi(slot(layout.fp_bytecode_offset)).map(|o| o - (layout.bytecode_array_data as i64 - 1));
+            c.bytecode = object_address(array).map(|_| (array, offset));
+            if !c.jit && c.bytecode.is_none_or(|(_, offset)| offset.is_none()) {
                 // A builtin with a frame of its own (Array.prototype.map…), not user code.
                 stats.not_js += 1;
                 return None;
@@ -246,15 +288,35 @@ fn slots(
 /// Reads the objects every candidate points to, in rounds of one system call each, and
 /// checks them: JSFunction → SFI and code → the SFI's function data.
 fn read_objects(layout: &Layout, memory: &mut dyn Memory, candidates: &mut [Candidate]) {
-    // Round 1: the JSFunctions and the frames' BytecodeArrays.
-    let mut requests = Vec::new();
-    for c in candidates.iter() {
-        requests.push((c.function & !3, FUNCTION_BYTES));
-    }
+    // Round 1: the JSFunctions.
+    let requests: Vec<(u64, usize)> = candidates.iter().map(|c| (c.function & !3, FUNCTION_BYTES)).collect();
     for (c, got) in candidates.iter_mut().zip(memory.read_many(&requests)) {
         match got {
             Some(bytes) => c.function_header = bytes,
             None => c.failed = Some(Failure::Moved),
+        }
+    }
+    // A JSFunction the scavenger moved since the capture has its new address in its map
+    // word until the old space is reused; follow it once (what is found there is checked
+    // like any other JSFunction).
+    let forwarded: Vec<usize> = (0..candidates.len())
+        .filter(|&i| {
+            let map = word(&candidates[i].function_header, layout.map);
+            candidates[i].failed.is_none() && map != 0 && smi(map).is_some()
+        })
+        .collect();
+    if !forwarded.is_empty() {
+        let requests: Vec<(u64, usize)> = forwarded
+            .iter()
+            .map(|&i| (word(&candidates[i].function_header, layout.map), FUNCTION_BYTES))
+            .collect();
+        for (&i, got) in forwarded.iter().zip(memory.read_many(&requests)) {
+            let c = &mut candidates[i];
+            c.function = word(&c.function_header, layout.map) | 1;
+            match got {
+                Some(bytes) => c.function_header = bytes,
+                None => c.failed = Some(Failure::Moved),
+            }
         }
     }
     // Round 2: the JSFunctions' maps, SFIs and code; the BytecodeArrays' maps.
@@ -319,6 +381,7 @@ fn read_objects(layout: &Layout, memory: &mut dyn Memory, candidates: &mut [Cand
             c.failed = Some(Failure::Moved);
             continue;
         }
+        c.sfi = word(&c.function_header, layout.js_function_shared);
         c.sfi_bytecode =
             sfi_bytecode(layout, word(&c.sfi_header, layout.sfi_function_data), &data[i], data_types[i]);
         let interpreted = matches!((c.bytecode, c.sfi_bytecode), (Some((frame, _)), Some(own)) if frame == own)
