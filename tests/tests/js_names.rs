@@ -17,8 +17,8 @@ use std::{
 };
 
 use integration_tests::{
-    Frame, Leak, MIB, Memtrace, Report, StartGate, TestProcess, fixtures_dir, node_bin, perf_map_path,
-    require_root, trace_gated,
+    Frame, Leak, MIB, Memtrace, Report, StartGate, TestProcess, fixtures_dir, node_bin, node18_bin,
+    perf_map_path, require_root, trace_gated,
 };
 
 const CALLS: u64 = 25;
@@ -57,9 +57,13 @@ fn expected_chain() -> Vec<(&'static str, u64)> {
 
 /// Runs the fixture under node with `flags`, traced by `memtrace attach`; returns the report.
 fn trace(name: &str, flags: &[&str]) -> Report {
+    trace_with(&node_bin(), name, flags)
+}
+
+fn trace_with(node: &Path, name: &str, flags: &[&str]) -> Report {
     let dir = tempfile::tempdir().expect("create temp dir");
     let gate = StartGate::new(dir.path());
-    let mut cmd = Command::new(node_bin());
+    let mut cmd = Command::new(node);
     cmd.args(flags).arg(fixture()).arg(CALLS.to_string()).arg(gate.path());
     // The perf-map flags make V8 write isolate-*.log files into the working directory.
     cmd.current_dir(dir.path());
@@ -139,15 +143,14 @@ fn named_and_unnamed(report: &Report) -> (usize, usize) {
     (named, unnamed)
 }
 
-#[test]
-fn js_frames_match_the_perf_map() {
-    if !require_root("js_frames_match_the_perf_map") {
-        return;
-    }
+const PERF_MAP_FLAGS: [&str; 2] = ["--perf-basic-prof", "--interpreted-frames-native-stack"];
+
+/// Runs the fixture with a perf map and without, checks that the run without names the
+/// whole chain and that both name alike; returns the report of the run without.
+fn compare_with_perf_map(node: &Path, version: &str) -> Report {
     let expected = expected_chain();
-    let flagged =
-        trace("js_names.js with a perf map", &["--perf-basic-prof", "--interpreted-frames-native-stack"]);
-    let plain = trace("js_names.js without flags", &[]);
+    let flagged = trace_with(node, &format!("js_names.js on {version} with a perf map"), &PERF_MAP_FLAGS);
+    let plain = trace_with(node, &format!("js_names.js on {version} without flags"), &[]);
     let (with_map, without) = (js_frames(&flagged), js_frames(&plain));
     let summary = format!("with a perf map:\n{}\nwithout:\n{}", flagged.summary(), plain.summary());
 
@@ -157,7 +160,7 @@ fn js_frames_match_the_perf_map() {
         let lines = without.get(&(function.to_string(), fixture_path.clone()));
         assert!(
             lines.is_some_and(|l| l.contains(&line)),
-            "without a perf map, {function} at js_names.js:{line} is not named (lines seen: {lines:?})\n{summary}"
+            "{version} without a perf map: {function} at js_names.js:{line} is not named (lines seen: {lines:?})\n{summary}"
         );
     }
     // Whatever both runs name, they name alike (node's own modules have many anonymous
@@ -168,12 +171,24 @@ fn js_frames_match_the_perf_map() {
             continue;
         }
         if let Some(reference) = with_map.get(key) {
-            assert_eq!(lines, reference, "{key:?}: lines from the heap vs the perf map\n{summary}");
+            assert_eq!(
+                lines, reference,
+                "{version}: {key:?}: lines from the heap vs the perf map\n{summary}"
+            );
             compared += 1;
         }
     }
-    assert!(compared >= 6, "only {compared} functions named in both runs\n{summary}");
+    assert!(compared >= 6, "{version}: only {compared} functions named in both runs\n{summary}");
+    plain
+}
 
+#[test]
+fn js_frames_match_the_perf_map() {
+    if !require_root("js_frames_match_the_perf_map") {
+        return;
+    }
+    let plain = compare_with_perf_map(&node_bin(), "the system's node");
+    let summary = plain.summary();
     // The keeping function is named in the mapped view of the unflagged node.
     let kept = kept_by_keep_buffer(&plain);
     assert!(
@@ -186,6 +201,16 @@ fn js_frames_match_the_perf_map() {
         "without a perf map: {named} JS frames named, {unnamed} V8 frames unnamed ({:.1}%), keepBuffer holds {kept} B",
         unnamed as f64 * 100.0 / (named + unnamed).max(1) as f64
     );
+}
+
+/// Another major version: Debian's node 18 keeps V8 in libnode.so, stripped of `.symtab`
+/// (the interpreter's builtins are found by the frames' shape instead).
+#[test]
+fn js_frames_of_node18_match_its_perf_map() {
+    if !require_root("js_frames_of_node18_match_its_perf_map") {
+        return;
+    }
+    compare_with_perf_map(&node18_bin(), "node 18");
 }
 
 /// Whether a frame named `function` at `line` of the fixture names the function that
