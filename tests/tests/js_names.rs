@@ -85,7 +85,7 @@ fn trace_with(node: &Path, name: &str, flags: &[&str]) -> Report {
     }
     eprintln!(
         "--- {name} ---\n{}",
-        out.stderr.lines().filter(|l| !l.contains("\r")).collect::<Vec<_>>().join("\n")
+        out.stderr.lines().filter(|l| !l.contains('\r')).collect::<Vec<_>>().join("\n")
     );
     Report::read(&json)
 }

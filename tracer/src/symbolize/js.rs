@@ -216,6 +216,12 @@ impl ProcessSymbols {
         }
     }
 
+    /// Stops naming JS frames from the heap (benchmarks compare with and without).
+    #[cfg(test)]
+    pub(super) fn disable_v8(&mut self) {
+        self.v8 = V8State::Refused;
+    }
+
     #[cfg(test)]
     pub(super) fn js_stats(&self) -> Option<super::v8::FrameStats> {
         match &self.v8 {

@@ -2,7 +2,7 @@
 //!
 //! Objects move, and a freed address is reused for another object, so every entry keeps a
 //! fingerprint (words of the object it was made from) that is compared with the object
-//! found at that address now; a different object replaces the entry. JSFunctions are never
+//! found at that address now; a different object replaces the entry. `JSFunctions` are never
 //! cached: they are re-read from the frame on every event.
 
 use std::collections::HashMap;
@@ -26,13 +26,15 @@ const MAX_POSITION_TABLE: usize = 1 << 20;
 /// A function as a perf map names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct FunctionEntry {
-    /// `name_or_scope_info` and `script_or_debug_info` of the SharedFunctionInfo.
+    /// `name_or_scope_info` and `script_or_debug_info` of the `SharedFunctionInfo`.
     fingerprint: (u64, u64),
     pub name: String,
     pub script: Option<u64>,
+    /// The script's name (its URL or path), read with the function.
+    pub file: String,
     /// 1-based line of the function's start (the perf map's line), 0 when unknown.
     pub line: u32,
-    /// The bytecode's position table, by (BytecodeArray, table) address.
+    /// The bytecode's position table, by (`BytecodeArray`, table) address.
     positions: Option<((u64, u64), Vec<PositionEntry>)>,
 }
 
@@ -69,7 +71,7 @@ pub(crate) struct CacheStats {
 }
 
 impl Caches {
-    /// The function of the SharedFunctionInfo at `sfi` (untagged), whose first bytes
+    /// The function of the `SharedFunctionInfo` at `sfi` (untagged), whose first bytes
     /// (`header`) were read for this event.
     pub fn function(
         &mut self,
@@ -89,9 +91,12 @@ impl Caches {
                 }
                 self.stats.function_misses += 1;
                 let info = function_info(heap, header)?;
-                let mut line = 0;
-                if let (Some(script), Some(start)) = (info.script, info.start_position) {
-                    line = self.script(heap, script).ok().and_then(|s| s.line(start)).unwrap_or(0);
+                let (mut line, mut file) = (0, String::new());
+                if let Some(script) = info.script
+                    && let Ok(entry) = self.script(heap, script)
+                {
+                    file.clone_from(&entry.name);
+                    line = info.start_position.and_then(|start| entry.line(start)).unwrap_or(0);
                 }
                 if self.functions.len() >= MAX_FUNCTIONS {
                     self.functions.clear();
@@ -100,6 +105,7 @@ impl Caches {
                     fingerprint,
                     name: info.name,
                     script: info.script,
+                    file,
                     line,
                     positions: None,
                 };
@@ -156,6 +162,7 @@ impl Caches {
             .map(|f| {
                 size_of::<(u64, FunctionEntry)>()
                     + f.name.capacity()
+                    + f.file.capacity()
                     + f.positions.as_ref().map_or(0, |(_, p)| p.capacity() * size_of::<PositionEntry>())
             })
             .sum();
@@ -184,19 +191,16 @@ fn read_script(heap: &mut Heap<'_>, layout: &Layout, header: &[u8], fingerprint:
     };
     let line_offset = smi(word(header, layout.script_line_offset)).unwrap_or(0);
     let line_ends = word(header, layout.script_line_ends);
-    let lines = match heap.array(line_ends, layout.type_fixed_array, 8, MAX_LINES) {
-        Ok(bytes) => {
-            let ends: Option<Vec<u32>> =
-                bytes.chunks_exact(8).map(|w| smi(word(w, 0)).and_then(|v| u32::try_from(v).ok())).collect();
-            ends.map(LineEnds::from_ends)
-        }
+    let lines = if let Ok(bytes) = heap.array(line_ends, layout.type_fixed_array, 8, MAX_LINES) {
+        let ends: Option<Vec<u32>> =
+            bytes.chunks_exact(8).map(|w| smi(word(w, 0)).and_then(|v| u32::try_from(v).ok())).collect();
+        ends.map(LineEnds::from_ends)
+    } else {
         // Not computed yet (V8 does it on demand): scan the source.
-        Err(_) => {
-            let mut scanner = LineEnds::scanner();
-            visit_string(heap, source, MAX_SOURCE, &mut |chunk| scanner.feed(&chunk))
-                .ok()
-                .map(|_| scanner.finish())
-        }
+        let mut scanner = LineEnds::scanner();
+        visit_string(heap, source, MAX_SOURCE, &mut |chunk| scanner.feed(&chunk))
+            .ok()
+            .map(|_| scanner.finish())
     };
     if lines.is_none() {
         log::debug!("script {name:?}: no line ends and no readable source; its frames get no line");

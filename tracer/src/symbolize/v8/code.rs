@@ -1,12 +1,12 @@
-//! The function of optimized code found from a pc alone, for frames whose JSFunction now
+//! The function of optimized code found from a pc alone, for frames whose `JSFunction` now
 //! has other code: on-stack replacement (a loop tiered up while running keeps executing
 //! code the function does not point to) and code replaced since the capture.
 //!
 //! Instructions start at a 32-byte boundary right after a fixed header: the
-//! InstructionStream's `{map, code}` (V8 11) or the whole Code object (V8 10). The header
+//! `InstructionStream`'s `{map, code}` (V8 11) or the whole Code object (V8 10). The header
 //! is found by looking back from the pc for the map word every such header starts with,
 //! and believed only when its Code says its instructions start there and hold the pc. The
-//! Code's deoptimization data names the SharedFunctionInfo.
+//! Code's deoptimization data names the `SharedFunctionInfo`.
 
 use std::collections::BTreeMap;
 
@@ -22,7 +22,7 @@ const MAX_RANGES: usize = 1 << 14;
 
 #[derive(Debug, Default)]
 pub(crate) struct CodeFinder {
-    /// The map word of every InstructionStream (V8 11) or Code (V8 10): learnt from the
+    /// The map word of every `InstructionStream` (V8 11) or Code (V8 10): learnt from the
     /// first compiled frame checked the usual way.
     header_map: Option<u64>,
     /// Instruction start → (end, the Code object's tagged address when found).
@@ -50,13 +50,13 @@ impl CodeFinder {
         }
     }
 
-    /// The SharedFunctionInfo (tagged) of the optimized code holding `pc`.
+    /// The `SharedFunctionInfo` (tagged) of the optimized code holding `pc`.
     pub fn function_at(&mut self, heap: &mut Heap<'_>, pc: u64) -> Result<u64, HeapError> {
         let layout = heap.layout;
         let map = self.header_map.ok_or(HeapError::Malformed("no code header map learnt yet"))?;
         let cached =
             self.ranges.range(..=pc).next_back().filter(|(_, (end, _))| pc < *end).map(|(&start, _)| start);
-        let code = match cached.map(|start| self.check(heap, map, start, pc)) {
+        let code = match cached.map(|start| Self::check(heap, map, start, pc)) {
             Some(Ok(code)) => code,
             other => {
                 if let Some(start) = cached
@@ -65,7 +65,7 @@ impl CodeFinder {
                     self.ranges.remove(&start);
                 }
                 self.scans += 1;
-                let (start, end, code) = self.scan(heap, map, pc)?;
+                let (start, end, code) = Self::scan(heap, map, pc)?;
                 if self.ranges.len() >= MAX_RANGES {
                     self.ranges.clear();
                 }
@@ -84,7 +84,7 @@ impl CodeFinder {
     }
 
     /// The Code (tagged) whose instructions start at `start` and hold `pc`.
-    fn check(&self, heap: &mut Heap<'_>, map: u64, start: u64, pc: u64) -> Result<u64, HeapError> {
+    fn check(heap: &mut Heap<'_>, map: u64, start: u64, pc: u64) -> Result<u64, HeapError> {
         let layout = heap.layout;
         let header = start.checked_sub(layout.code.header_size).ok_or(HeapError::Malformed("code start"))?;
         let words = heap.read(header, 16)?;
@@ -105,7 +105,7 @@ impl CodeFinder {
     }
 
     /// Looks back from `pc` for a code header; returns (start, end, code).
-    fn scan(&self, heap: &mut Heap<'_>, map: u64, pc: u64) -> Result<(u64, u64, u64), HeapError> {
+    fn scan(heap: &mut Heap<'_>, map: u64, pc: u64) -> Result<(u64, u64, u64), HeapError> {
         let layout = heap.layout;
         let back = layout.code.header_size;
         let mut upper = pc - pc % ALIGNMENT;
@@ -118,7 +118,7 @@ impl CodeFinder {
             let mut start = upper;
             while start >= from {
                 if word(&bytes, start - from) == map
-                    && let Ok(code) = self.check(heap, map, start, pc)
+                    && let Ok(code) = Self::check(heap, map, start, pc)
                 {
                     let size = code_size(heap, code)?;
                     return Ok((start, start + size, code));

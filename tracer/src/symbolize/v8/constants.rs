@@ -244,7 +244,7 @@ pub(crate) struct Layout {
     pub sliced_parent: u64,
     pub sliced_offset: u64,
     pub thin_actual: u64,
-    /// ExternalString's cached pointer to its characters (absent in uncached ones).
+    /// `ExternalString`'s cached pointer to its characters (absent in uncached ones).
     pub external_data: u64,
     pub bytecode_array_data: u64,
     pub bytecode_array_positions: u64,
@@ -268,11 +268,11 @@ pub(crate) struct CodeLayout {
     /// `bytecode_or_interpreter_data` of baseline code (shares the deoptimization data slot).
     pub bytecode: u64,
     /// Bytes between the start of the object in front of the instructions (the
-    /// InstructionStream, or the Code itself before V8 11) and the instructions.
+    /// `InstructionStream`, or the Code itself before V8 11) and the instructions.
     pub header_size: u64,
     /// The Code's `instruction_stream` field (V8 11).
     pub instruction_stream: u64,
-    /// Index of the SharedFunctionInfo in optimized code's deoptimization data.
+    /// Index of the `SharedFunctionInfo` in optimized code's deoptimization data.
     pub deopt_sfi_index: u64,
 }
 
@@ -291,7 +291,7 @@ pub(crate) struct StringTags {
     pub uncached_external: u16,
 }
 
-/// The slots of a `ScopeInfo` (a HeapObject since V8 9.1): indices of tagged words after
+/// The slots of a `ScopeInfo` (a `HeapObject` since V8 9.1): indices of tagged words after
 /// the map, and the bits of its flags word that say which optional slots are present.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ScopeInfoLayout {
@@ -419,8 +419,8 @@ impl Layout {
     }
 }
 
-/// The subclasses of JSFunction (class constructors, builtin constructors) have instance
-/// types right after JS_FUNCTION_TYPE and no constants of their own: the range ends at the
+/// The subclasses of `JSFunction` (class constructors, builtin constructors) have instance
+/// types right after `JS_FUNCTION_TYPE` and no constants of their own: the range ends at the
 /// next type that has one.
 fn next_listed_type(c: &HashMap<String, i64>, js_function: u16) -> u16 {
     c.iter()
@@ -488,7 +488,7 @@ fn code_layout(c: &HashMap<String, i64>, version: (u32, u32, u32)) -> Result<Cod
     })
 }
 
-/// ScopeFlags bits (`scope-info.tq`), checked against live node 18 and node 20 heaps.
+/// `ScopeFlags` bits (`scope-info.tq`), checked against live node 18 and node 20 heaps.
 fn scope_info_layout(c: &HashMap<String, i64>, version: (u32, u32, u32)) -> Result<ScopeInfoLayout, Refusal> {
     let get = |name: &'static str| c.get(name).map(|&v| v as u64).ok_or(Refusal::Missing(name));
     Ok(ScopeInfoLayout {
@@ -594,9 +594,9 @@ pub(crate) mod tests {
 
     #[test]
     fn version_string_in_rodata() {
-        let rodata = b"\0x-node.1\0v20.20.2\011.3.244.8-node.38\0";
+        let rodata = b"\x00x-node.1\x00v20.20.2\x0011.3.244.8-node.38\x00";
         assert_eq!(find_version_string(rodata), Some((11, 3, 244)));
-        assert_eq!(find_version_string(b"\010.2.154-node.37"), Some((10, 2, 154)));
+        assert_eq!(find_version_string(b"\x0010.2.154-node.37"), Some((10, 2, 154)));
         assert_eq!(find_version_string(b"abc-node.1"), None);
     }
 

@@ -1,11 +1,11 @@
 //! The JS frames of one captured stack, read while the event is ingested.
 //!
 //! A frame whose pc is in V8 code keeps, below its frame pointer, a context or a frame-type
-//! marker (a Smi: stub, entry and exit frames), the JSFunction, and for interpreted frames
-//! the BytecodeArray and the bytecode offset. The slots come from the stack copy taken with
+//! marker (a Smi: stub, entry and exit frames), the `JSFunction`, and for interpreted frames
+//! the `BytecodeArray` and the bytecode offset. The slots come from the stack copy taken with
 //! the event; the objects they point to are read now, in a few batched reads, and believed
-//! only when they check out: the JSFunction and its SharedFunctionInfo have the right
-//! instance types, and the function's own bytecode is the frame's BytecodeArray
+//! only when they check out: the `JSFunction` and its `SharedFunctionInfo` have the right
+//! instance types, and the function's own bytecode is the frame's `BytecodeArray`
 //! (interpreted) or its code holds the frame's pc (compiled). An object the garbage
 //! collector moved since the capture fails these checks and the frame stays unnamed
 //! rather than misnamed.
@@ -14,6 +14,7 @@ use super::cache::Caches;
 use super::code::CodeFinder;
 use super::constants::Layout;
 use super::heap::{Heap, dword, half, object_address, smi, word};
+use super::maps::ReadOnlyMaps;
 use super::remote::Memory;
 use crate::symbolize::unwind::UnwoundFrame;
 
@@ -60,7 +61,7 @@ pub(crate) struct FrameStats {
     pub candidates: u64,
     pub named_interpreted: u64,
     pub named_compiled: u64,
-    /// Compiled frames named from the code holding their pc, their JSFunction having
+    /// Compiled frames named from the code holding their pc, their `JSFunction` having
     /// other code now (on-stack replacement) or having moved.
     pub named_by_code: u64,
     /// Stub, entry and exit frames (a frame-type marker), and builtins without a JS frame.
@@ -100,16 +101,16 @@ struct Candidate {
     pc: u64,
     jit: bool,
     function: u64,
-    /// The SharedFunctionInfo (tagged) the frame was found to run.
+    /// The `SharedFunctionInfo` (tagged) the frame was found to run.
     sfi: u64,
-    /// The frame's BytecodeArray, when the slot holds an object, and its bytecode offset
+    /// The frame's `BytecodeArray`, when the slot holds an object, and its bytecode offset
     /// (interpreted frames; baseline frames keep the feedback vector there).
     bytecode: Option<(u64, Option<i64>)>,
     function_header: Vec<u8>,
     bytecode_header: Vec<u8>,
     sfi_header: Vec<u8>,
     code_header: Vec<u8>,
-    /// Types of the JSFunction, SFI, code and the frame's BytecodeArray.
+    /// Types of the `JSFunction`, SFI, code and the frame's `BytecodeArray`.
     types: [Option<u16>; 4],
     /// The SFI's bytecode, found through its function data.
     sfi_bytecode: Option<u64>,
@@ -124,22 +125,30 @@ enum Failure {
 
 /// Finds and names the JS frames of `frames`. `place` says, per frame index and pc,
 /// whether the pc is in V8 code.
+/// What the reader learnt and counted, across stacks.
+#[derive(Debug, Default)]
+pub(crate) struct Learnt {
+    pub caches: Caches,
+    pub code: CodeFinder,
+    pub read_only: ReadOnlyMaps,
+    pub stats: FrameStats,
+}
+
 pub(crate) fn resolve(
     layout: &Layout,
     memory: &mut dyn Memory,
-    caches: &mut Caches,
-    code: &mut CodeFinder,
-    stats: &mut FrameStats,
+    learnt: &mut Learnt,
     frames: &[UnwoundFrame],
     stack: StackCopy<'_>,
     place: &dyn Fn(usize, u64) -> Option<Place>,
 ) -> Vec<Option<JsFrame>> {
+    let Learnt { caches, code, read_only, stats } = learnt;
     let mut out = vec![None; frames.len()];
     let mut candidates = slots(layout, memory, stats, frames, stack, place);
     if candidates.is_empty() {
         return out;
     }
-    read_objects(layout, memory, &mut candidates);
+    read_objects(layout, memory, read_only, &mut candidates);
     let mut heap = Heap::new(layout, memory);
     for c in candidates.iter().filter(|c| c.failed.is_none() && c.jit && c.sfi_bytecode.is_none()) {
         code.learn(&mut heap, word(&c.function_header, layout.js_function_code), &c.code_header);
@@ -188,7 +197,7 @@ pub(crate) fn resolve(
             stats.moved += 1;
             continue;
         };
-        let (function, script, line) = (entry.name.clone(), entry.script, entry.line);
+        let (function, file, line) = (entry.name.clone(), entry.file.clone(), entry.line);
         let mut position = 0;
         if let (Some((bytecode, Some(offset))), Some(_)) = (c.bytecode, c.sfi_bytecode) {
             let table = word(&c.bytecode_header, layout.bytecode_array_positions);
@@ -200,8 +209,6 @@ pub(crate) fn resolve(
             stats.named_compiled += 1;
             stats.named_by_code += u64::from(by_code);
         }
-        let file =
-            script.and_then(|s| caches.script(&mut heap, s).ok().map(|s| s.name.clone())).unwrap_or_default();
         let function = if function.is_empty() { "(anonymous)".to_string() } else { function };
         out[c.index] = Some(JsFrame { function, file, line, position });
     }
@@ -272,8 +279,9 @@ fn slots(
                 return None;
             }
             let array = slot(layout.fp_bytecode_array);
-            let offset =
-                smi(slot(layout.fp_bytecode_offset)).map(|o| o - (layout.bytecode_array_data as i64 - 1));
+            // The slot holds the offset from the tagged BytecodeArray, header included.
+            let header = layout.bytecode_array_data.cast_signed() - 1;
+            let offset = smi(slot(layout.fp_bytecode_offset)).map(|o| o - header);
             c.bytecode = object_address(array).map(|_| (array, offset));
             if !c.jit && c.bytecode.is_none_or(|(_, offset)| offset.is_none()) {
                 // A builtin with a frame of its own (Array.prototype.map…), not user code.
@@ -286,9 +294,108 @@ fn slots(
 }
 
 /// Reads the objects every candidate points to, in rounds of one system call each, and
-/// checks them: JSFunction → SFI and code → the SFI's function data.
-fn read_objects(layout: &Layout, memory: &mut dyn Memory, candidates: &mut [Candidate]) {
-    // Round 1: the JSFunctions.
+/// checks them: `JSFunction` → SFI and code → the SFI's function data.
+fn read_objects(
+    layout: &Layout,
+    memory: &mut dyn Memory,
+    read_only: &mut ReadOnlyMaps,
+    candidates: &mut [Candidate],
+) {
+    read_functions(layout, memory, candidates);
+    // Round 2: the JSFunctions' maps, SFIs and code; the BytecodeArrays' maps.
+    let mut plan = Plan::default();
+    for (i, c) in candidates.iter().enumerate().filter(|(_, c)| c.failed.is_none()) {
+        plan.type_of(i, 0, word(&c.function_header, layout.map), layout);
+        plan.object(i, Field::Sfi, word(&c.function_header, layout.js_function_shared), SFI_BYTES);
+        if c.jit {
+            plan.object(i, Field::Code, word(&c.function_header, layout.js_function_code), CODE_BYTES);
+        }
+        if let Some((array, _)) = c.bytecode {
+            plan.object(i, Field::Bytecode, array, BYTECODE_BYTES);
+        }
+    }
+    for (i, field, bytes) in plan.run(memory, read_only) {
+        let c = &mut candidates[i];
+        match (field, bytes) {
+            (Field::Type(slot), Some(b)) => c.types[slot] = half(&b, 0),
+            (Field::Sfi, Some(b)) => c.sfi_header = b,
+            (Field::Code, Some(b)) => c.code_header = b,
+            (Field::Bytecode, Some(b)) => c.bytecode_header = b,
+            _ => {}
+        }
+    }
+    // Round 3: the maps of the SFIs, code and BytecodeArrays; the SFIs' function data.
+    let mut plan = Plan::default();
+    for (i, c) in candidates.iter_mut().enumerate().filter(|(_, c)| c.failed.is_none()) {
+        if !c.types[0].is_some_and(|t| layout.is_js_function(t)) || c.sfi_header.is_empty() {
+            c.failed = Some(Failure::Moved);
+            continue;
+        }
+        plan.type_of(i, 1, word(&c.sfi_header, layout.map), layout);
+        if !c.code_header.is_empty() {
+            plan.type_of(i, 2, word(&c.code_header, layout.map), layout);
+        }
+        if c.bytecode.is_some() {
+            plan.type_of(i, 3, word(&c.bytecode_header, layout.map), layout);
+            plan.object(i, Field::Data, word(&c.sfi_header, layout.sfi_function_data), CODE_BYTES);
+        }
+    }
+    let mut data: Vec<Vec<u8>> = vec![Vec::new(); candidates.len()];
+    for (i, field, bytes) in plan.run(memory, read_only) {
+        match (field, bytes) {
+            (Field::Type(slot), Some(b)) => candidates[i].types[slot] = half(&b, 0),
+            (Field::Data, Some(b)) => data[i] = b,
+            _ => {}
+        }
+    }
+    // Round 4: the function data's map, to find the SFI's bytecode in it.
+    let mut plan = Plan::default();
+    for (i, _) in candidates.iter().enumerate().filter(|(_, c)| c.failed.is_none()) {
+        if !data[i].is_empty() {
+            plan.type_of(i, 0, word(&data[i], layout.map), layout);
+        }
+    }
+    let mut data_types = vec![None; candidates.len()];
+    for (i, _, bytes) in plan.run(memory, read_only) {
+        data_types[i] = bytes.and_then(|b| half(&b, 0));
+    }
+    check(layout, candidates, &data, &data_types);
+}
+
+/// Believes a candidate only when its objects hang together: the `JSFunction`'s SFI is an
+/// SFI, and the SFI's bytecode is the frame's (interpreted and baseline frames), or the
+/// `JSFunction`'s code holds the pc (compiled frames).
+fn check(layout: &Layout, candidates: &mut [Candidate], data: &[Vec<u8>], data_types: &[Option<u16>]) {
+    for (i, c) in candidates.iter_mut().enumerate().filter(|(_, c)| c.failed.is_none()) {
+        if c.types[1] != Some(layout.type_sfi) {
+            c.failed = Some(Failure::Moved);
+            continue;
+        }
+        c.sfi = word(&c.function_header, layout.js_function_shared);
+        c.sfi_bytecode =
+            sfi_bytecode(layout, word(&c.sfi_header, layout.sfi_function_data), &data[i], data_types[i]);
+        let interpreted = matches!((c.bytecode, c.sfi_bytecode), (Some((frame, _)), Some(own)) if frame == own)
+            && c.types[3] == Some(layout.type_bytecode_array);
+        if interpreted {
+            continue;
+        }
+        c.sfi_bytecode = None;
+        if !c.jit {
+            c.failed = Some(Failure::Mismatched);
+            continue;
+        }
+        if c.types[2] != Some(layout.type_code) {
+            c.failed = Some(Failure::Moved);
+            continue;
+        }
+        if !code_holds(layout, &c.code_header, word(&c.function_header, layout.js_function_code), c.pc) {
+            c.failed = Some(Failure::Mismatched);
+        }
+    }
+}
+
+/// Round 1: the `JSFunction`s, followed once through a forwarding word.
+fn read_functions(layout: &Layout, memory: &mut dyn Memory, candidates: &mut [Candidate]) {
     let requests: Vec<(u64, usize)> = candidates.iter().map(|c| (c.function & !3, FUNCTION_BYTES)).collect();
     for (c, got) in candidates.iter_mut().zip(memory.read_many(&requests)) {
         match got {
@@ -319,93 +426,10 @@ fn read_objects(layout: &Layout, memory: &mut dyn Memory, candidates: &mut [Cand
             }
         }
     }
-    // Round 2: the JSFunctions' maps, SFIs and code; the BytecodeArrays' maps.
-    let mut plan = Plan::default();
-    for (i, c) in candidates.iter().enumerate().filter(|(_, c)| c.failed.is_none()) {
-        plan.type_of(i, 0, word(&c.function_header, layout.map), layout);
-        plan.object(i, Field::Sfi, word(&c.function_header, layout.js_function_shared), SFI_BYTES);
-        if c.jit {
-            plan.object(i, Field::Code, word(&c.function_header, layout.js_function_code), CODE_BYTES);
-        }
-        if let Some((array, _)) = c.bytecode {
-            plan.object(i, Field::Bytecode, array, BYTECODE_BYTES);
-        }
-    }
-    for (i, field, bytes) in plan.run(memory) {
-        let c = &mut candidates[i];
-        match (field, bytes) {
-            (Field::Type(slot), Some(b)) => c.types[slot] = half(&b, 0),
-            (Field::Sfi, Some(b)) => c.sfi_header = b,
-            (Field::Code, Some(b)) => c.code_header = b,
-            (Field::Bytecode, Some(b)) => c.bytecode_header = b,
-            _ => {}
-        }
-    }
-    // Round 3: the maps of the SFIs, code and BytecodeArrays; the SFIs' function data.
-    let mut plan = Plan::default();
-    for (i, c) in candidates.iter_mut().enumerate().filter(|(_, c)| c.failed.is_none()) {
-        if !c.types[0].is_some_and(|t| layout.is_js_function(t)) || c.sfi_header.is_empty() {
-            c.failed = Some(Failure::Moved);
-            continue;
-        }
-        plan.type_of(i, 1, word(&c.sfi_header, layout.map), layout);
-        if !c.code_header.is_empty() {
-            plan.type_of(i, 2, word(&c.code_header, layout.map), layout);
-        }
-        if c.bytecode.is_some() {
-            plan.type_of(i, 3, word(&c.bytecode_header, layout.map), layout);
-            plan.object(i, Field::Data, word(&c.sfi_header, layout.sfi_function_data), CODE_BYTES);
-        }
-    }
-    let mut data: Vec<Vec<u8>> = vec![Vec::new(); candidates.len()];
-    for (i, field, bytes) in plan.run(memory) {
-        match (field, bytes) {
-            (Field::Type(slot), Some(b)) => candidates[i].types[slot] = half(&b, 0),
-            (Field::Data, Some(b)) => data[i] = b,
-            _ => {}
-        }
-    }
-    // Round 4: the function data's map, to find the SFI's bytecode in it.
-    let mut plan = Plan::default();
-    for (i, _) in candidates.iter().enumerate().filter(|(_, c)| c.failed.is_none()) {
-        if !data[i].is_empty() {
-            plan.type_of(i, 0, word(&data[i], layout.map), layout);
-        }
-    }
-    let mut data_types = vec![None; candidates.len()];
-    for (i, _, bytes) in plan.run(memory) {
-        data_types[i] = bytes.and_then(|b| half(&b, 0));
-    }
-    for (i, c) in candidates.iter_mut().enumerate().filter(|(_, c)| c.failed.is_none()) {
-        if c.types[1] != Some(layout.type_sfi) {
-            c.failed = Some(Failure::Moved);
-            continue;
-        }
-        c.sfi = word(&c.function_header, layout.js_function_shared);
-        c.sfi_bytecode =
-            sfi_bytecode(layout, word(&c.sfi_header, layout.sfi_function_data), &data[i], data_types[i]);
-        let interpreted = matches!((c.bytecode, c.sfi_bytecode), (Some((frame, _)), Some(own)) if frame == own)
-            && c.types[3] == Some(layout.type_bytecode_array);
-        if interpreted {
-            continue;
-        }
-        c.sfi_bytecode = None;
-        if !c.jit {
-            c.failed = Some(Failure::Mismatched);
-            continue;
-        }
-        if c.types[2] != Some(layout.type_code) {
-            c.failed = Some(Failure::Moved);
-            continue;
-        }
-        if !code_holds(layout, &c.code_header, word(&c.function_header, layout.js_function_code), c.pc) {
-            c.failed = Some(Failure::Mismatched);
-        }
-    }
 }
 
-/// The BytecodeArray an SFI's function data leads to: the data itself, the bytecode of an
-/// InterpreterData (`--interpreted-frames-native-stack`), or that of baseline code.
+/// The `BytecodeArray` an SFI's function data leads to: the data itself, the bytecode of an
+/// `InterpreterData` (`--interpreted-frames-native-stack`), or that of baseline code.
 fn sfi_bytecode(layout: &Layout, tagged: u64, data: &[u8], data_type: Option<u16>) -> Option<u64> {
     let data_type = data_type?;
     if data_type == layout.type_bytecode_array {
@@ -448,6 +472,8 @@ enum Field {
 struct Plan {
     requests: Vec<(u64, usize)>,
     owners: Vec<(usize, Field)>,
+    /// The map of each type read, in order.
+    maps: Vec<u64>,
 }
 
 impl Plan {
@@ -462,14 +488,40 @@ impl Plan {
         if let Some(addr) = object_address(map) {
             self.requests.push((addr + layout.map_instance_type, 2));
             self.owners.push((candidate, Field::Type(slot)));
+            self.maps.push(map);
         }
     }
 
-    fn run(self, memory: &mut dyn Memory) -> Vec<(usize, Field, Option<Vec<u8>>)> {
-        if self.requests.is_empty() {
-            return Vec::new();
+    /// Reads what was planned, but for the types of read-only maps already known.
+    fn run(
+        self,
+        memory: &mut dyn Memory,
+        read_only: &mut ReadOnlyMaps,
+    ) -> Vec<(usize, Field, Option<Vec<u8>>)> {
+        let mut out = Vec::with_capacity(self.owners.len());
+        let mut requests = Vec::with_capacity(self.requests.len());
+        let mut asked = Vec::with_capacity(self.requests.len());
+        let mut type_maps = self.maps.iter();
+        for ((i, field), request) in self.owners.into_iter().zip(self.requests) {
+            let map =
+                if matches!(field, Field::Type(_)) { type_maps.next().copied().unwrap_or(0) } else { 0 };
+            if let Some(known) = read_only.known(map).filter(|_| map != 0) {
+                out.push((i, field, Some(known.to_le_bytes().to_vec())));
+            } else {
+                requests.push(request);
+                asked.push((i, field, map));
+            }
         }
-        let got = memory.read_many(&self.requests);
-        self.owners.into_iter().zip(got).map(|((i, field), bytes)| (i, field, bytes)).collect()
+        if !requests.is_empty() {
+            for ((i, field, map), bytes) in asked.into_iter().zip(memory.read_many(&requests)) {
+                if map != 0
+                    && let Some(t) = bytes.as_deref().and_then(|b| half(b, 0))
+                {
+                    read_only.learn(map, t);
+                }
+                out.push((i, field, bytes));
+            }
+        }
+        out
     }
 }

@@ -79,7 +79,7 @@ impl<'a> Heap<'a> {
         if found == instance_type { Ok(addr) } else { Err(HeapError::WrongType { expected: name, found }) }
     }
 
-    /// The first `len` words (or bytes, `item` = 1) of a FixedArray/ByteArray's data, which
+    /// The first `len` words (or bytes, `item` = 1) of a `FixedArray`/`ByteArray`'s data, which
     /// must be of `instance_type`; at most `max` items.
     pub fn array(
         &mut self,

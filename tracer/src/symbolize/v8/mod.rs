@@ -12,6 +12,7 @@ mod code;
 mod constants;
 mod frames;
 mod heap;
+mod maps;
 mod positions;
 mod remote;
 mod scopeinfo;
@@ -22,12 +23,14 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 pub(crate) use constants::Refusal;
-pub(crate) use frames::{FrameStats, JsFrame, Place, StackCopy};
+#[cfg(test)]
+pub(crate) use frames::FrameStats;
+pub(crate) use frames::{JsFrame, Place, StackCopy};
 
 use super::unwind::UnwoundFrame;
-use cache::Caches;
-use code::CodeFinder;
 use constants::Layout;
+use frames::Learnt;
+use maps::ReadOnlyMaps;
 use remote::ProcessMemory;
 
 /// The V8 of one process: its layout, its memory and what was learnt of its functions.
@@ -35,14 +38,17 @@ use remote::ProcessMemory;
 pub(crate) struct V8Reader {
     layout: Layout,
     memory: ProcessMemory,
-    caches: Caches,
-    code: CodeFinder,
-    stats: FrameStats,
+    learnt: Learnt,
     /// Stated (file) addresses of the embedded builtins, when the file says.
     builtins: Option<Range<u64>>,
-    /// Stacks resolved and the time it took.
+    /// Stacks resolved and the time it took: wall clock, and this thread's CPU time
+    /// (what a loaded machine does not inflate).
     stacks: u64,
     busy: Duration,
+    cpu: Duration,
+    /// The same for the stacks that found every function cached (the steady state).
+    cached_stacks: u64,
+    cached_cpu: Duration,
 }
 
 impl V8Reader {
@@ -53,12 +59,13 @@ impl V8Reader {
         Ok(Self {
             layout,
             memory: ProcessMemory::new(pid),
-            caches: Caches::default(),
-            code: CodeFinder::default(),
-            stats: FrameStats::default(),
+            learnt: Learnt { read_only: ReadOnlyMaps::of(pid), ..Learnt::default() },
             builtins: meta.builtins,
             stacks: 0,
             busy: Duration::ZERO,
+            cpu: Duration::ZERO,
+            cached_stacks: 0,
+            cached_cpu: Duration::ZERO,
         })
     }
 
@@ -79,33 +86,32 @@ impl V8Reader {
         place: &dyn Fn(usize, u64) -> Option<Place>,
     ) -> Vec<Option<JsFrame>> {
         let started = Instant::now();
-        let out = frames::resolve(
-            &self.layout,
-            &mut self.memory,
-            &mut self.caches,
-            &mut self.code,
-            &mut self.stats,
-            frames,
-            stack,
-            place,
-        );
+        let cpu_started = thread_cpu_time();
+        let misses = self.learnt.caches.stats.function_misses;
+        let out = frames::resolve(&self.layout, &mut self.memory, &mut self.learnt, frames, stack, place);
         self.stacks += 1;
         self.busy += started.elapsed();
+        let cpu = thread_cpu_time().saturating_sub(cpu_started);
+        self.cpu += cpu;
+        if self.learnt.caches.stats.function_misses == misses {
+            self.cached_stacks += 1;
+            self.cached_cpu += cpu;
+        }
         out
     }
 
     #[cfg(test)]
     pub fn stats(&self) -> FrameStats {
-        self.stats
+        self.learnt.stats
     }
 
     /// One line on what the reader did: frames named and not, cost, cache size.
     pub fn summary(&self) -> String {
-        let s = self.stats;
-        let (functions, scripts) = self.caches.len();
+        let s = self.learnt.stats;
+        let (functions, scripts) = self.learnt.caches.len();
         let looked_at = s.named() + s.unnamed();
         format!(
-            "JS frames from the V8 heap: {} named ({} interpreted, {} compiled, {} of them by their code), {} unnamed ({:.1}%: {} beyond the stack copy, {} moved, {} mismatched), {} not JS; {} stacks, {:.1} µs each, {} reads; cache {} functions, {} scripts, {} KiB",
+            "JS frames from the V8 heap: {} named ({} interpreted, {} compiled, {} of them by their code), {} unnamed ({:.1}%: {} beyond the stack copy, {} moved, {} mismatched), {} not JS; {} stacks, {:.1} µs each ({:.1} µs of CPU; {:.1} µs when all cached), {} reads; cache {} functions, {} scripts, {} KiB",
             s.named(),
             s.named_interpreted,
             s.named_compiled,
@@ -117,11 +123,28 @@ impl V8Reader {
             s.mismatched,
             s.not_js,
             self.stacks,
-            if self.stacks == 0 { 0.0 } else { self.busy.as_secs_f64() * 1e6 / self.stacks as f64 },
+            per_stack(self.busy, self.stacks),
+            per_stack(self.cpu, self.stacks),
+            per_stack(self.cached_cpu, self.cached_stacks),
             self.memory.calls,
             functions,
             scripts,
-            (self.caches.bytes() + self.code.bytes()) / 1024
+            (self.learnt.caches.bytes() + self.learnt.code.bytes()) / 1024
         )
     }
+}
+
+fn per_stack(total: Duration, stacks: u64) -> f64 {
+    if stacks == 0 { 0.0 } else { total.as_secs_f64() * 1e6 / stacks as f64 }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to the valid pointer it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }

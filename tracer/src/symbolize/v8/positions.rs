@@ -45,7 +45,9 @@ fn read_vlq(bytes: &[u8], at: &mut usize) -> Option<i64> {
             return None;
         }
     }
-    Some(((value >> 1) as i64) ^ -((value & 1) as i64))
+    // Zig-zag: the low bit is the sign. `value >> 1` fits in 63 bits.
+    let magnitude = i64::try_from(value >> 1).ok()?;
+    Some(if value & 1 == 1 { !magnitude } else { magnitude })
 }
 
 /// Decodes a whole table: pairs of (code offset delta, position delta), the sign of the

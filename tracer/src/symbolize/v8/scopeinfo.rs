@@ -9,10 +9,10 @@ use super::strings::read_string;
 /// Longest function name read (longer ones are cut).
 const MAX_NAME: usize = 1024;
 
-/// What a SharedFunctionInfo says about its function.
+/// What a `SharedFunctionInfo` says about its function.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct FunctionInfo {
-    /// DebugName: empty for a truly anonymous function.
+    /// `DebugName`: empty for a truly anonymous function.
     pub name: String,
     /// The Script, tagged, when the function has one.
     pub script: Option<u64>,
@@ -20,7 +20,7 @@ pub(crate) struct FunctionInfo {
     pub start_position: Option<i64>,
 }
 
-/// The slots of a ScopeInfo that matter here, as tagged words.
+/// The slots of a `ScopeInfo` that matter here, as tagged words.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct ScopeSlots {
     /// `function_variable_info.name`: a String, or Smi 0 for none.
@@ -38,7 +38,7 @@ fn bits(value: u64, (shift, width): (u32, u32)) -> u64 {
     (value >> shift) & ((1 << width) - 1)
 }
 
-/// Decodes the tagged words of a ScopeInfo after its map (`words[0]` is the flags).
+/// Decodes the tagged words of a `ScopeInfo` after its map (`words[0]` is the flags).
 /// Returns how many words the slots need when `words` is too short.
 pub(crate) fn scope_slots(layout: &ScopeInfoLayout, words: &[u64]) -> Result<ScopeSlots, usize> {
     let at = |i: u64| words.get(i as usize).copied();
@@ -78,7 +78,7 @@ pub(crate) fn scope_slots(layout: &ScopeInfoLayout, words: &[u64]) -> Result<Sco
     Ok(slots)
 }
 
-/// Reads the ScopeInfo whose untagged address is `addr`.
+/// Reads the `ScopeInfo` whose untagged address is `addr`.
 fn read_scope_info(heap: &mut Heap<'_>, addr: u64) -> Result<ScopeSlots, HeapError> {
     let layout = heap.layout.scope_info;
     let mut want = (layout.idx_first_vars as usize + 6) * 8;
@@ -95,7 +95,7 @@ fn read_scope_info(heap: &mut Heap<'_>, addr: u64) -> Result<ScopeSlots, HeapErr
     Err(HeapError::Malformed("ScopeInfo"))
 }
 
-/// Name, script and start position of the SharedFunctionInfo `sfi` (tagged), whose
+/// Name, script and start position of the `SharedFunctionInfo` `sfi` (tagged), whose
 /// header words have been read already (`header`, from the object's start).
 pub(crate) fn function_info(heap: &mut Heap<'_>, header: &[u8]) -> Result<FunctionInfo, HeapError> {
     let layout: &Layout = heap.layout;
@@ -143,7 +143,7 @@ mod tests {
     use super::super::heap::tests::Capture;
     use super::*;
 
-    /// SharedFunctionInfos of node 20 functions of every kind, with the name and start
+    /// `SharedFunctionInfos` of node 20 functions of every kind, with the name and start
     /// position (1-based line:column in the comment) node's perf map gave them.
     #[test]
     fn names_and_positions_of_captured_functions() {
@@ -168,20 +168,20 @@ mod tests {
         let string = 0x1000_0001;
         let undefined = 0x2000_0001;
         // A sloppy function that names itself (function_variable UNUSED) and infers no
-        // name: flags 0x0171c2 as in `function decl(a) {}`.
-        let words = [smi(0x0171c2), smi(1), smi(0), string, smi(-1), undefined, smi(103), smi(120), 0, 0];
+        // name: flags 0x0001_71c2 as in `function decl(a) {}`.
+        let words = [smi(0x0001_71c2), smi(1), smi(0), string, smi(-1), undefined, smi(103), smi(120), 0, 0];
         let slots = scope_slots(&layout, &words).expect("decodes");
         assert_eq!(slots.function_name, Some(string));
         assert_eq!(slots.inferred_name, Some(undefined));
         assert_eq!((slots.start, slots.end), (Some(103), Some(120)));
 
         // Two context locals shift the optional slots by two names and two infos.
-        let mut words = vec![smi(0x0171c2), smi(1), smi(2), string, string, smi(0), smi(0)];
+        let mut words = vec![smi(0x0001_71c2), smi(1), smi(2), string, string, smi(0), smi(0)];
         words.extend([string, smi(-1), undefined, smi(5), smi(9), 0]);
         assert_eq!(scope_slots(&layout, &words).expect("decodes").start, Some(5));
 
         // A saved class variable takes one slot before the function variable.
-        let flags = 0x0171c2 | 1 << 10;
+        let flags = 0x0001_71c2 | 1 << 10;
         let words = [smi(flags), smi(0), smi(0), smi(7), string, smi(-1), undefined, smi(1), smi(2), 0];
         assert_eq!(scope_slots(&layout, &words).expect("decodes").function_name, Some(string));
 

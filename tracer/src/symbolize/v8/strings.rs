@@ -89,7 +89,7 @@ pub(crate) fn read_string(heap: &mut Heap<'_>, tagged: u64, max_len: usize) -> R
     visit_string(heap, tagged, max_len, &mut |chunk| match chunk {
         Chunk::OneByte(bytes) => out.extend(bytes.iter().map(|&b| char::from(b))),
         Chunk::TwoByte(units) => {
-            out.extend(char::decode_utf16(units.iter().copied()).map(|c| c.unwrap_or('\u{fffd}')))
+            out.extend(char::decode_utf16(units.iter().copied()).map(|c| c.unwrap_or('\u{fffd}')));
         }
     })?;
     Ok(out)
