@@ -10,6 +10,7 @@
 mod cache;
 mod code;
 mod constants;
+mod elf;
 mod frames;
 mod heap;
 mod maps;
@@ -54,7 +55,7 @@ pub(crate) struct V8Reader {
 impl V8Reader {
     /// Reads the layout of the V8 in `file` (node or libnode, as mapped by `pid`).
     pub fn attach(pid: u32, file: &File, name: &str) -> Result<Self, Refusal> {
-        let meta = constants::read_elf(file, name)?;
+        let meta = elf::read_elf(file, name)?;
         let layout = Layout::new(&meta)?;
         Ok(Self {
             layout,
