@@ -17,10 +17,10 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{debug, warn};
-use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
+use tokio::{io::unix::AsyncFd, net::TcpListener};
 use tracer_common::{COUNTER_STACK_READ_FAILED, TRACK_MALLOC, TRACK_OOM};
 
-pub use os::{monotonic_ns, readable_fd, resolve_target, track_bits};
+pub use os::{StopSignals, monotonic_ns, readable_fd, resolve_target, track_bits};
 
 use self::{
     os::{pidfd_open, wait_for_exec},
@@ -70,23 +70,38 @@ pub type Release = Box<dyn FnOnce() -> anyhow::Result<()>>;
 /// What the event loop waits on besides timers and signals.
 struct Sources {
     events: AsyncFd<RingBuf<MapData>>,
+    /// OOM records, on a ring buffer of their own.
+    oom_events: AsyncFd<RingBuf<MapData>>,
     pidfd: OwnedFd,
     metrics: Option<TcpListener>,
 }
 
 /// Traces `target` and returns the report.
 pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
+    // Before anything is attached: a signal from then on stops tracing with a report,
+    // instead of killing memtrace between "attached" and the event loop.
+    let signals = StopSignals::install()?;
     let (mut s, sources) = start(target, args).await?;
     let started = Instant::now();
-    let Sources { mut events, pidfd, metrics } = sources;
+    let Sources { mut events, mut oom_events, pidfd, metrics } = sources;
     let mut live = if args.live { start_live_view() } else { None };
     // On an error the view is dropped with the session, which stops the agent too.
-    let reason =
-        event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started, live.as_mut()).await?;
+    let reason = event_loop(
+        &mut s,
+        [&mut events, &mut oom_events],
+        pidfd,
+        metrics.as_ref(),
+        signals,
+        args,
+        started,
+        live.as_mut(),
+    )
+    .await?;
     if let Some(view) = live {
         view.finish();
     }
-    // Whatever is still in the ring buffer belongs to the run.
+    // Whatever is still in the ring buffers belongs to the run.
+    s.drain(oom_events.get_mut());
     s.drain(events.get_mut());
     if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
         s.js_heap.refresh(&mut s.stacks).await;
@@ -139,17 +154,17 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         ring_buffer_bytes,
         fault_sample_period: args.fault_sample,
         malloc,
+        oom_record_len: oom_format.as_ref().map_or(0, OomFormat::record_len),
     })
     .with_context(|| format!("attach to process {pid}"))?;
-    let events = tracer.take_events().context("ring buffer already taken")?;
-    let events = readable_fd(events).context("poll the ring buffer")?;
-    let mut heap = if track & TRACK_MALLOC == 0 {
-        None
-    } else {
-        let heap = crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc)
-            .with_context(|| format!("attach the malloc probes to process {pid}"))?;
-        Some(heap)
-    };
+    let events = readable_fd(tracer.take_events().context("ring buffer already taken")?)
+        .context("poll the ring buffer")?;
+    let oom_events = readable_fd(tracer.take_oom_events().context("OOM ring buffer already taken")?)
+        .context("poll the OOM ring buffer")?;
+    let mut heap = (track & TRACK_MALLOC != 0)
+        .then(|| crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc))
+        .transpose()
+        .with_context(|| format!("attach the malloc probes to process {pid}"))?;
     if let Some(release) = target.release {
         let before = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         release()?;
@@ -208,7 +223,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     };
     s.snapshot();
 
-    Ok((s, Sources { events, pidfd, metrics }))
+    Ok((s, Sources { events, oom_events, pidfd, metrics }))
 }
 
 /// The targets' models and symbols, read from `/proc` (an error if one cannot be read).
@@ -251,25 +266,16 @@ fn whom(pids: &[u32], children: bool, comm: &str) -> String {
 /// Reads events, snapshots and reports status until a stop condition.
 async fn event_loop(
     s: &mut Session,
-    events: &mut AsyncFd<RingBuf<MapData>>,
+    [events, oom_events]: [&mut AsyncFd<RingBuf<MapData>>; 2],
     pidfd: OwnedFd,
     metrics: Option<&TcpListener>,
+    mut signals: StopSignals,
     args: &TraceArgs,
     started: Instant,
     mut live: Option<&mut LiveView>,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
     let mut target_exited = false;
-    let mut sigterm =
-        tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sigint =
-        tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    // The live view's terminal closing ends the trace with its outputs written (only
-    // then: elsewhere SIGHUP keeps its meaning, and `nohup` keeps working).
-    let mut sighup = match live {
-        Some(_) => Some(tokio::signal::unix::signal(SignalKind::hangup()).context("install SIGHUP handler")?),
-        None => None,
-    };
     let deadline = args.duration.and_then(|d| crate::duration::deadline(tokio::time::Instant::now(), d));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The kernel wakes us only when data piles up (see `wakeup_flags` in the eBPF
@@ -301,7 +307,16 @@ async fn event_loop(
                     break StopReason::TargetExited;
                 }
             }
+            guard = oom_events.readable_mut() => {
+                let mut guard = guard.context("wait for OOM records")?;
+                s.drain(guard.get_inner_mut());
+                guard.clear_ready();
+                if s.target_oom_killed {
+                    break StopReason::TargetOomKilled;
+                }
+            }
             _ = drain.tick() => {
+                s.drain(oom_events.get_mut());
                 s.drain(events.get_mut());
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
@@ -316,11 +331,7 @@ async fn event_loop(
                     break StopReason::TargetExited;
                 }
             }
-            _ = sigint.recv() => break StopReason::Signal,
-            _ = sigterm.recv() => break StopReason::Signal,
-            _ = async { match sighup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                break StopReason::Signal;
-            }
+            () = signals.recv() => break StopReason::Signal,
             event = async { match live.as_mut() { Some(view) => view.next_event().await, None => std::future::pending().await } } => {
                 if let Some(view) = live.as_mut() {
                     if view.handle(&event) == Action::Quit {
