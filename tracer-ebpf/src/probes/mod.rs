@@ -1,5 +1,6 @@
+mod backing_store;
 mod fault;
-mod malloc;
+pub(crate) mod malloc;
 mod mmap;
 mod oom;
 mod process;

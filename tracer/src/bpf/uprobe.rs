@@ -29,6 +29,9 @@ use tracer_common::{
 
 use crate::procfs::maps::MapEntry;
 
+mod placement;
+pub use placement::{ProbePoint, emulated_len, locked_instruction_len, probe_point};
+
 /// Settings of the malloc probes, written into the object before load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MallocSettings {
@@ -119,7 +122,7 @@ pub enum UprobeError {
         source: object::Error,
     },
     #[error(
-        "--malloc-probes node-buffers: process {pid} ({exe}) is not a Node.js that exports node::NodeArrayBufferAllocator (Node 12 or later); use --malloc-probes libc"
+        "--malloc-probes node-buffers: process {pid} ({exe}) is not a Node.js whose executable or libnode has V8's BackingStore symbols (v8::internal::BackingStore::SetAllocatorFromIsolate and its destructor; Node 14 or later); use --malloc-probes libc"
     )]
     NotNode { pid: u32, exe: String },
     #[error("{path} has no `{symbol}` function to probe")]
@@ -250,12 +253,38 @@ const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("_ZnamSt11align_val_tRKSt9nothrow_t", "uprobe_operator_new", true),
 ];
 
-/// Node's `ArrayBuffer` allocator (methods: `this` first), for `--malloc-probes node-buffers`.
+/// V8's backing stores (methods: `this` first), for `--malloc-probes node-buffers`: one
+/// trap per Buffer or ArrayBuffer allocated and one per freed (`probes::backing_store`).
+/// Frees come first (see [`attach_resolved`]). An empty program marks a function that is
+/// not probed but whose frames are the allocator's, so that the mapped view does not count
+/// the memory it maps for a large Buffer a second time.
 const NODE_FUNCTIONS: &[(&str, &str, bool)] = &[
-    ("_ZN4node24NodeArrayBufferAllocator4FreeEPvm", "uprobe_node_buffer_free", false),
-    ("_ZN4node24NodeArrayBufferAllocator8AllocateEm", "uprobe_node_buffer_alloc", true),
-    ("_ZN4node24NodeArrayBufferAllocator21AllocateUninitializedEm", "uprobe_node_buffer_alloc", true),
+    ("_ZN2v88internal12BackingStoreD2Ev", "uprobe_backing_store_free", false),
+    ("_ZN2v88internal12BackingStoreD1Ev", "uprobe_backing_store_free", false),
+    (NODE_NEW_STORE, "uprobe_backing_store_new", false),
+    (
+        "_ZN2v88internal12BackingStore14WrapAllocationEPvmPFvS2_mS2_ES2_NS0_10SharedFlagE",
+        "uprobe_backing_store_wrap",
+        false,
+    ),
+    (
+        "_ZN2v88internal12BackingStore14WrapAllocationEPNS0_7IsolateEPvmNS0_10SharedFlagEb",
+        "uprobe_backing_store_wrap_isolate",
+        false,
+    ),
+    ("_ZN2v88internal12BackingStore10ReallocateEPNS0_7IsolateEm", "uprobe_backing_store_realloc", true),
+    (
+        "_ZN2v88internal12BackingStore8AllocateEPNS0_7IsolateEmNS0_10SharedFlagENS0_15InitializedFlagE",
+        "",
+        false,
+    ),
+    ("_ZN4node24NodeArrayBufferAllocator8AllocateEm", "", false),
+    ("_ZN4node24NodeArrayBufferAllocator21AllocateUninitializedEm", "", false),
 ];
+
+/// `v8::internal::BackingStore::SetAllocatorFromIsolate`: called on every store
+/// `BackingStore::Allocate` makes, once it holds its memory.
+const NODE_NEW_STORE: &str = "_ZN2v88internal12BackingStore23SetAllocatorFromIsolateEPNS0_7IsolateE";
 
 const RETURN_PROGRAM: &str = "uretprobe_alloc";
 
@@ -265,9 +294,10 @@ pub struct FunctionLocation {
     /// File offset of its first instruction.
     pub file_offset: u64,
     pub size: u64,
-    /// Where the uprobe goes: the first instruction, or the second when the first cannot
-    /// be probed (see [`locked_instruction_len`]).
+    /// Where the uprobe goes (see [`probe_point`]).
     pub probe_offset: u64,
+    /// Whether the kernel emulates the probed instruction (one trap a hit, not two).
+    pub emulated: bool,
 }
 
 /// Finds the defined functions `names` in an ELF image (dynamic symbols first, then the
@@ -297,70 +327,23 @@ pub fn resolve_functions(
         }) else {
             continue;
         };
-        let skip = usize::try_from(file_offset)
+        // Within the function: a probe never lands in the next one.
+        let window = if symbol.size() == 0 { 64 } else { symbol.size().min(64) as usize };
+        let point = usize::try_from(file_offset)
             .ok()
-            .and_then(|start| data.get(start..start.saturating_add(16)))
-            .and_then(locked_instruction_len)
-            .unwrap_or(0);
+            .and_then(|start| data.get(start..start.saturating_add(window)))
+            .map_or(ProbePoint { skip: 0, emulated: false }, probe_point);
         found.insert(
             name,
-            FunctionLocation { file_offset, size: symbol.size(), probe_offset: file_offset + skip as u64 },
+            FunctionLocation {
+                file_offset,
+                size: symbol.size(),
+                probe_offset: file_offset + point.skip as u64,
+                emulated: point.emulated,
+            },
         );
     }
     Ok(found)
-}
-
-/// The length of `code`'s first instruction when it is a LOCK-prefixed read-modify-write
-/// of memory (`lock add/or/adc/sbb/and/sub/xor mem, reg|imm`, `lock inc/dec mem`).
-///
-/// x86 uprobes refuse LOCK-prefixed instructions (the kernel answers ENOTSUPP), and Node's
-/// `NodeArrayBufferAllocator::Free` starts with `lock sub %rdx,0x10(%rdi)`. Such an
-/// instruction writes only memory and flags, so at the next one the arguments and the
-/// stack are still as at entry: the probe goes there. `xadd` and `cmpxchg`, which write a
-/// register, are not skipped.
-#[must_use]
-pub fn locked_instruction_len(code: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    if *code.get(i)? != 0xf0 {
-        return None;
-    }
-    i += 1;
-    // REX prefix.
-    if code.get(i).is_some_and(|b| b & 0xf0 == 0x40) {
-        i += 1;
-    }
-    let opcode = *code.get(i)?;
-    i += 1;
-    let immediate = match opcode {
-        0x01 | 0x09 | 0x11 | 0x19 | 0x21 | 0x29 | 0x31 => 0,
-        0x83 => 1,
-        0x81 => 4,
-        // inc/dec r/m (ModRM reg 0 or 1).
-        0xff if code.get(i).is_some_and(|m| (m >> 3) & 7 <= 1) => 0,
-        _ => return None,
-    };
-    let modrm = *code.get(i)?;
-    i += 1;
-    let (mode, rm) = (modrm >> 6, modrm & 7);
-    if mode == 3 {
-        // A register destination cannot be locked.
-        return None;
-    }
-    let mut displacement = match mode {
-        1 => 1,
-        2 => 4,
-        _ if rm == 5 => 4,
-        _ => 0,
-    };
-    if rm == 4 {
-        let sib = *code.get(i)?;
-        i += 1;
-        if mode == 0 && sib & 7 == 5 {
-            displacement = 4;
-        }
-    }
-    let len = i + displacement + immediate;
-    (len <= code.len()).then_some(len)
 }
 
 /// Where a probed function lives in the target's memory, to recognize its frames.
@@ -499,11 +482,20 @@ pub fn resolve(pid: u32, node_buffers: bool) -> Result<Resolved, UprobeError> {
     let modules = classify(&maps, exe.as_deref());
     if node_buffers {
         let exe = modules.exe.clone().unwrap_or_default();
-        let node = plan(pid, &maps, &exe, NODE_FUNCTIONS)
-            .map_err(|_| UprobeError::NotNode { pid, exe: exe.clone() })?;
-        if !NODE_FUNCTIONS.iter().all(|(symbol, _, _)| node.locations.contains_key(symbol)) {
-            return Err(UprobeError::NotNode { pid, exe });
-        }
+        // V8 is in the executable (nodejs.org's builds) or in libnode (Debian's).
+        let mut candidates = vec![exe.clone()];
+        candidates.extend(
+            maps.iter().filter(|m| m.file_name().starts_with("libnode.so")).map(|m| m.path.clone()).take(1),
+        );
+        let node = candidates
+            .iter()
+            .filter_map(|module| plan(pid, &maps, module, NODE_FUNCTIONS).ok())
+            .find(|p| {
+                p.locations.contains_key(NODE_NEW_STORE)
+                    && (p.locations.contains_key("_ZN2v88internal12BackingStoreD2Ev")
+                        || p.locations.contains_key("_ZN2v88internal12BackingStoreD1Ev"))
+            })
+            .ok_or(UprobeError::NotNode { pid, exe })?;
         return Ok(Resolved { maps, plans: vec![node] });
     }
     if let Some((name, path)) = modules.replacement.clone() {
@@ -601,6 +593,13 @@ pub fn attach_resolved(
                 if !seen.insert(location.probe_offset) {
                     continue;
                 }
+                if entry.is_empty() {
+                    // A marker: its frames are the allocator's; nothing is attached.
+                    if phase == 0 {
+                        functions.push(probed_function(maps, &plan.mapping, symbol, location));
+                    }
+                    continue;
+                }
                 let program = match phase {
                     0 if !needs_return => entry,
                     1 if needs_return => RETURN_PROGRAM,
@@ -617,25 +616,41 @@ pub fn attach_resolved(
                 })?;
                 links.push(link);
                 if phase != 1 {
-                    let start = runtime_address(maps, &plan.mapping, location.file_offset).unwrap_or(0);
-                    functions.push(ProbedFunction {
-                        symbol,
-                        module: plan.mapping.path.clone(),
-                        inode: plan.mapping.inode,
-                        file_offset: location.file_offset,
-                        size: location.size,
-                        start,
-                        end: if start == 0 { 0 } else { start + location.size.max(1) },
-                    });
+                    functions.push(probed_function(maps, &plan.mapping, symbol, location));
                     debug!(
-                        "probing {}:{symbol} at file offset {:#x}",
-                        plan.mapping.path, location.probe_offset
+                        "probing {}:{symbol} at file offset {:#x} (+{}), {}",
+                        plan.mapping.path,
+                        location.probe_offset,
+                        location.probe_offset - location.file_offset,
+                        if location.emulated {
+                            "an instruction the kernel emulates"
+                        } else {
+                            "an instruction the kernel single-steps (a second trap per hit)"
+                        }
                     );
                 }
             }
         }
     }
     Ok(AttachedAllocator { module: module.to_string(), inode, functions, links })
+}
+
+fn probed_function(
+    maps: &[Mapping],
+    mapping: &Mapping,
+    symbol: &'static str,
+    location: &FunctionLocation,
+) -> ProbedFunction {
+    let start = runtime_address(maps, mapping, location.file_offset).unwrap_or(0);
+    ProbedFunction {
+        symbol,
+        module: mapping.path.clone(),
+        inode: mapping.inode,
+        file_offset: location.file_offset,
+        size: location.size,
+        start,
+        end: if start == 0 { 0 } else { start + location.size.max(1) },
+    }
 }
 
 fn attach_one(

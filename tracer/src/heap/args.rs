@@ -45,7 +45,9 @@ pub enum MallocProbes {
     /// `memalign`, `valloc`, `pvalloc`, `free`, and C++ `operator new`.
     #[default]
     Libc,
-    /// `node::NodeArrayBufferAllocator::{Allocate, AllocateUninitialized, Free}`.
+    /// V8's backing stores: `v8::internal::BackingStore::SetAllocatorFromIsolate` (every
+    /// store `BackingStore::Allocate` makes), `WrapAllocation`, `Reallocate` and
+    /// `~BackingStore`.
     NodeBuffers,
 }
 

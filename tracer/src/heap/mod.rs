@@ -342,7 +342,7 @@ impl HeapTracker {
         };
         if self.settings.node_buffers {
             return format!(
-                "probing Node's ArrayBuffer allocator in {} (Buffers and ArrayBuffers only); recording {mode}{min}",
+                "probing V8's backing stores in {} (Buffers and ArrayBuffers only, one trap per allocation and one per free); recording {mode}{min}",
                 self.allocator.module
             );
         }
