@@ -2,8 +2,9 @@
 //!
 //! Each run starts a fresh example service (so that every run sees the same leak, from
 //! zero), warms it up with wrk, then measures wrk's requests/s, with memtrace attached
-//! (traced) or not (untraced). Runs alternate untraced/traced; we report the medians,
-//! their ratio, and memtrace's peak RSS (`ru_maxrss`, over its whole life).
+//! (traced) or not (untraced). Each round runs untraced, then every mode (`--mode`, or the
+//! one `--track`) in turn; we report the medians per mode, their ratio to the untraced
+//! median, and memtrace's peak RSS (`ru_maxrss`, over its whole life).
 
 use std::{
     ffi::OsStr,
@@ -44,6 +45,10 @@ pub struct Args {
     /// Passed to memtrace as `--track` (default: memtrace's default sources).
     #[arg(long)]
     track: Option<String>,
+    /// A traced mode: memtrace's arguments, split at spaces (e.g. `--track malloc
+    /// --malloc-probes node-buffers`). Repeat to compare modes in alternating rounds.
+    #[arg(long = "mode", allow_hyphen_values = true)]
+    modes: Vec<String>,
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     no_setup: bool,
@@ -87,55 +92,63 @@ pub fn run(args: &Args) -> Result<()> {
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         command_line("node", &["--version"]),
     ));
+    // The machines are shared: the load says how far to trust the numbers.
+    note(&format!("load at start: {}", command_line("uptime", &[])));
 
+    let modes: Vec<Vec<String>> = if args.modes.is_empty() {
+        vec![args.track.iter().flat_map(|t| ["--track".to_string(), t.clone()]).collect()]
+    } else {
+        args.modes.iter().map(|m| m.split_whitespace().map(str::to_string).collect()).collect()
+    };
     let mut untraced = Vec::new();
-    let mut traced = Vec::new();
+    let mut traced: Vec<Vec<Traced>> = modes.iter().map(|_| Vec::new()).collect();
     for run in 1..=args.runs {
         let rps = measure_untraced(&load, &warmup, &out)?;
         eprintln!("run {run} untraced: {rps:.0} req/s");
         untraced.push(rps);
 
-        let t = measure_traced(&bin, args, &load, &warmup, &out, run)?;
-        eprintln!(
-            "run {run} traced:   {:.0} req/s (memtrace max RSS {:.1} MiB, lost events {})",
-            t.requests_per_s,
-            t.max_rss as f64 / MIB,
-            t.lost_events
-        );
-        traced.push(t);
+        for (i, mode) in modes.iter().enumerate() {
+            let t = measure_traced(&bin, mode, &load, &warmup, &out, &format!("{run}-{i}"))?;
+            eprintln!(
+                "run {run} traced [{}]: {:.0} req/s (memtrace max RSS {:.1} MiB, lost events {})",
+                mode.join(" "),
+                t.requests_per_s,
+                t.max_rss as f64 / MIB,
+                t.lost_events
+            );
+            traced[i].push(t);
+        }
     }
 
-    let traced_rps: Vec<f64> = traced.iter().map(|t| t.requests_per_s).collect();
     let base = median(&untraced);
-    let with = median(&traced_rps);
-    let ratio = with / base;
-    let max_rss = traced.iter().map(|t| t.max_rss).max().unwrap_or(0);
-    let lost: u64 = traced.iter().map(|t| t.lost_events).sum();
-    let sources = traced.first().map_or_else(String::new, |t| t.tracked.clone());
-    step(&format!(
-        "medians: untraced {base:.0} req/s (runs {}), traced {with:.0} req/s (runs {}), ratio {ratio:.3} ({:+.1}%)",
-        spread(&untraced),
-        spread(&traced_rps),
-        (ratio - 1.0) * 100.0
-    ));
-    // Each traced run against the untraced run just before it: less sensitive to drift.
-    let paired: Vec<f64> = untraced.iter().zip(&traced_rps).map(|(u, t)| t / u).collect();
-    note(&format!("median of paired ratios (traced / untraced run before it): {:.3}", median(&paired)));
+    step(&format!("untraced median {base:.0} req/s (runs {})", spread(&untraced)));
+    println!(
+        "| workload | memtrace arguments | tracked | untraced req/s | traced req/s | traced/untraced | paired ratio | memtrace max RSS | lost events |"
+    );
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    for (mode, runs) in modes.iter().zip(&traced) {
+        let traced_rps: Vec<f64> = runs.iter().map(|t| t.requests_per_s).collect();
+        let with = median(&traced_rps);
+        let ratio = with / base;
+        // Each traced run against the untraced run of its round: less sensitive to drift.
+        let paired: Vec<f64> = untraced.iter().zip(&traced_rps).map(|(u, t)| t / u).collect();
+        let max_rss = runs.iter().map(|t| t.max_rss).max().unwrap_or(0);
+        let lost: u64 = runs.iter().map(|t| t.lost_events).sum();
+        let sources = runs.first().map_or_else(String::new, |t| t.tracked.clone());
+        let shown = if mode.is_empty() { "(defaults)".to_string() } else { format!("`{}`", mode.join(" ")) };
+        note(&format!("{shown}: traced runs {}", spread(&traced_rps)));
+        println!(
+            "| leaky-service, wrk -t{} -c{}, {} s × {} runs | {shown} | {sources} | {base:.0} | {with:.0} | {ratio:.3} | {:.3} | {:.0} MiB | {lost} |",
+            load.threads,
+            load.connections,
+            load.duration_s,
+            args.runs,
+            median(&paired),
+            max_rss as f64 / MIB,
+        );
+    }
+    note(&format!("load at end: {}", command_line("uptime", &[])));
     note(&format!("memtrace reports and JSON: {}", out.display()));
-
-    println!(
-        "| workload | tracked | untraced req/s | traced req/s | traced/untraced | memtrace max RSS | lost events |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|");
-    println!(
-        "| leaky-service, wrk -t{} -c{}, {} s × {} runs | {sources} | {base:.0} | {with:.0} | {ratio:.3} ({:+.1}%) | {:.0} MiB | {lost} |",
-        load.threads,
-        load.connections,
-        load.duration_s,
-        args.runs,
-        (ratio - 1.0) * 100.0,
-        max_rss as f64 / MIB,
-    );
     Ok(())
 }
 
@@ -149,11 +162,11 @@ fn measure_untraced(load: &Load, warmup: &Load, out: &Path) -> Result<f64> {
 
 fn measure_traced(
     bin: &Path,
-    args: &Args,
+    mode: &[String],
     load: &Load,
     warmup: &Load,
     out: &Path,
-    run: u32,
+    run: &str,
 ) -> Result<Traced> {
     let service = Service::start(out)?;
     service::wrk(&service.url(), warmup).context("warm-up")?;
@@ -165,9 +178,7 @@ fn measure_traced(
     let duration = format!("{}s", load.duration_s + 120);
     let mut trace_args: Vec<&OsStr> =
         vec!["--duration".as_ref(), duration.as_ref(), "--json".as_ref(), json.as_os_str()];
-    if let Some(track) = &args.track {
-        trace_args.extend([OsStr::new("--track"), OsStr::new(track)]);
-    }
+    trace_args.extend(mode.iter().map(OsStr::new));
     let stdout = File::create(&report).with_context(|| format!("create {}", report.display()))?;
     let mut tracer = Tracer::attach(bin, service.pid(), &trace_args, Stdio::from(stdout))?;
 
