@@ -46,7 +46,8 @@ pub struct Args {
     #[arg(long)]
     track: Option<String>,
     /// A traced mode: memtrace's arguments, split at spaces (e.g. `--track malloc
-    /// --malloc-probes node-buffers`). Repeat to compare modes in alternating rounds.
+    /// --malloc-probes node-buffers`). Repeat to compare modes in alternating rounds. A
+    /// first word `@PATH` runs another memtrace binary (to compare builds).
     #[arg(long = "mode", allow_hyphen_values = true)]
     modes: Vec<String>,
     /// Skip `cargo xtask setup`.
@@ -108,7 +109,11 @@ pub fn run(args: &Args) -> Result<()> {
         untraced.push(rps);
 
         for (i, mode) in modes.iter().enumerate() {
-            let t = measure_traced(&bin, mode, &load, &warmup, &out, &format!("{run}-{i}"))?;
+            let (mode_bin, mode_args) = match mode.split_first() {
+                Some((first, rest)) if first.starts_with('@') => (Path::new(&first[1..]), rest),
+                _ => (bin.as_path(), mode.as_slice()),
+            };
+            let t = measure_traced(mode_bin, mode_args, &load, &warmup, &out, &format!("{run}-{i}"))?;
             eprintln!(
                 "run {run} traced [{}]: {:.0} req/s (memtrace max RSS {:.1} MiB, lost events {})",
                 mode.join(" "),

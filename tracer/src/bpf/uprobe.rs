@@ -29,6 +29,7 @@ use tracer_common::{
 
 use crate::procfs::maps::MapEntry;
 
+mod duty;
 mod placement;
 pub use placement::{ProbePoint, emulated_len, locked_instruction_len, probe_point};
 
@@ -50,6 +51,9 @@ pub struct MallocSettings {
     /// `memtrace run`: arm the probes at the target's next exec (they are attached to the
     /// shell that waits to exec the command).
     pub wait_exec: bool,
+    /// `--malloc-duty`: the share of the time (percent) the node-buffers allocation probes
+    /// are attached; 100 always.
+    pub duty_percent: u32,
 }
 
 impl Default for MallocSettings {
@@ -62,6 +66,7 @@ impl Default for MallocSettings {
             max_stacks: 1 << 16,
             node_buffers: false,
             wait_exec: false,
+            duty_percent: 100,
         }
     }
 }
@@ -368,12 +373,18 @@ pub struct AttachedAllocator {
     /// Functions probed, with their addresses in the target.
     pub functions: Vec<ProbedFunction>,
     links: Vec<UProbeLink>,
+    /// Allocation probes that duty cycling detaches and attaches again (see `duty`).
+    cycled: Vec<duty::CycledProbe>,
+    cycled_links: Vec<UProbeLink>,
+    detached: bool,
 }
 
 impl AttachedAllocator {
     /// Removes every probe: the tables stop changing (and the target stops paying).
     pub fn detach(&mut self) {
         self.links.clear();
+        self.cycled_links.clear();
+        self.detached = true;
     }
 
     /// Whether `addr` is inside one of the probed functions.
@@ -399,6 +410,8 @@ impl AttachedAllocator {
         }
         self.functions.extend(other.functions);
         self.links.extend(other.links);
+        self.cycled.extend(other.cycled);
+        self.cycled_links.extend(other.cycled_links);
     }
 
     /// Recomputes where the probed functions are from the process's memory map (after an
@@ -577,6 +590,8 @@ pub fn attach_resolved(
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
     let mut links = Vec::new();
     let mut functions = Vec::new();
+    let mut cycled = Vec::new();
+    let mut cycled_links = Vec::new();
     // Frees first, then returns, then entries: an allocation is never recorded without
     // its free being watched, and no call is entered without its return being watched.
     for phase in 0..3 {
@@ -614,7 +629,19 @@ pub fn attach_resolved(
                 let link = attach_one(probe, &plan.path, location.probe_offset, scope).map_err(|source| {
                     UprobeError::Attach { path: plan.mapping.path.clone(), symbol, pid, source }
                 })?;
-                links.push(link);
+                if duty::CYCLED_PROGRAMS.contains(&program) {
+                    cycled.push(duty::CycledProbe {
+                        program,
+                        symbol,
+                        module: plan.mapping.path.clone(),
+                        path: plan.path.clone(),
+                        offset: location.probe_offset,
+                        pid,
+                    });
+                    cycled_links.push(link);
+                } else {
+                    links.push(link);
+                }
                 if phase != 1 {
                     functions.push(probed_function(maps, &plan.mapping, symbol, location));
                     debug!(
@@ -632,7 +659,15 @@ pub fn attach_resolved(
             }
         }
     }
-    Ok(AttachedAllocator { module: module.to_string(), inode, functions, links })
+    Ok(AttachedAllocator {
+        module: module.to_string(),
+        inode,
+        functions,
+        links,
+        cycled,
+        cycled_links,
+        detached: false,
+    })
 }
 
 fn probed_function(

@@ -364,6 +364,7 @@ async fn event_loop(
                     break StopReason::TargetExited;
                 }
                 if let Some(heap) = s.heap.as_mut() {
+                    heap.tick(s.tracer.ebpf_mut());
                     heap.poll_new_stacks(&mut s.stacks);
                 }
                 if !s.js_heap.is_open() {
