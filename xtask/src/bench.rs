@@ -55,8 +55,16 @@ pub struct Args {
     no_setup: bool,
 }
 
+/// One measured run of the service.
+struct Measured {
+    requests_per_s: f64,
+    /// The service's CPU time (user + system, traps included) per request, in µs.
+    cpu_us_per_request: f64,
+}
+
 struct Traced {
     requests_per_s: f64,
+    cpu_us_per_request: f64,
     max_rss: u64,
     lost_events: u64,
     tracked: String,
@@ -102,11 +110,16 @@ pub fn run(args: &Args) -> Result<()> {
         args.modes.iter().map(|m| m.split_whitespace().map(str::to_string).collect()).collect()
     };
     let mut untraced = Vec::new();
+    let mut untraced_cpu = Vec::new();
     let mut traced: Vec<Vec<Traced>> = modes.iter().map(|_| Vec::new()).collect();
     for run in 1..=args.runs {
-        let rps = measure_untraced(&load, &warmup, &out)?;
-        eprintln!("run {run} untraced: {rps:.0} req/s");
-        untraced.push(rps);
+        let m = measure_untraced(&load, &warmup, &out)?;
+        eprintln!(
+            "run {run} untraced: {:.0} req/s, {:.0} µs CPU per request",
+            m.requests_per_s, m.cpu_us_per_request
+        );
+        untraced.push(m.requests_per_s);
+        untraced_cpu.push(m.cpu_us_per_request);
 
         for (i, mode) in modes.iter().enumerate() {
             let (mode_bin, mode_args) = match mode.split_first() {
@@ -115,9 +128,10 @@ pub fn run(args: &Args) -> Result<()> {
             };
             let t = measure_traced(mode_bin, mode_args, &load, &warmup, &out, &format!("{run}-{i}"))?;
             eprintln!(
-                "run {run} traced [{}]: {:.0} req/s (memtrace max RSS {:.1} MiB, lost events {})",
+                "run {run} traced [{}]: {:.0} req/s, {:.0} µs CPU per request (memtrace max RSS {:.1} MiB, lost events {})",
                 mode.join(" "),
                 t.requests_per_s,
+                t.cpu_us_per_request,
                 t.max_rss as f64 / MIB,
                 t.lost_events
             );
@@ -126,29 +140,35 @@ pub fn run(args: &Args) -> Result<()> {
     }
 
     let base = median(&untraced);
-    step(&format!("untraced median {base:.0} req/s (runs {})", spread(&untraced)));
+    let base_cpu = median(&untraced_cpu);
+    step(&format!(
+        "untraced median {base:.0} req/s (runs {}), {base_cpu:.0} µs CPU per request",
+        spread(&untraced)
+    ));
     println!(
-        "| workload | memtrace arguments | tracked | untraced req/s | traced req/s | traced/untraced | paired ratio | memtrace max RSS | lost events |"
+        "| workload | memtrace arguments | tracked | untraced req/s | traced req/s | traced/untraced | paired ratio | CPU µs/request untraced → traced | CPU ratio | memtrace max RSS | lost events |"
     );
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (mode, runs) in modes.iter().zip(&traced) {
         let traced_rps: Vec<f64> = runs.iter().map(|t| t.requests_per_s).collect();
         let with = median(&traced_rps);
         let ratio = with / base;
         // Each traced run against the untraced run of its round: less sensitive to drift.
         let paired: Vec<f64> = untraced.iter().zip(&traced_rps).map(|(u, t)| t / u).collect();
+        let cpu = median(&runs.iter().map(|t| t.cpu_us_per_request).collect::<Vec<_>>());
         let max_rss = runs.iter().map(|t| t.max_rss).max().unwrap_or(0);
         let lost: u64 = runs.iter().map(|t| t.lost_events).sum();
         let sources = runs.first().map_or_else(String::new, |t| t.tracked.clone());
         let shown = if mode.is_empty() { "(defaults)".to_string() } else { format!("`{}`", mode.join(" ")) };
         note(&format!("{shown}: traced runs {}", spread(&traced_rps)));
         println!(
-            "| leaky-service, wrk -t{} -c{}, {} s × {} runs | {shown} | {sources} | {base:.0} | {with:.0} | {ratio:.3} | {:.3} | {:.0} MiB | {lost} |",
+            "| leaky-service, wrk -t{} -c{}, {} s × {} runs | {shown} | {sources} | {base:.0} | {with:.0} | {ratio:.3} | {:.3} | {base_cpu:.0} → {cpu:.0} | {:.3} | {:.0} MiB | {lost} |",
             load.threads,
             load.connections,
             load.duration_s,
             args.runs,
             median(&paired),
+            if cpu > 0.0 { base_cpu / cpu } else { 0.0 },
             max_rss as f64 / MIB,
         );
     }
@@ -157,12 +177,42 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn measure_untraced(load: &Load, warmup: &Load, out: &Path) -> Result<f64> {
+fn measure_untraced(load: &Load, warmup: &Load, out: &Path) -> Result<Measured> {
     let service = Service::start(out)?;
     service::wrk(&service.url(), warmup).context("warm-up")?;
-    let result = service::wrk(&service.url(), load)?;
+    let result = measure(&service, load)?;
     service.stop();
-    Ok(result.requests_per_s)
+    Ok(result)
+}
+
+/// wrk's requests/s and the service's CPU time per request over the measured run. On a
+/// machine shared with other work, throughput follows the scheduler's share as much as
+/// memtrace's cost; CPU time per request (a uprobe's trap is charged to the traced task)
+/// does not.
+fn measure(service: &Service, load: &Load) -> Result<Measured> {
+    let before = cpu_ticks(service.pid())?;
+    let result = service::wrk(&service.url(), load)?;
+    let after = cpu_ticks(service.pid())?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let requests = result.requests_per_s * f64::from(load.duration_s);
+    let cpu_s = after.saturating_sub(before) as f64 / hz;
+    Ok(Measured {
+        requests_per_s: result.requests_per_s,
+        cpu_us_per_request: if requests > 0.0 { cpu_s * 1e6 / requests } else { 0.0 },
+    })
+}
+
+/// utime + stime of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat =
+        fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it are plain.
+    let rest = stat.rsplit_once(')').map_or(stat.as_str(), |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    Ok(field(11) + field(12))
 }
 
 fn measure_traced(
@@ -187,7 +237,7 @@ fn measure_traced(
     let stdout = File::create(&report).with_context(|| format!("create {}", report.display()))?;
     let mut tracer = Tracer::attach(bin, service.pid(), &trace_args, Stdio::from(stdout))?;
 
-    let result = service::wrk(&service.url(), load)?;
+    let result = measure(&service, load)?;
 
     tracer.proc.signal(libc::SIGINT)?;
     let (status, max_rss) = tracer.proc.wait_with_rusage(Duration::from_mins(3))?;
@@ -196,7 +246,13 @@ fn measure_traced(
         bail!("memtrace exited with {status} on SIGINT (its report: {})", report.display());
     }
     let (lost_events, tracked) = read_report(&json)?;
-    Ok(Traced { requests_per_s: result.requests_per_s, max_rss, lost_events, tracked })
+    Ok(Traced {
+        requests_per_s: result.requests_per_s,
+        cpu_us_per_request: result.cpu_us_per_request,
+        max_rss,
+        lost_events,
+        tracked,
+    })
 }
 
 /// `lost_events` and `tracked` from memtrace's JSON report.
