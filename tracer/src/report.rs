@@ -81,6 +81,9 @@ pub struct Target {
     /// How the target ended, when it ended while traced and memtrace could tell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<Exit>,
+    /// `--cgroup`: the cgroup traced (its directory); `pid` is then its first process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// How a process ended: its exit code, or the signal that killed it.

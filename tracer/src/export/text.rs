@@ -96,7 +96,14 @@ fn write_answer(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
 
 fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let target = &report.target;
-    if target.comm.is_empty() {
+    if let Some(cgroup) = &target.cgroup {
+        writeln!(
+            out,
+            "memtrace report for cgroup {cgroup} ({}, the first pid {})",
+            plural(report.processes.len() as u64, "process", "processes"),
+            target.pid
+        )?;
+    } else if target.comm.is_empty() {
         writeln!(out, "memtrace report for pid {}", target.pid)?;
     } else {
         writeln!(out, "memtrace report for pid {} ({})", target.pid, target.comm)?;

@@ -243,6 +243,11 @@ impl Processes {
         }
     }
 
+    /// Whether `pid` is a traced process that still runs.
+    pub(super) fn is_running(&self, pid: u32) -> bool {
+        self.by_pid.contains_key(&pid)
+    }
+
     /// Processes still running.
     pub(super) fn live(&self) -> usize {
         self.by_pid.len()

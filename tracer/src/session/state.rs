@@ -56,6 +56,8 @@ pub(super) struct Session {
     pub(super) node: bool,
     /// The JS heap view of a Node target.
     pub(super) js_heap: super::jsheap::JsHeap,
+    /// `--cgroup`: the cgroup whose processes are traced; tracing outlives them.
+    pub(super) cgroup: Option<super::cgroup::CgroupWatch>,
     /// Where the memory was at the first and the latest snapshot (seconds since start).
     pub(super) parts: Option<((f64, crate::report::MemoryParts), (f64, crate::report::MemoryParts))>,
 }
@@ -135,7 +137,7 @@ impl Session {
         self.drain(rb);
         self.exit = procfs::exit::exit_status(self.pid);
         self.procs.on_exit(self.pid, monotonic_ns());
-        self.procs.live() == 0
+        self.procs.live() == 0 && self.cgroup.is_none()
     }
 
     /// A traced process forked (the kernel traces the child already), exec'd or ended.
@@ -153,10 +155,21 @@ impl Session {
                 self.procs.on_exec(tgid, comm, ts_ns);
                 log::info!("process {tgid} exec'd {}", procfs::cmdline(tgid));
             }
+            tracer_common::kind::JOIN => {
+                if !self.procs.is_running(tgid) {
+                    self.procs.index_of(tgid);
+                    log::info!("following process {tgid} ({}), which joined the cgroup", procfs::comm(tgid));
+                }
+            }
+            tracer_common::kind::LEAVE => {
+                self.symbolize_new();
+                self.procs.on_exit(tgid, ts_ns);
+                log::info!("process {tgid} left the cgroup; no longer traced");
+            }
             _ => {
                 self.symbolize_new();
                 self.procs.on_exit(tgid, ts_ns);
-                self.all_exited = self.procs.live() == 0;
+                self.all_exited = self.procs.live() == 0 && self.cgroup.is_none();
             }
         }
     }
