@@ -48,6 +48,9 @@ pub struct Report {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Process {
     pub pid: u32,
+    /// Its pid in its own pid namespace (a container's), when that differs from `pid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ns_pid: Option<u32>,
     /// The traced process that forked it (absent for a target).
     pub parent_pid: Option<u32>,
     pub comm: String,

@@ -104,9 +104,15 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
             target.pid
         )?;
     } else if target.comm.is_empty() {
-        writeln!(out, "memtrace report for pid {}", target.pid)?;
+        writeln!(out, "memtrace report for pid {}{}", target.pid, procs::ns_pid_note(report))?;
     } else {
-        writeln!(out, "memtrace report for pid {} ({})", target.pid, target.comm)?;
+        writeln!(
+            out,
+            "memtrace report for pid {} ({}{})",
+            target.pid,
+            target.comm,
+            procs::ns_pid_note(report)
+        )?;
     }
     write_answer(report, out)?;
     if report.lost_events > 0 {

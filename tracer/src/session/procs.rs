@@ -26,6 +26,8 @@ struct Space {
 /// One traced process.
 struct Proc {
     pid: u32,
+    /// Its pid in its own pid namespace, when it differs (a container's process).
+    ns_pid: Option<u32>,
     /// `CLOCK_MONOTONIC` ns: the fork for a child, from `/proc/PID/stat` for a target.
     start_ns: u64,
     /// `starttime` of `/proc/PID/stat` (clock ticks since boot), once read: a pid whose
@@ -67,6 +69,12 @@ fn start_ns_of(ticks: u64) -> u64 {
 fn stat_number(pid: u32, field: usize) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     procfs::stat_field(&stat, field)?.parse().ok()
+}
+
+/// The pid of `pid` in its innermost pid namespace, when it differs from `pid`.
+fn ns_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    procfs::maps::parse_status(&status).ns_pid.filter(|&ns| ns != pid)
 }
 
 /// `starttime` (field 22).
@@ -120,6 +128,7 @@ impl Processes {
         let ticks = start_ticks(pid);
         self.push(Proc {
             pid,
+            ns_pid: ns_pid(pid),
             start_ns: ticks.map_or(now, start_ns_of),
             start_ticks: ticks,
             parent_pid,
@@ -166,6 +175,7 @@ impl Processes {
         }
         self.push(Proc {
             pid: child,
+            ns_pid: ns_pid(child),
             start_ns: ts_ns,
             start_ticks: start_ticks(child),
             parent_pid: Some(parent),
@@ -370,6 +380,7 @@ impl Processes {
             .iter()
             .map(|p| Process {
                 pid: p.pid,
+                ns_pid: p.ns_pid,
                 parent_pid: p.parent_pid,
                 comm: p.comm.clone(),
                 cmdline: p.cmdline.clone(),
@@ -393,6 +404,7 @@ mod tests {
         let space = procs.new_space(None);
         procs.push(Proc {
             pid,
+            ns_pid: None,
             start_ns: 1,
             start_ticks: None,
             parent_pid: None,
