@@ -137,14 +137,15 @@ impl super::state::Session {
             if self.procs.is_running(pid) {
                 continue;
             }
-            if !self.tracer.is_traced(pid)
-                && let Err(e) = self.tracer.trace_process(pid)
-            {
+            // Traced by the kernel already: it joined, and its event is yet to be read.
+            let joined = self.tracer.is_traced(pid);
+            if !joined && let Err(e) = self.tracer.trace_process(pid) {
                 log::warn!("{e}");
                 continue;
             }
-            log::info!("following process {pid} ({}), found in the cgroup", crate::procfs::comm(pid));
-            self.procs.index_of(pid);
+            let how = if joined { "which joined the cgroup" } else { "found in the cgroup" };
+            log::info!("following process {pid} ({}), {how}", crate::procfs::comm(pid));
+            self.procs.add_joined(pid);
         }
     }
 }

@@ -4,6 +4,7 @@ mod cgroup;
 mod jsheap;
 mod live;
 mod metrics;
+mod opener;
 mod os;
 mod procs;
 mod state;
@@ -106,6 +107,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     // Whatever is still in the ring buffers belongs to the run.
     s.drain(oom_events.get_mut());
     s.drain(events.get_mut());
+    s.settle_symbols();
     if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
         s.js_heap.refresh(&mut s.stacks).await;
     }
