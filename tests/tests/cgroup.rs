@@ -5,7 +5,8 @@
 
 use std::{
     fs,
-    io::Write as _,
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -51,6 +52,16 @@ fn cgroup_root(v2: bool) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.join(marker).is_file())
 }
 
+/// The body of `GET /metrics` on `port`.
+fn scrape(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics port");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
+}
+
 fn within_5_percent(bytes: u64, expected: u64) -> bool {
     bytes.abs_diff(expected) <= expected / 20
 }
@@ -88,9 +99,13 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
     let mut outsider = leaker(&bin, "a", 8, &gate);
 
     let json = dir.path().join("report.json");
+    let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let metrics = format!("127.0.0.1:{port}");
     let mut memtrace = Memtrace::spawn([
         "attach".as_ref(),
         "-v".as_ref(),
+        "--metrics".as_ref(),
+        metrics.as_ref(),
         "--cgroup".as_ref(),
         cgroup.dir.as_os_str(),
         "--duration".as_ref(),
@@ -110,6 +125,24 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
     for p in [&mut member, &mut joiner, &mut outsider] {
         p.wait_for_stdout("done", Duration::from_secs(30));
     }
+    // Events are drained every 100 ms; on a loaded machine the last ones may take longer.
+    let series = |p: &TestProcess| {
+        format!("memtrace_process_mapped_outstanding_bytes{{pid=\"{}\",comm=\"tree_leak\"}} ", p.pid())
+    };
+    let value = |scraped: &str, series: &str| -> Option<u64> {
+        scraped.lines().find_map(|l| l.strip_prefix(series)).and_then(|v| v.trim().parse().ok())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let scraped = loop {
+        let scraped = scrape(port);
+        let complete = [(&member, 20), (&joiner, 12)]
+            .iter()
+            .all(|(p, mib)| value(&scraped, &series(p)).is_some_and(|v| within_5_percent(v, mib * MIB)));
+        if complete || std::time::Instant::now() > deadline {
+            break scraped;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let out = memtrace.wait(Duration::from_mins(1));
     assert!(out.status.success(), "memtrace attach --cgroup exited with {}\n{}", out.status, out.combined());
     assert!(
@@ -118,6 +151,17 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
         "the kernel announced the joiner (not only the once-a-second rescan)\n{}",
         out.stderr
     );
+    for (p, mib) in [(&member, 20), (&joiner, 12)] {
+        let series = series(p);
+        let value =
+            value(&scraped, &series).unwrap_or_else(|| panic!("no {series} in the scrape:\n{scraped}"));
+        assert!(within_5_percent(value, mib * MIB), "{series}{value}, expected {mib} MiB ±5%");
+    }
+    assert!(
+        !scraped.contains(&format!("pid=\"{}\"", outsider.pid())),
+        "the outsider has no series:\n{scraped}"
+    );
+    assert!(scraped.contains("memtrace_processes{state=\"running\"} 2\n"), "{scraped}");
     let report = Report::read(&json);
     let summary = report.summary();
     eprintln!("{summary}");

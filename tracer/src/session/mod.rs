@@ -372,7 +372,11 @@ async fn event_loop(
             } => {
                 match accepted {
                     Ok((stream, _)) => {
-                        let body = crate::export::prometheus::render(&s.metrics_snapshot());
+                        let mut body = crate::export::prometheus::render(&s.metrics_snapshot());
+                        if s.procs.len() > 1 {
+                            let samples = s.procs.samples(metrics::PROCESS_SERIES_MAX);
+                            body.push_str(&metrics::per_process(&samples, s.procs.live(), s.procs.len()));
+                        }
                         tokio::spawn(metrics::serve(stream, body));
                     }
                     Err(e) => debug!("accept a metrics connection: {e}"),

@@ -388,6 +388,23 @@ impl Processes {
         self.by_pid.values().map(|&i| &self.procs[i])
     }
 
+    /// The processes still running, the most mapped bytes first, as metrics samples (their
+    /// RSS read now), at most `n`.
+    pub(super) fn samples(&self, n: usize) -> Vec<super::metrics::ProcessSample> {
+        let mut running: Vec<&Proc> = self.running().collect();
+        running.sort_by_key(|p| std::cmp::Reverse(p.model.outstanding_bytes()));
+        running
+            .into_iter()
+            .take(n)
+            .map(|p| super::metrics::ProcessSample {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                rss_bytes: procfs::status(p.pid).map_or(0, |s| s.mem.rss),
+                mapped_bytes: p.model.outstanding_bytes(),
+            })
+            .collect()
+    }
+
     /// Mapped bytes held now by the processes still running.
     pub(super) fn outstanding_bytes(&self) -> u64 {
         self.running().map(|p| p.model.outstanding_bytes()).sum()
