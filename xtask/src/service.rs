@@ -65,16 +65,15 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts `examples/leaky-service` on a free port; `work_dir` receives the
-    /// `isolate-*.log` files that V8 writes with these flags.
+    /// Starts `examples/leaky-service` on a free port, as people run it: with no flag
+    /// (memtrace names its JS frames from V8's heap). `work_dir` is its working directory.
     pub fn start(work_dir: &Path) -> Result<Self> {
         let dir = example_dir();
         if !dir.join("node_modules").is_dir() {
             bail!("{}/node_modules is missing: run `cargo xtask setup`", dir.display());
         }
         let mut cmd = Command::new("node");
-        cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
-            .arg(dir.join("server.js"))
+        cmd.arg(dir.join("server.js"))
             .env("PORT", "0")
             .env("HOST", HOST)
             .current_dir(work_dir)
