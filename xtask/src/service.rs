@@ -198,7 +198,7 @@ impl Tracer {
             .stderr(Stdio::piped());
         let mut proc = Owned::spawn("memtrace", &mut cmd)?;
         let stderr = proc.child_mut()?.stderr.take().context("memtrace: no stderr pipe")?;
-        let lines = Lines::spawn(stderr, Some("    memtrace: "));
+        let lines = Lines::spawn(stderr, Some("    "));
         if let Err(err) = lines.wait_for("attached", Duration::from_mins(1), "memtrace") {
             let status = proc.wait(Duration::from_secs(5))?;
             return Err(err.context(format!("memtrace attach {pid} did not start tracing ({status})")));
