@@ -336,7 +336,7 @@ impl Session {
                 }),
             }
         }
-        by_culprit.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        by_culprit.sort_by_key(|c| std::cmp::Reverse(c.bytes));
         by_culprit.truncate(10);
         let suspects = by_culprit;
         crate::export::prometheus::MetricsSnapshot {
