@@ -22,10 +22,7 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
     };
     let dir = tempfile::tempdir().expect("create temp dir");
     let mut cmd = Command::new(node_bin());
-    cmd.arg("server.js")
-        .current_dir(&service)
-        .env("PORT", "0")
-        .env("LEAK_CAP_MB", "1500");
+    cmd.arg("server.js").current_dir(&service).env("PORT", "0").env("LEAK_CAP_MB", "1500");
     let mut node = TestProcess::spawn("leaky-service", cmd);
     node.remove_on_drop(perf_map_path(node.pid()));
     let line = node.wait_for_stdout("listening on", Duration::from_secs(30));
@@ -84,7 +81,8 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
     let top =
         leaks.first().unwrap_or_else(|| panic!("nothing flagged; other suspects:\n{}", others.join("\n")));
     let source = std::fs::read_to_string(service.join("server.js")).expect("read server.js");
-    let line = source.lines().position(|l| l.starts_with("function rememberOrder(")).expect("rememberOrder") + 1;
+    let line =
+        source.lines().position(|l| l.starts_with("function rememberOrder(")).expect("rememberOrder") + 1;
     assert!(!perf_map_path(node.pid()).exists(), "node without flags wrote a perf map");
     // Named from V8's heap in the stacks of the mapped memory (the receipts): the
     // function, its file and the line it starts on.

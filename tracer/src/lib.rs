@@ -15,6 +15,7 @@ pub mod events;
 pub mod export;
 pub mod heap;
 pub mod jsheap;
+pub mod launch;
 pub mod live;
 pub mod model;
 pub mod oomwatch;

@@ -350,18 +350,20 @@ fn segment(kind: SegmentKind, groups: Vec<Group>, inputs: &ReportInputs<'_>) -> 
         format!("holds {} grown while traced; {}", human_bytes(sum.bytes), trend.reason)
     };
     let mut advice = advice(kind, inputs.node, inputs.tracked.iter().any(|t| t == "malloc"));
-    if kind == SegmentKind::MallocArena && growing
+    if kind == SegmentKind::MallocArena
+        && growing
         && let Some(live) = heap_growth(inputs)
-            && live < 0.1 * growth {
-                verdict = SegmentVerdict::Fragmentation;
-                reason = format!(
-                    "{reason}, while the live malloc blocks grew only {}/min: fragmentation",
-                    human_bytes((live.max(0.0) * 60.0) as u64)
-                );
-                advice = "the allocator keeps freed memory it cannot reuse: try MALLOC_ARENA_MAX=2 (fewer arenas), \
+        && live < 0.1 * growth
+    {
+        verdict = SegmentVerdict::Fragmentation;
+        reason = format!(
+            "{reason}, while the live malloc blocks grew only {}/min: fragmentation",
+            human_bytes((live.max(0.0) * 60.0) as u64)
+        );
+        advice = "the allocator keeps freed memory it cannot reuse: try MALLOC_ARENA_MAX=2 (fewer arenas), \
                           MALLOC_TRIM_THRESHOLD_=131072, or another allocator (jemalloc, mimalloc via LD_PRELOAD)"
                     .to_string();
-            }
+    }
     Some(SegmentGrowth {
         kind,
         bytes: sum.bytes,
