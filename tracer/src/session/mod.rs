@@ -33,6 +33,7 @@ use crate::{
     live::{Action, LiveView},
     model::StackTable,
     procfs,
+    push::pyroscope::{self, Pusher},
     report::Report,
     symbolize::ProcessSymbols,
 };
@@ -73,20 +74,44 @@ struct Sources {
     metrics: Option<TcpListener>,
 }
 
+/// Who is shown or sent the trace while it runs, besides the status line.
+#[derive(Default)]
+struct Watchers {
+    live: Option<LiveView>,
+    pyroscope: Option<Pusher>,
+}
+
 /// Traces `target` and returns the report.
 pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
     let (mut s, sources) = start(target, args).await?;
     let started = Instant::now();
     let Sources { mut events, pidfd, metrics } = sources;
-    let mut live = if args.live { start_live_view() } else { None };
+    let live = if args.live { start_live_view() } else { None };
+    let pyroscope = match &args.pyroscope {
+        Some(url) => {
+            let target = pyroscope::Target::new(url, &args.labels, &s.comm, pyroscope::Auth::from_env()?)?;
+            Some(Pusher::new(target, snapshot_interval(args, live.is_some()))?)
+        }
+        None => None,
+    };
+    let mut watchers = Watchers { live, pyroscope };
     let reason =
-        event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started, live.as_mut()).await?;
-    if let Some(view) = live {
+        event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started, &mut watchers).await?;
+    if let Some(view) = watchers.live.take() {
         view.finish();
     }
     // Whatever is still in the ring buffer belongs to the run.
     s.drain(events.get_mut());
-    Ok(finish(s, reason, args, started))
+    let (mut report, reason) = finish(s, reason, args, started);
+    if let Some(pusher) = watchers.pyroscope.as_mut() {
+        pusher.push_final(&report).await;
+        let status = pusher.status();
+        eprintln!("memtrace: {status}");
+        if pusher.failures() > 0 {
+            report.warnings.push(crate::report::Warning { t_s: report.duration_s, message: status });
+        }
+    }
+    Ok((report, reason))
 }
 
 /// The full-screen view, or `None` (the status line) when it cannot be shown.
@@ -244,7 +269,7 @@ async fn event_loop(
     metrics: Option<&TcpListener>,
     args: &TraceArgs,
     started: Instant,
-    mut live: Option<&mut LiveView>,
+    watchers: &mut Watchers,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
     let mut target_exited = false;
@@ -254,7 +279,7 @@ async fn event_loop(
         tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     // The live view's terminal closing ends the trace with its outputs written (only
     // then: elsewhere SIGHUP keeps its meaning, and `nohup` keeps working).
-    let mut sighup = match live {
+    let mut sighup = match watchers.live {
         Some(_) => Some(tokio::signal::unix::signal(SignalKind::hangup()).context("install SIGHUP handler")?),
         None => None,
     };
@@ -264,18 +289,9 @@ async fn event_loop(
     // object); between wakeups the ring buffer is drained on this timer.
     let mut drain = tokio::time::interval(Duration::from_millis(100));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let interval = args.interval.unwrap_or_else(|| {
-        if live.is_some() {
-            // A person is watching: verdicts and the time to the limit within seconds.
-            return Duration::from_secs(1);
-        }
-        args.duration.map_or(Duration::from_secs(5), |d| {
-            (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
-        })
-    });
+    let interval = snapshot_interval(args, watchers.live.is_some());
     let mut next_snapshot = Instant::now().checked_add(interval);
-    let tty = std::io::stderr().is_terminal();
-    let mut last_status_line = Instant::now();
+    let mut status = StatusLine { tty: std::io::stderr().is_terminal(), last: Instant::now() };
     let reason = loop {
         tokio::select! {
             guard = events.readable_mut() => {
@@ -309,8 +325,8 @@ async fn event_loop(
             _ = async { match sighup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 break StopReason::Signal;
             }
-            event = async { match live.as_mut() { Some(view) => view.next_event().await, None => std::future::pending().await } } => {
-                if let Some(view) = live.as_mut() {
+            event = async { match watchers.live.as_mut() { Some(view) => view.next_event().await, None => std::future::pending().await } } => {
+                if let Some(view) = watchers.live.as_mut() {
                     if view.handle(&event) == Action::Quit {
                         break StopReason::Signal;
                     }
@@ -347,24 +363,12 @@ async fn event_loop(
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
                 }
-                if next_snapshot.is_some_and(|at| Instant::now() >= at) {
+                let snapshot = next_snapshot.is_some_and(|at| Instant::now() >= at);
+                if snapshot {
                     s.snapshot();
                     next_snapshot = next_snapshot.and_then(|at| at.checked_add(interval));
                 }
-                if let Some(view) = live.as_mut() {
-                    if !view.paused() {
-                        let made = Instant::now();
-                        let report = s.live_report(started, args.min_age);
-                        debug!("live report: {} suspects in {:.1?}", report.leaks.len() + report.other_suspects.len(), made.elapsed());
-                        view.update(report);
-                    }
-                    draw(view);
-                } else if tty {
-                    eprint!("\r{}\x1b[K", s.status_line(started));
-                } else if last_status_line.elapsed() >= Duration::from_secs(5) {
-                    eprintln!("{}", s.status_line(started));
-                    last_status_line = Instant::now();
-                }
+                on_tick(s, watchers, snapshot, &mut status, args, started);
             }
         }
     };
@@ -375,6 +379,70 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
+}
+
+/// How often a snapshot is taken (and a profile pushed).
+fn snapshot_interval(args: &TraceArgs, live: bool) -> Duration {
+    args.interval.unwrap_or_else(|| {
+        if live {
+            // A person is watching: verdicts and the time to the limit within seconds.
+            return Duration::from_secs(1);
+        }
+        args.duration.map_or(Duration::from_secs(5), |d| {
+            (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
+        })
+    })
+}
+
+/// The status line on stderr: rewritten in place on a terminal, else every 5 s.
+struct StatusLine {
+    tty: bool,
+    last: Instant,
+}
+
+/// Each second: the live view is redrawn from a fresh report, and at each snapshot the
+/// profile is pushed; without a view, the status line.
+fn on_tick(
+    s: &mut Session,
+    w: &mut Watchers,
+    snapshot: bool,
+    status: &mut StatusLine,
+    args: &TraceArgs,
+    started: Instant,
+) {
+    let show = w.live.as_ref().is_some_and(|v| !v.paused());
+    let push = snapshot && w.pyroscope.is_some();
+    if show || push {
+        let made = Instant::now();
+        let report = s.live_report(started, args.min_age);
+        debug!(
+            "live report: {} suspects in {:.1?}",
+            report.leaks.len() + report.other_suspects.len(),
+            made.elapsed()
+        );
+        if let Some(pusher) = w.pyroscope.as_mut().filter(|_| push) {
+            pusher.push(&report);
+        }
+        if let Some(view) = w.live.as_mut().filter(|_| show) {
+            view.update(report);
+        }
+    }
+    let pushed = w.pyroscope.as_ref().map(Pusher::status);
+    if let Some(view) = w.live.as_mut() {
+        view.set_notes(pushed.into_iter().collect());
+        draw(view);
+        return;
+    }
+    let line = match pushed {
+        Some(p) => format!("{}  {p}", s.status_line(started)),
+        None => s.status_line(started),
+    };
+    if status.tty {
+        eprint!("\r{line}\x1b[K");
+    } else if status.last.elapsed() >= Duration::from_secs(5) {
+        eprintln!("{line}");
+        status.last = Instant::now();
+    }
 }
 
 fn draw(view: &mut LiveView) {
