@@ -273,16 +273,7 @@ async fn event_loop(
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
     let mut target_exited = false;
-    let mut sigterm =
-        tokio::signal::unix::signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut sigint =
-        tokio::signal::unix::signal(SignalKind::interrupt()).context("install SIGINT handler")?;
-    // The live view's terminal closing ends the trace with its outputs written (only
-    // then: elsewhere SIGHUP keeps its meaning, and `nohup` keeps working).
-    let mut sighup = match watchers.live {
-        Some(_) => Some(tokio::signal::unix::signal(SignalKind::hangup()).context("install SIGHUP handler")?),
-        None => None,
-    };
+    let mut signals = StopSignals::install(watchers.live.is_some())?;
     let deadline = args.duration.and_then(|d| crate::duration::deadline(tokio::time::Instant::now(), d));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The kernel wakes us only when data piles up (see `wakeup_flags` in the eBPF
@@ -320,11 +311,7 @@ async fn event_loop(
                     break StopReason::TargetExited;
                 }
             }
-            _ = sigint.recv() => break StopReason::Signal,
-            _ = sigterm.recv() => break StopReason::Signal,
-            _ = async { match sighup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                break StopReason::Signal;
-            }
+            () = signals.recv() => break StopReason::Signal,
             event = async { match watchers.live.as_mut() { Some(view) => view.next_event().await, None => std::future::pending().await } } => {
                 if let Some(view) = watchers.live.as_mut() {
                     if view.handle(&event) == Action::Quit {
@@ -379,6 +366,41 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
+}
+
+/// The signals that stop a trace: SIGINT and SIGTERM, and SIGHUP with a live view (its
+/// terminal closing ends the trace with its outputs written; elsewhere SIGHUP keeps its
+/// meaning, and `nohup` keeps working).
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install(live: bool) -> anyhow::Result<Self> {
+        let signal =
+            |kind, name| tokio::signal::unix::signal(kind).with_context(|| format!("install {name} handler"));
+        Ok(Self {
+            int: signal(SignalKind::interrupt(), "SIGINT")?,
+            term: signal(SignalKind::terminate(), "SIGTERM")?,
+            hup: if live { Some(signal(SignalKind::hangup(), "SIGHUP")?) } else { None },
+        })
+    }
+
+    async fn recv(&mut self) {
+        let hup = async {
+            match self.hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = hup => {}
+        }
+    }
 }
 
 /// How often a snapshot is taken (and a profile pushed).
