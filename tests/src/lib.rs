@@ -112,6 +112,21 @@ pub fn node_bin() -> PathBuf {
     env::var_os("NODE").map_or_else(|| PathBuf::from("node"), PathBuf::from)
 }
 
+/// Debian's node 18 (V8 10.2 in libnode, no `.symtab`) unpacked by `cargo xtask setup`:
+/// a wrapper script that runs it. Panics, saying how to get it, when it is missing.
+#[must_use]
+pub fn node18_bin() -> PathBuf {
+    let root = workspace_root();
+    let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |dir| root.join(dir));
+    let wrapper = target.join("fixtures/node18/node");
+    assert!(
+        wrapper.is_file(),
+        "{} is missing: run `cargo xtask setup` (it unpacks Debian's node 18 there)",
+        wrapper.display()
+    );
+    wrapper
+}
+
 /// The file a fixture waits for before it starts allocating.
 pub struct StartGate {
     path: PathBuf,

@@ -271,3 +271,32 @@ fn planted_symlink_is_not_written_through() {
         serde_json::from_str(&fs::read_to_string(&good).expect("read report")).expect("parse report");
     assert_eq!(json["target"]["comm"], "true", "the report of the run: {json}");
 }
+
+/// Ctrl-C, SIGTERM and SIGHUP (a closed terminal) all stop tracing with the report
+/// written and a zero exit.
+#[test]
+fn stop_signals_write_the_report() {
+    if !require_root("stop_signals_write_the_report") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let target = sleeper();
+    for (name, signal) in [("SIGINT", libc::SIGINT), ("SIGTERM", libc::SIGTERM), ("SIGHUP", libc::SIGHUP)] {
+        let json = dir.path().join(format!("{name}.json"));
+        let mut memtrace = Memtrace::attach(target.pid(), "60s", &json);
+        memtrace.wait_for_stderr("attached", Duration::from_secs(30));
+        // SAFETY: signals the memtrace process this test spawned, by its pid.
+        unsafe { libc::kill(memtrace.pid().cast_signed(), signal) };
+        let started = Instant::now();
+        let out = memtrace.wait(Duration::from_secs(30));
+        assert!(out.status.success(), "memtrace after {name} exited with {}\n{}", out.status, out.combined());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{name} took {:?} to stop memtrace",
+            started.elapsed()
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(&json).expect("read report")).expect("parse report");
+        assert_eq!(report["target"]["pid"], target.pid(), "{name}: {report}");
+    }
+}

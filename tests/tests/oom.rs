@@ -161,3 +161,54 @@ fn node_oom_killed_in_a_cgroup() {
         .any(|f| f["function"] == "keepBuffers" && f["kind"] == "js");
     assert!(js, "keepBuffers is named as a JS frame after the process is gone");
 }
+
+/// An OOM kill during a storm of stack events that overflows the (small) event ring
+/// buffer: the kill travels on a ring buffer of its own and is still recorded; the
+/// events lost to the storm are counted.
+#[test]
+fn oom_kill_survives_an_event_storm() {
+    if !require_root("oom_kill_survives_an_event_storm") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let bin = build_c_fixture("oom_storm", dir.path());
+    let gate = StartGate::new(dir.path());
+    let Some(cgroup) = MemoryCgroup::new("storm", 64 * MIB) else {
+        panic!("no memory cgroup controller (v1 or v2) on this machine: the OOM tests cannot run");
+    };
+    let mut cmd = Command::new(&bin);
+    cmd.arg(gate.path());
+    let mut fixture = TestProcess::spawn("oom_storm", cmd);
+    fixture.wait_for_stdout("waiting", Duration::from_secs(20));
+    cgroup.add(fixture.pid());
+    let pid = fixture.pid();
+    let json = dir.path().join("report.json");
+    let pid_arg = pid.to_string();
+    let mut memtrace = Memtrace::spawn([
+        "attach",
+        &pid_arg,
+        "--duration",
+        "60s",
+        "--ring-buffer-mib",
+        "1",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    memtrace.wait_for_stderr("attached", Duration::from_secs(30));
+    gate.open();
+    let out = memtrace.wait(Duration::from_mins(2));
+    drop(fixture);
+    drop(cgroup);
+    assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
+    assert!(out.stderr.contains("OOM-killed"), "the kill was missed in the storm\n{}", out.combined());
+    let report: Value = serde_json::from_str(&fs::read_to_string(&json).expect("read report")).expect("JSON");
+    let kills = report["oom_kills"].as_array().expect("oom_kills");
+    assert!(kills.iter().any(|k| k["pid"] == pid), "no OOM record for {pid}: {kills:?}");
+    let lost = report["lost_events"].as_u64().expect("lost_events");
+    assert!(
+        lost > 0,
+        "the storm did not overflow the 1 MiB ring buffer, so the test proves nothing\n{}",
+        out.combined()
+    );
+    eprintln!("storm: {lost} events lost, the OOM record kept");
+}

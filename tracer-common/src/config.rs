@@ -33,6 +33,10 @@ pub const GLOBAL_STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
 /// not-present fault in this many is sent with its stack.
 pub const GLOBAL_FAULT_SAMPLE_PERIOD: &str = "FAULT_SAMPLE_PERIOD";
 
+/// Name of the global holding how many bytes of an `oom:mark_victim` record to copy
+/// (`u32`, at most [`crate::OOM_RECORD_MAX`]): its size per the tracepoint's format.
+pub const GLOBAL_OOM_RECORD_LEN: &str = "OOM_RECORD_LEN";
+
 /// Name of the ring buffer map.
 pub const MAP_EVENTS: &str = "EVENTS";
 /// Name of the hash map of traced processes: tgid → 1. Userspace seeds it with the targets;
@@ -40,6 +44,9 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_TRACED: &str = "TRACED";
 /// Default capacity of [`MAP_TRACED`].
 pub const TRACED_MAX: u32 = 8192;
+/// Name of the ring buffer that carries only OOM records, so that a storm of stack
+/// events on [`MAP_EVENTS`] cannot crowd out the one record that matters.
+pub const MAP_OOM_EVENTS: &str = "OOM_EVENTS";
 /// Name of the per-CPU counters map, indexed by the `COUNTER_*` constants.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 
@@ -57,5 +64,7 @@ pub const COUNTER_FAULTS: u32 = 4;
 pub const COUNTER_TRACED_FULL: u32 = 5;
 /// Probe programs that could not read their tracepoint record or the current task.
 pub const COUNTER_PROBE_FAILED: u32 = 6;
+/// OOM records dropped because their ring buffer was full.
+pub const COUNTER_OOM_LOST: u32 = 7;
 /// Number of counters.
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 8;

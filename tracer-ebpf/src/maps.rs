@@ -37,6 +37,16 @@ pub fn traced(tgid: u32) -> bool {
     unsafe { TRACED.get(&tgid) }.is_some()
 }
 
+/// Bytes of an `oom:mark_victim` record (from its format file; see `tracer_common`).
+#[unsafe(no_mangle)]
+pub static OOM_RECORD_LEN: u32 = 0;
+
+#[inline(always)]
+pub fn oom_record_len() -> u32 {
+    // SAFETY: as in `target_tgid`.
+    unsafe { core::ptr::read_volatile(&raw const OOM_RECORD_LEN) }
+}
+
 #[inline(always)]
 pub fn fault_sample_period() -> u32 {
     // SAFETY: as in `track_flags`.
@@ -71,6 +81,10 @@ pub fn stack_copy_bytes() -> u32 {
 /// Size is overridden by userspace (`--ring-buffer`); this is the default.
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// OOM records only: a few hundred fit, and stack events never take their room.
+#[map(name = "OOM_EVENTS")]
+pub static OOM_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

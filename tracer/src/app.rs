@@ -16,9 +16,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     bpf::features::{Status, run_checks},
     cli::{Cli, Command, OutputArgs, TraceArgs},
-    export,
-    output::{self, OutputFile},
-    procfs, record,
+    export, output, procfs, record,
     report::Report,
     session::{self, Release, StopReason, TraceTarget},
 };
@@ -174,16 +172,7 @@ pub fn write_outputs(report: &Report, out: &OutputArgs) -> anyhow::Result<()> {
     let mut lock = stdout.lock();
     export::text::write_text(report, out.top, &mut lock).context("write the report to stdout")?;
     lock.flush().context("flush stdout")?;
-    let write_file = |path: &Path,
-                      what: &str,
-                      render: &dyn Fn(&mut OutputFile) -> Result<(), export::ExportError>|
-     -> anyhow::Result<()> {
-        let mut file = OutputFile::create(path)?;
-        render(&mut file).with_context(|| format!("write {}", path.display()))?;
-        file.commit()?;
-        eprintln!("memtrace: wrote {what} to {}", path.display());
-        Ok(())
-    };
+    let write_file = crate::export::write_to_file;
     if let Some(path) = &out.json {
         write_file(path, "JSON report", &|w| export::json::write_json(report, w))?;
     }

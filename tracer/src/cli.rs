@@ -186,10 +186,32 @@ pub struct TraceArgs {
     /// interval defaults to 1s). Needs a terminal; without one, the status line is shown.
     #[arg(long)]
     pub live: bool,
+    /// The JS heap view of a Node.js target: live JS objects by the JS stack that made
+    /// them, from V8's sampling heap profiler. `auto` opens it for Node targets: memtrace
+    /// sends SIGUSR1 (which an application's own SIGUSR1 listener also receives), its
+    /// inspector listens for one round trip (tens of milliseconds) while memtrace installs
+    /// an in-process agent, and is closed again; the agent stops when memtrace does, however
+    /// it stops. A target started with --inspect keeps its inspector as it was.
+    #[arg(long, value_enum, default_value_t = JsHeapMode::Auto, value_name = "MODE")]
+    pub js_heap: JsHeapMode,
+    /// The JS heap view samples one allocation per this many bytes on average (V8's
+    /// sampling interval): lower is more precise and costs the target more.
+    #[arg(long, value_parser = crate::heap::parse_size, default_value = "512k", value_name = "BYTES")]
+    pub js_heap_interval: u64,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]
     pub malloc: crate::heap::MallocArgs,
+}
+
+/// `--js-heap`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum JsHeapMode {
+    /// Open the view when the target is Node.js.
+    #[default]
+    Auto,
+    /// Never send the target SIGUSR1 nor open its inspector.
+    Off,
 }
 
 /// What the flamegraph weighs each stack by.

@@ -12,6 +12,7 @@ pub mod duration;
 pub mod events;
 pub mod export;
 pub mod heap;
+pub mod jsheap;
 pub mod live;
 pub mod model;
 pub mod oomwatch;

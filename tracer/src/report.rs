@@ -482,6 +482,16 @@ pub struct TimelinePoint {
     /// Heap blocks allocated while tracing and not freed (`--track malloc`; 0 otherwise).
     #[serde(default)]
     pub heap_bytes: u64,
+    /// V8's heap of a Node target with the JS heap view (`process.memoryUsage()`: used
+    /// and total heap, external memory and `ArrayBuffer`s; 0 without the view).
+    #[serde(default)]
+    pub v8_heap_used_bytes: u64,
+    #[serde(default)]
+    pub v8_heap_total_bytes: u64,
+    #[serde(default)]
+    pub v8_external_bytes: u64,
+    #[serde(default)]
+    pub v8_array_buffers_bytes: u64,
 }
 
 /// Something the user was told during the run (e.g. `--warn-at` crossed).

@@ -34,6 +34,7 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     tracefs()?;
     example_deps()?;
+    node18()?;
     step("setup: done");
     Ok(())
 }
@@ -155,4 +156,63 @@ fn example_deps() -> Result<()> {
     let verb = if dir.join("package-lock.json").is_file() { "ci" } else { "install" };
     proc::run(Command::new("npm").args([verb, "--no-audit", "--no-fund"]).current_dir(&dir))
         .with_context(|| format!("npm {verb} in {}", dir.display()))
+}
+
+/// Debian's node 18 (V8 10.2, V8 in libnode.so, no `.symtab`), extracted beside the
+/// system's node for the test that names JS frames from the heap of a second major
+/// version. Installing it would replace the system's node, so its packages are unpacked
+/// into the target directory, and a wrapper runs it in a mount namespace where its
+/// externalized JS dependencies are at the /usr/share/nodejs it was built for.
+const NODE18_PACKAGES: &[&str] =
+    &["libuv1", "libc-ares2", "node-cjs-module-lexer", "node-acorn", "node-undici"];
+
+fn node18() -> Result<()> {
+    let dir = proc::target_dir().join("fixtures/node18");
+    step(&format!("setup: Debian's node 18 in {}", dir.display()));
+    let wrapper = dir.join("node");
+    if wrapper.is_file() && dir.join("root/usr/bin/node").is_file() {
+        note("present");
+        return Ok(());
+    }
+    require_root("unpacking node 18 (apt-get download)")?;
+    // The newest 18.x Debian offers, not the system's nodejs (another major version).
+    let madison = proc::output(Command::new("apt-cache").args(["madison", "nodejs"])).unwrap_or_default();
+    let version = madison
+        .lines()
+        .filter_map(|line| line.split('|').nth(1).map(str::trim))
+        .find(|v| v.starts_with("18."))
+        .context("apt-cache madison nodejs lists no 18.x version (run apt-get update)")?
+        .to_string();
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(&debs).with_context(|| format!("create {}", debs.display()))?;
+    let mut packages = vec![format!("nodejs={version}"), format!("libnode108={version}")];
+    packages.extend(NODE18_PACKAGES.iter().map(ToString::to_string));
+    proc::run(Command::new("apt-get").arg("download").args(&packages).current_dir(&debs))
+        .with_context(|| format!("apt-get download {}", packages.join(" ")))?;
+    let root = dir.join("root");
+    for entry in std::fs::read_dir(&debs).with_context(|| format!("list {}", debs.display()))? {
+        let deb = entry?.path();
+        if deb.extension().is_some_and(|e| e == "deb") {
+            proc::run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root))
+                .with_context(|| format!("dpkg -x {}", deb.display()))?;
+        }
+    }
+    let root = root.display();
+    // /usr/share is replaced (in the namespace only) by an empty tmpfs holding the
+    // packages' nodejs directory: nothing is created outside the target directory.
+    let script = format!(
+        "#!/bin/sh\n\
+         # Debian's node 18 from {root}, made by `cargo xtask setup`.\n\
+         exec unshare -m sh -c 'mount -t tmpfs tmpfs /usr/share && mkdir /usr/share/nodejs && \\\n\
+         mount --bind {root}/usr/share/nodejs /usr/share/nodejs && \\\n\
+         LD_LIBRARY_PATH={root}/usr/lib/x86_64-linux-gnu exec {root}/usr/bin/node \"$@\"' node18 \"$@\"\n"
+    );
+    std::fs::write(&wrapper, script).with_context(|| format!("write {}", wrapper.display()))?;
+    proc::run(Command::new("chmod").arg("+x").arg(&wrapper))?;
+    let check = proc::output(Command::new(&wrapper).args(["-p", "process.versions.v8"])).unwrap_or_default();
+    if !check.starts_with("10.") {
+        bail!("{} does not run node 18 (printed {check:?})", wrapper.display());
+    }
+    note(&format!("node 18 with V8 {}", check.trim()));
+    Ok(())
 }

@@ -1,5 +1,6 @@
 //! `oom:mark_victim`, machine-wide: the raw record goes to userspace, which decodes it
-//! with the offsets of the tracepoint's `format` file.
+//! with the offsets of the tracepoint's `format` file. It travels on its own ring
+//! buffer, so that a storm of stack events cannot make it the one that is dropped.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -8,18 +9,18 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    COUNTER_EVENTS_SENT, COUNTER_RINGBUF_FULL, EventHeader, OOM_RECORD_MAX, OomEvent, TRACK_OOM, kind,
+    COUNTER_EVENTS_SENT, COUNTER_OOM_LOST, EventHeader, OOM_RECORD_MAX, OomEvent, TRACK_OOM, kind,
 };
 
-use crate::maps::{EVENTS, count, track_flags};
+use crate::maps::{OOM_EVENTS, count, oom_record_len, track_flags};
 
 #[tracepoint]
 pub fn tp_oom_mark_victim(ctx: TracePointContext) -> u32 {
     if track_flags() & TRACK_OOM == 0 {
         return 0;
     }
-    let Some(mut entry) = EVENTS.reserve::<OomEvent>(0) else {
-        count(COUNTER_RINGBUF_FULL);
+    let Some(mut entry) = OOM_EVENTS.reserve::<OomEvent>(0) else {
+        count(COUNTER_OOM_LOST);
         return 0;
     };
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -37,18 +38,14 @@ pub fn tp_oom_mark_victim(ctx: TracePointContext) -> u32 {
     event._pad = 0;
     event.current_comm = bpf_get_current_comm().unwrap_or([0; 16]);
     let record = ctx.as_ptr() as *const u8;
-    // The record is shorter than OOM_RECORD_MAX; fall back to its fixed part if the
-    // longer read crosses into unmapped memory.
+    // Exactly the record's size (userspace computed it from the format file): bytes
+    // beyond it belong to other events.
+    let len = core::cmp::min(oom_record_len() as usize, OOM_RECORD_MAX);
     // SAFETY: reads kernel memory through the checked helper into our buffer.
-    let full = unsafe { bpf_probe_read_kernel_buf(record, &mut event.record) };
-    event.record_len = if full.is_ok() {
-        OOM_RECORD_MAX as u32
-    } else {
-        // SAFETY: as above, with a shorter length.
-        let short = unsafe { bpf_probe_read_kernel_buf(record, &mut event.record[..96]) };
-        if short.is_ok() { 96 } else { 0 }
-    };
-    entry.submit(0);
+    let read = unsafe { bpf_probe_read_kernel_buf(record, &mut event.record[..len]) };
+    event.record_len = if read.is_ok() { len as u32 } else { 0 };
+    // The reader is woken at once: an OOM kill is rare and is what the user waits for.
+    entry.submit(u64::from(aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP));
     count(COUNTER_EVENTS_SENT);
     0
 }

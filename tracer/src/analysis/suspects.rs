@@ -376,23 +376,21 @@ fn segment(kind: SegmentKind, groups: Vec<Group>, inputs: &ReportInputs<'_>) -> 
 }
 
 /// Growth of the live malloc blocks over the run (bytes/s), when the allocator view ran:
-/// the median of the second half of the snapshots against the median of the first, so
-/// that a snapshot taken in the middle of a burst of short-lived blocks does not count
-/// as growth.
+/// the floor (least held) of the second half of the snapshots against the floor of the
+/// first, so that snapshots taken in the middle of bursts of short-lived blocks (which
+/// grow with the bursts) do not count as growth. A leak raises the floor.
 fn heap_growth(inputs: &ReportInputs<'_>) -> Option<f64> {
     let points = &inputs.timeline;
     if !inputs.tracked.iter().any(|t| t == "malloc") || points.len() < 4 {
         return None;
     }
-    let median = |p: &[crate::report::TimelinePoint]| {
-        let mut v: Vec<(u64, f64)> = p.iter().map(|p| (p.heap_bytes, p.t_s)).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut t: Vec<f64> = p.iter().map(|p| p.t_s).collect();
-        t.sort_by(f64::total_cmp);
-        (v[v.len() / 2].0 as f64, t[t.len() / 2])
+    let floor = |p: &[crate::report::TimelinePoint]| {
+        let least = p.iter().map(|p| p.heap_bytes).min().unwrap_or(0) as f64;
+        let mid_t = (p.first().map_or(0.0, |p| p.t_s) + p.last().map_or(0.0, |p| p.t_s)) / 2.0;
+        (least, mid_t)
     };
     let (first, second) = points.split_at(points.len() / 2);
-    let ((a, ta), (b, tb)) = (median(first), median(second));
+    let ((a, ta), (b, tb)) = (floor(first), floor(second));
     Some(if tb > ta { (b - a) / (tb - ta) } else { 0.0 })
 }
 

@@ -13,8 +13,8 @@ use aya::{
 use log::{debug, warn};
 use tracer_common::{
     COUNTER_COUNT, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FAULT_SAMPLE_PERIOD, GLOBAL_FOLLOW_CHILDREN,
-    GLOBAL_SOLE_TGID, GLOBAL_STACK_COPY_BYTES, GLOBAL_TRACK_FLAGS, MAP_COUNTERS, MAP_EVENTS, MAP_TRACED,
-    TRACK_BRK, TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
+    GLOBAL_OOM_RECORD_LEN, GLOBAL_SOLE_TGID, GLOBAL_STACK_COPY_BYTES, GLOBAL_TRACK_FLAGS, MAP_COUNTERS,
+    MAP_EVENTS, MAP_OOM_EVENTS, MAP_TRACED, TRACK_BRK, TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -121,6 +121,8 @@ pub struct LoadOptions {
     pub fault_sample_period: u32,
     /// The malloc-family probes (`--track malloc`).
     pub malloc: uprobe::MallocSettings,
+    /// Bytes of an `oom:mark_victim` record ([`crate::events::OomFormat::record_len`]).
+    pub oom_record_len: u32,
 }
 
 /// The loaded and attached programs with the maps userspace reads.
@@ -128,6 +130,7 @@ pub struct Tracer {
     /// Kept alive: dropping it detaches the programs.
     ebpf: Ebpf,
     events: Option<RingBuf<MapData>>,
+    oom_events: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     /// The traced processes (the kernel keeps it up to date).
     _traced: aya::maps::HashMap<MapData, u32, u32>,
@@ -160,6 +163,7 @@ impl Tracer {
             .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
             .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)
             .override_global(GLOBAL_FAULT_SAMPLE_PERIOD, &options.fault_sample_period, true)
+            .override_global(GLOBAL_OOM_RECORD_LEN, &options.oom_record_len, true)
             .map_max_entries(MAP_EVENTS, options.ring_buffer_bytes)
             .load(OBJECT)
             .map_err(BpfError::Load)?;
@@ -186,8 +190,9 @@ impl Tracer {
             debug!("attached {} to {}:{}", a.program, a.category, a.name);
         }
         let events = take_map(&mut ebpf, MAP_EVENTS)?;
+        let oom_events = take_map(&mut ebpf, MAP_OOM_EVENTS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
-        Ok(Self { ebpf, events: Some(events), counters, _traced: traced })
+        Ok(Self { ebpf, events: Some(events), oom_events: Some(oom_events), counters, _traced: traced })
     }
 
     /// The loaded object, for probe families that attach or read maps of their own.
@@ -198,6 +203,11 @@ impl Tracer {
     /// The ring buffer, to be polled by the caller (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// The ring buffer of OOM records, to be polled by the caller (once).
+    pub fn take_oom_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.oom_events.take()
     }
 
     /// Kernel-side counters summed over CPUs, indexed by `COUNTER_*`.

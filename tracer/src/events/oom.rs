@@ -36,7 +36,12 @@ pub struct OomFormat {
     uid: Option<Field>,
     pgtables: Option<Field>,
     oom_score_adj: Option<Field>,
+    /// Bytes of a record: the fixed fields, then room for each `__data_loc` string.
+    record_len: usize,
 }
+
+/// Bytes a `__data_loc` string of the record takes at most (`TASK_COMM_LEN`).
+const DATA_LOC_MAX: usize = 16;
 
 /// A decoded OOM kill.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -99,6 +104,11 @@ impl OomFormat {
     pub fn parse(text: &str) -> Result<Self, FormatError> {
         let fields = fields(text);
         let get = |n: &'static str| fields.get(n).copied().ok_or(FormatError::MissingField(n));
+        // The fixed part ends at the last field, padded to the record's 8-byte
+        // alignment; `__data_loc` payloads follow it.
+        let fixed_end = fields.values().map(|f| f.offset + f.size).max().unwrap_or(0).next_multiple_of(8);
+        let strings = fields.values().filter(|f| f.data_loc).count() * DATA_LOC_MAX;
+        let record_len = (fixed_end + strings).min(OOM_RECORD_MAX);
         Ok(Self {
             pid: get("pid")?,
             comm: get("comm")?,
@@ -109,7 +119,14 @@ impl OomFormat {
             uid: get("uid").ok(),
             pgtables: get("pgtables").ok(),
             oom_score_adj: get("oom_score_adj").ok(),
+            record_len,
         })
+    }
+
+    /// Bytes of a record, which the probe copies (at most [`OOM_RECORD_MAX`]).
+    #[must_use]
+    pub fn record_len(&self) -> u32 {
+        self.record_len as u32
     }
 
     /// Decodes an [`OomEvent`] record. Page counts in the tracepoint are in KiB.
@@ -228,6 +245,33 @@ format:
         assert_eq!(rec.pgtables_bytes, Some(400 * 1024));
         assert_eq!(rec.oom_score_adj, -17);
         assert_eq!((rec.trigger_pid, rec.trigger_comm.as_str()), (42, "node"));
+    }
+
+    #[test]
+    fn record_length_is_the_format_s() {
+        // Fixed fields end at 66 (72 aligned); the comm string follows.
+        assert_eq!(OomFormat::parse(FORMAT).expect("format parses").record_len(), 72 + 16);
+        let no_strings = FORMAT.replace("__data_loc char[] comm", "char comm[4]");
+        assert_eq!(OomFormat::parse(&no_strings).expect("format parses").record_len(), 72);
+    }
+
+    #[test]
+    fn bytes_past_the_record_are_not_read() {
+        let format = OomFormat::parse(FORMAT).expect("format parses");
+        let mut event = OomEvent {
+            header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 1, tid: 1, has_stack: 0, ts_ns: 1 },
+            record_len: 72,
+            _pad: 0,
+            current_comm: [0; 16],
+            record: [0xaa; OOM_RECORD_MAX],
+        };
+        // The comm's location points past the copied bytes: it is not read.
+        event.record[12..16].copy_from_slice(&((5u32 << 16) | 0x48).to_le_bytes());
+        // SAFETY: test-only byte view of a POD struct.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())
+        };
+        assert_eq!(format.decode(bytes).expect("decodes").comm, "");
     }
 
     #[test]

@@ -35,3 +35,18 @@ pub enum ExportError {
     #[error("render flamegraph SVG: {0}")]
     Flamegraph(#[source] std::io::Error),
 }
+
+/// Renders one export into `path` through [`crate::output::OutputFile`] (a temporary file
+/// renamed into place) and says so on stderr: `memtrace: wrote {what} to {path}`.
+pub fn write_to_file(
+    path: &std::path::Path,
+    what: &str,
+    render: &dyn Fn(&mut crate::output::OutputFile) -> Result<(), ExportError>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut file = crate::output::OutputFile::create(path)?;
+    render(&mut file).with_context(|| format!("write {}", path.display()))?;
+    file.commit()?;
+    eprintln!("memtrace: wrote {what} to {}", path.display());
+    Ok(())
+}

@@ -4,7 +4,7 @@
 //! which a later symbolizer may refine); identical stacks within one report are summed
 //! first. Each stack's delta is B − A: positive deltas grew, negative ones shrank.
 
-use std::{collections::HashMap, io::Write, path::Path};
+use std::{collections::HashMap, io::Write};
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
@@ -12,7 +12,6 @@ use serde::Serialize;
 use crate::{
     cli::{FlameKind, OutputArgs},
     export::{self, ExportError, FlameValue},
-    output::OutputFile,
     report::{Frame, FrameKind, Leak, Report, Source, Target, Totals, Variant},
     units::human_bytes,
 };
@@ -352,16 +351,7 @@ pub fn write_outputs(diff: &Diff, out: &OutputArgs) -> anyhow::Result<()> {
     }
     let stdout = std::io::stdout();
     write_text(diff, out.top, stdout.lock()).context("write the diff to stdout")?;
-    let write_file = |path: &Path,
-                      what: &str,
-                      render: &dyn Fn(&mut OutputFile) -> Result<(), ExportError>|
-     -> anyhow::Result<()> {
-        let mut file = OutputFile::create(path)?;
-        render(&mut file).with_context(|| format!("write {}", path.display()))?;
-        file.commit()?;
-        eprintln!("memtrace: wrote {what} to {}", path.display());
-        Ok(())
-    };
+    let write_file = crate::export::write_to_file;
     if let Some(path) = &out.json {
         write_file(path, "JSON diff", &|w| write_json(diff, w))?;
     }

@@ -1,5 +1,6 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
+mod jsheap;
 mod live;
 mod metrics;
 mod os;
@@ -16,10 +17,10 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{debug, warn};
-use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
+use tokio::{io::unix::AsyncFd, net::TcpListener};
 use tracer_common::{COUNTER_STACK_READ_FAILED, TRACK_MALLOC, TRACK_OOM};
 
-pub use os::{monotonic_ns, readable_fd, resolve_target, track_bits};
+pub use os::{StopSignals, monotonic_ns, readable_fd, resolve_target, track_bits};
 
 use self::{
     os::{pidfd_open, wait_for_exec},
@@ -70,6 +71,8 @@ pub type Release = Box<dyn FnOnce() -> anyhow::Result<()>>;
 /// What the event loop waits on besides timers and signals.
 struct Sources {
     events: AsyncFd<RingBuf<MapData>>,
+    /// OOM records, on a ring buffer of their own.
+    oom_events: AsyncFd<RingBuf<MapData>>,
     pidfd: OwnedFd,
     metrics: Option<TcpListener>,
 }
@@ -83,9 +86,12 @@ struct Watchers {
 
 /// Traces `target` and returns the report.
 pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
+    // Before anything is attached: a signal from then on stops tracing with a report,
+    // instead of killing memtrace between "attached" and the event loop.
+    let signals = StopSignals::install()?;
     let (mut s, sources) = start(target, args).await?;
     let started = Instant::now();
-    let Sources { mut events, pidfd, metrics } = sources;
+    let Sources { mut events, mut oom_events, pidfd, metrics } = sources;
     let live = if args.live { start_live_view() } else { None };
     let pyroscope = match &args.pyroscope {
         Some(url) => {
@@ -95,13 +101,28 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         None => None,
     };
     let mut watchers = Watchers { live, pyroscope };
-    let reason =
-        event_loop(&mut s, &mut events, pidfd, metrics.as_ref(), args, started, &mut watchers).await?;
+    // On an error the view is dropped with the session, which stops the agent too.
+    let reason = event_loop(
+        &mut s,
+        [&mut events, &mut oom_events],
+        pidfd,
+        metrics.as_ref(),
+        signals,
+        args,
+        started,
+        &mut watchers,
+    )
+    .await?;
     if let Some(view) = watchers.live.take() {
         view.finish();
     }
-    // Whatever is still in the ring buffer belongs to the run.
+    // Whatever is still in the ring buffers belongs to the run.
+    s.drain(oom_events.get_mut());
     s.drain(events.get_mut());
+    if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
+        s.js_heap.refresh(&mut s.stacks).await;
+    }
+    s.js_heap.close().await;
     let (mut report, reason) = finish(s, reason, args, started);
     if let Some(pusher) = watchers.pyroscope.as_mut() {
         pusher.push_final(&report).await;
@@ -127,6 +148,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let attach_started = Instant::now();
     let pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
     let &pid = pids.first().context("no process to trace")?;
+    let launched = target.release.is_some();
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
     procfs::access::check_traceable(pid)?;
@@ -157,17 +179,17 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         ring_buffer_bytes,
         fault_sample_period: args.fault_sample,
         malloc,
+        oom_record_len: oom_format.as_ref().map_or(0, OomFormat::record_len),
     })
     .with_context(|| format!("attach to process {pid}"))?;
-    let events = tracer.take_events().context("ring buffer already taken")?;
-    let events = readable_fd(events).context("poll the ring buffer")?;
-    let mut heap = if track & TRACK_MALLOC == 0 {
-        None
-    } else {
-        let heap = crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc)
-            .with_context(|| format!("attach the malloc probes to process {pid}"))?;
-        Some(heap)
-    };
+    let events = readable_fd(tracer.take_events().context("ring buffer already taken")?)
+        .context("poll the ring buffer")?;
+    let oom_events = readable_fd(tracer.take_oom_events().context("OOM ring buffer already taken")?)
+        .context("poll the OOM ring buffer")?;
+    let mut heap = (track & TRACK_MALLOC != 0)
+        .then(|| crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc))
+        .transpose()
+        .with_context(|| format!("attach the malloc probes to process {pid}"))?;
     if let Some(release) = target.release {
         let before = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         release()?;
@@ -184,7 +206,11 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
-    let tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let mut tracked: Vec<String> = args.track.iter().map(|t| t.name().to_string()).collect();
+    let js_heap = jsheap::JsHeap::start(pid, args, launched).await;
+    if js_heap.is_open() {
+        tracked.push(crate::report::Source::JsHeap.name().to_string());
+    }
     let whom = whom(&pids, target.children, &comm);
     eprintln!(
         "memtrace: attached to {whom} in {:.2}s, tracking {}; Ctrl-C to stop",
@@ -217,11 +243,12 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         tracked,
         rules: crate::analysis::CulpritRules::new(&args.culprit_skip).context("--culprit-skip")?,
         node: procfs::smaps::is_node(pid),
+        js_heap,
         parts: None,
     };
     s.snapshot();
 
-    Ok((s, Sources { events, pidfd, metrics }))
+    Ok((s, Sources { events, oom_events, pidfd, metrics }))
 }
 
 /// The targets' models and symbols, read from `/proc` (an error if one cannot be read).
@@ -264,16 +291,16 @@ fn whom(pids: &[u32], children: bool, comm: &str) -> String {
 /// Reads events, snapshots and reports status until a stop condition.
 async fn event_loop(
     s: &mut Session,
-    events: &mut AsyncFd<RingBuf<MapData>>,
+    [events, oom_events]: [&mut AsyncFd<RingBuf<MapData>>; 2],
     pidfd: OwnedFd,
     metrics: Option<&TcpListener>,
+    mut signals: StopSignals,
     args: &TraceArgs,
     started: Instant,
     watchers: &mut Watchers,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
     let mut target_exited = false;
-    let mut signals = StopSignals::install(watchers.live.is_some())?;
     let deadline = args.duration.and_then(|d| crate::duration::deadline(tokio::time::Instant::now(), d));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     // The kernel wakes us only when data piles up (see `wakeup_flags` in the eBPF
@@ -296,7 +323,16 @@ async fn event_loop(
                     break StopReason::TargetExited;
                 }
             }
+            guard = oom_events.readable_mut() => {
+                let mut guard = guard.context("wait for OOM records")?;
+                s.drain(guard.get_inner_mut());
+                guard.clear_ready();
+                if s.target_oom_killed {
+                    break StopReason::TargetOomKilled;
+                }
+            }
             _ = drain.tick() => {
+                s.drain(oom_events.get_mut());
                 s.drain(events.get_mut());
                 if s.target_oom_killed {
                     break StopReason::TargetOomKilled;
@@ -346,6 +382,15 @@ async fn event_loop(
                 if let Some(heap) = s.heap.as_mut() {
                     heap.poll_new_stacks(&mut s.stacks);
                 }
+                if !s.js_heap.is_open() {
+                    s.js_heap.poll_open(s.pid).await;
+                    if s.js_heap.is_open() {
+                        s.tracked.push(crate::report::Source::JsHeap.name().to_string());
+                    }
+                }
+                if next_snapshot.is_some_and(|at| Instant::now() >= at) {
+                    s.js_heap.refresh(&mut s.stacks).await;
+                }
                 s.symbolize_new();
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
@@ -366,41 +411,6 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
-}
-
-/// The signals that stop a trace: SIGINT and SIGTERM, and SIGHUP with a live view (its
-/// terminal closing ends the trace with its outputs written; elsewhere SIGHUP keeps its
-/// meaning, and `nohup` keeps working).
-struct StopSignals {
-    int: tokio::signal::unix::Signal,
-    term: tokio::signal::unix::Signal,
-    hup: Option<tokio::signal::unix::Signal>,
-}
-
-impl StopSignals {
-    fn install(live: bool) -> anyhow::Result<Self> {
-        let signal =
-            |kind, name| tokio::signal::unix::signal(kind).with_context(|| format!("install {name} handler"));
-        Ok(Self {
-            int: signal(SignalKind::interrupt(), "SIGINT")?,
-            term: signal(SignalKind::terminate(), "SIGTERM")?,
-            hup: if live { Some(signal(SignalKind::hangup(), "SIGHUP")?) } else { None },
-        })
-    }
-
-    async fn recv(&mut self) {
-        let hup = async {
-            match self.hup.as_mut() {
-                Some(h) => h.recv().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = self.int.recv() => {}
-            _ = self.term.recv() => {}
-            _ = hup => {}
-        }
-    }
 }
 
 /// How often a snapshot is taken (and a profile pushed).
@@ -504,6 +514,8 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
             _ => mapped,
         }
     };
+    let mut stacks = stacks;
+    stacks.extend_from_slice(s.js_heap.aggs());
     let mut report = s.report(stacks, end_ns, exited, started);
     if let Some(heap) = &s.heap {
         let t_s = started.elapsed().as_secs_f64();

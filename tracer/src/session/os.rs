@@ -7,7 +7,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use log::warn;
-use tokio::io::unix::AsyncFd;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{Signal, SignalKind, signal},
+};
 use tracer_common::{TRACK_BRK, TRACK_FAULTS, TRACK_MALLOC, TRACK_MMAP, TRACK_OOM};
 
 use crate::{cli::Track, procfs};
@@ -27,6 +30,54 @@ pub fn readable_fd<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd
     // its whole lifetime and always returns the same one.
     unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// The signals that stop tracing with a report: Ctrl-C, SIGTERM, and SIGHUP (a closed
+/// terminal or ssh session) unless memtrace was started with SIGHUP ignored (`nohup`),
+/// which keeps its meaning. Installed once, before anything is attached; signals that come
+/// before [`Self::recv`] is awaited are kept, not lost.
+pub struct StopSignals {
+    term: Signal,
+    int: Signal,
+    hup: Option<Signal>,
+}
+
+impl StopSignals {
+    pub fn install() -> anyhow::Result<Self> {
+        let install = |kind, name: &str| signal(kind).with_context(|| format!("install the {name} handler"));
+        let hup = if hangup_ignored() { None } else { Some(install(SignalKind::hangup(), "SIGHUP")?) };
+        Ok(Self {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup,
+        })
+    }
+
+    /// Waits for any of them.
+    pub async fn recv(&mut self) {
+        let hup = async {
+            match self.hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+            () = hup => {}
+        }
+    }
+}
+
+/// Whether SIGHUP is ignored in this process (as `nohup` leaves it).
+fn hangup_ignored() -> bool {
+    // SAFETY: a zeroed sigaction is a valid out-parameter; a null new action only queries.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a local sigaction; SIGHUP is a valid signal.
+    let rc = unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), &raw mut old) };
+    rc == 0 && old.sa_sigaction == libc::SIG_IGN
 }
 
 /// Opens a pidfd, which becomes readable when the process exits.

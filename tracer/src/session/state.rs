@@ -4,7 +4,7 @@ use std::{collections::HashMap, time::Instant};
 
 use aya::maps::{MapData, RingBuf};
 use log::warn;
-use tracer_common::{COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL};
+use tracer_common::{COUNTER_OOM_LOST, COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL};
 
 use super::os::monotonic_ns;
 use super::procs::Processes;
@@ -54,6 +54,8 @@ pub(super) struct Session {
     pub(super) rules: crate::analysis::CulpritRules,
     /// The target runs V8.
     pub(super) node: bool,
+    /// The JS heap view of a Node target.
+    pub(super) js_heap: super::jsheap::JsHeap,
     /// Where the memory was at the first and the latest snapshot (seconds since start).
     pub(super) parts: Option<((f64, crate::report::MemoryParts), (f64, crate::report::MemoryParts))>,
 }
@@ -192,6 +194,7 @@ impl Session {
             heap_bytes = heap_aggs.iter().map(|a| a.bytes).sum();
             aggs.extend(heap_aggs);
         }
+        aggs.extend_from_slice(self.js_heap.aggs());
         self.history.record(t_s, &aggs);
         if let Some(parts) = procfs::smaps::memory_parts(self.pid, self.node) {
             let first = self.parts.map_or((t_s, parts), |(first, _)| first);
@@ -214,6 +217,7 @@ impl Session {
         if let Ok(s) = procfs::status(self.pid) {
             self.last_mem = s.mem;
         }
+        let v8 = self.js_heap.stats();
         TimelinePoint {
             t_s,
             rss_bytes: self.last_mem.rss,
@@ -225,6 +229,10 @@ impl Session {
             memcg_usage_bytes: self.memcg.as_ref().and_then(procfs::Memcg::usage_bytes).unwrap_or(0),
             memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
             heap_bytes,
+            v8_heap_used_bytes: v8.used,
+            v8_heap_total_bytes: v8.total,
+            v8_external_bytes: v8.external,
+            v8_array_buffers_bytes: v8.array_buffers,
         }
     }
 
@@ -307,7 +315,11 @@ impl Session {
     pub(super) fn lost_events(&self) -> u64 {
         let c = self.tracer.counters();
         let heap_lost = self.heap.as_ref().map_or(0, |h| h.counters().lost());
-        c[COUNTER_RINGBUF_FULL as usize] + c[COUNTER_PENDING_FULL as usize] + self.decode_errors + heap_lost
+        c[COUNTER_RINGBUF_FULL as usize]
+            + c[COUNTER_OOM_LOST as usize]
+            + c[COUNTER_PENDING_FULL as usize]
+            + self.decode_errors
+            + heap_lost
     }
 
     pub(super) fn status_line(&self, started: Instant) -> String {
@@ -325,7 +337,8 @@ impl Session {
             self.stacks.len(),
             human_bytes(self.procs.outstanding_bytes()),
             human_bytes(self.procs.resident_bytes()),
-            self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status())),
+            self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status()))
+                + &self.js_heap.status(),
             human_bytes(self.last_mem.rss),
             self.lost_events()
         )

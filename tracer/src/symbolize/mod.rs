@@ -3,8 +3,10 @@
 //! [`ProcessSymbols`] follows one traced process: it opens every executable file the
 //! process maps and keeps the handles, so stacks can still be symbolized after the process
 //! exits; unwinds captured user stacks with the modules' CFI (framehop) and frame pointers;
-//! and names addresses with blazesym (ELF/DWARF) or, for JIT code, the runtime's perf map.
+//! and names addresses with blazesym (ELF/DWARF) or, for JIT code, the runtime's perf map,
+//! else, for node, V8's own heap ([`v8`]).
 
+mod js;
 mod module;
 mod native;
 #[cfg(test)]
@@ -13,6 +15,7 @@ mod perfmap;
 #[cfg(test)]
 mod tests;
 mod unwind;
+mod v8;
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -103,6 +106,8 @@ pub struct ProcessSymbols {
     last_maps_refresh: Instant,
     /// From `/proc/PID/stat`, to notice the pid being reused by another process.
     start_time: Option<u64>,
+    v8: js::V8State,
+    js_tokens: js::JsTokens,
 }
 
 impl ProcessSymbols {
@@ -129,6 +134,8 @@ impl ProcessSymbols {
             cache: HashMap::new(),
             last_maps_refresh: Instant::now(),
             start_time: read_start_time(pid),
+            v8: js::V8State::default(),
+            js_tokens: js::JsTokens::default(),
         };
         symbols.refresh_maps()?;
         symbols.refresh_perf_map();
@@ -156,6 +163,7 @@ impl ProcessSymbols {
                 self.add_region(&entry);
             }
         }
+        self.settle_v8();
         Ok(())
     }
 
@@ -163,17 +171,19 @@ impl ProcessSymbols {
     ///
     /// Uses framehop over `stack` (bytes at `[regs.sp, regs.sp + stack.len())`). If that yields
     /// at most one frame and `fp_frames` (the kernel's frame-pointer walk, leaf first) has
-    /// more, returns `fp_frames` instead. Depth is bounded by 128 frames.
+    /// more, returns `fp_frames` instead. Depth is bounded by 128 frames. JS frames that V8's
+    /// heap names are replaced by tokens standing for the function (see [`js`]): call this
+    /// while the event is fresh, since the heap moves.
     pub fn unwind(&mut self, regs: Regs, stack: &[u8], fp_frames: &[u64]) -> Vec<u64> {
         let mut cfi = self.unwinder.unwind(regs, stack);
-        if cfi.addrs.iter().any(|&addr| self.region_at(addr).is_none()) && self.refresh_maps_rate_limited() {
+        if cfi.addrs().any(|addr| self.region_at(addr).is_none()) && self.refresh_maps_rate_limited() {
             cfi = self.unwinder.unwind(regs, stack);
         }
-        let addrs = unwind::combine(cfi, fp_frames);
-        if addrs.iter().any(|&addr| self.region_at(addr).is_none()) {
+        let frames = unwind::combine(cfi, fp_frames);
+        if frames.iter().any(|f| self.region_at(f.addr).is_none()) {
             self.refresh_maps_rate_limited();
         }
-        addrs
+        self.name_js_frames(&frames, regs.sp, stack)
     }
 
     /// Symbolizes addresses as returned by [`Self::unwind`]: index 0 is an exact ip, the others
@@ -185,6 +195,9 @@ impl ProcessSymbols {
             .iter()
             .enumerate()
             .map(|(i, &addr)| {
+                if let Some(frame) = self.js_token_frame(addr, i > 0) {
+                    return Some(vec![frame]);
+                }
                 let cached = self.cache.get(&(addr, i > 0))?;
                 match cached.perf_generation {
                     Some(g) if g != generation => None,
@@ -344,6 +357,8 @@ impl ProcessSymbols {
                 self.module_index.insert(key, self.modules.len() - 1);
                 self.modules.len() - 1
             };
+            self.consider_v8_module(module);
+            self.note_v8_mapping(module, entry);
             let file = &self.modules[module];
             let elf = file.elf.as_ref();
             if let Some((elf, bias)) = elf.and_then(|elf| Some((elf, elf.bias_for(entry)?))) {
@@ -361,6 +376,14 @@ impl ProcessSymbols {
             RegionKind::Anon { name: entry.path.clone() }
         };
         self.regions.insert(first, Region { start: entry.start, end: entry.end, kind });
+    }
+}
+
+impl Drop for ProcessSymbols {
+    fn drop(&mut self) {
+        if let Some(summary) = self.js_summary() {
+            log::info!("pid {}: {summary}", self.pid);
+        }
     }
 }
 

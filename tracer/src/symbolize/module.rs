@@ -120,6 +120,11 @@ impl ModuleFile {
         Self { name, file, elf }
     }
 
+    /// The open file, for reading more of it (V8's metadata).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
     /// A path that reopens our own handle (`/proc/self/fd/N`), for blazesym.
     pub fn fd_path(&self) -> Option<PathBuf> {
         self.file.as_ref().map(|file| PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd())))

@@ -12,7 +12,7 @@
 //!   bytes end the walk.
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
-use framehop::{ExplicitModuleSectionInfo, Module, Unwinder};
+use framehop::{ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder};
 
 use super::Regs;
 use super::module::Bytes;
@@ -20,14 +20,30 @@ use super::module::Bytes;
 /// Deepest stack returned.
 pub(crate) const MAX_DEPTH: usize = 128;
 
+/// One frame of an unwound stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct UnwoundFrame {
+    /// The ip (leaf) or a return address.
+    pub addr: u64,
+    /// The frame pointer (`rbp`) while this frame executes, when the walk knows it: V8
+    /// keeps a JS frame's function and bytecode position at fixed offsets from it.
+    pub fp: Option<u64>,
+}
+
 /// What one unwind produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Unwound {
     /// Leaf first: the ip, then return addresses.
-    pub addrs: Vec<u64>,
+    pub frames: Vec<UnwoundFrame>,
     /// The walk stopped early (unreadable stack, bad rule, depth limit) rather than at
     /// the stack's root.
     pub truncated: bool,
+}
+
+impl Unwound {
+    pub fn addrs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.frames.iter().map(|f| f.addr)
+    }
 }
 
 pub(crate) struct StackUnwinder {
@@ -64,26 +80,33 @@ impl StackUnwinder {
         self.unwinder.remove_module(start);
     }
 
-    /// Unwinds `stack`, the bytes at `[regs.sp, regs.sp + stack.len())`.
+    /// Unwinds `stack`, the bytes at `[regs.sp, regs.sp + stack.len())`. Each frame comes
+    /// with the `rbp` the unwind rules recovered for it (callee-saved, so it is the frame's
+    /// own until a rule restores the caller's).
     pub fn unwind(&mut self, regs: Regs, stack: &[u8]) -> Unwound {
         let mut read_stack = |addr: u64| read_word(stack, regs.sp, addr);
-        let mut frames = self.unwinder.iter_frames(
-            regs.ip,
-            UnwindRegsX86_64::new(regs.ip, regs.sp, regs.bp),
-            &mut self.cache,
-            &mut read_stack,
-        );
+        let mut unwind_regs = UnwindRegsX86_64::new(regs.ip, regs.sp, regs.bp);
+        let mut address = FrameAddress::InstructionPointer(regs.ip);
         let mut out = Unwound::default();
+        out.frames.push(UnwoundFrame { addr: regs.ip, fp: Some(regs.bp) });
+        // The same walk as framehop's `iter_frames`, which does not expose the registers.
         loop {
-            if out.addrs.len() >= MAX_DEPTH {
+            if out.frames.len() >= MAX_DEPTH {
                 out.truncated = true;
                 break;
             }
-            match frames.next() {
-                Ok(Some(frame)) => out.addrs.push(frame.address()),
+            match self.unwinder.unwind_frame(address, &mut unwind_regs, &mut self.cache, &mut read_stack) {
+                Ok(Some(return_address)) => {
+                    let Some(next) = FrameAddress::from_return_address(return_address) else {
+                        out.truncated = true;
+                        break;
+                    };
+                    out.frames.push(UnwoundFrame { addr: return_address, fp: Some(unwind_regs.bp()) });
+                    address = next;
+                }
                 Ok(None) => break,
                 Err(err) => {
-                    log::trace!("unwind stopped after {} frames: {err}", out.addrs.len());
+                    log::trace!("unwind stopped after {} frames: {err}", out.frames.len());
                     out.truncated = true;
                     break;
                 }
@@ -104,21 +127,23 @@ fn read_word(stack: &[u8], sp: u64, addr: u64) -> Result<u64, ()> {
 /// the frame-pointer stack when CFI found at most the ip, otherwise the CFI stack, extended
 /// with the frame-pointer stack's tail when the CFI walk was cut short (the stack copy is
 /// bounded; the kernel's walk is not) and its last return address appears in `fp`.
-pub(crate) fn combine(cfi: Unwound, fp: &[u64]) -> Vec<u64> {
+/// Frames taken from the kernel's walk have no known frame pointer.
+pub(crate) fn combine(cfi: Unwound, fp: &[u64]) -> Vec<UnwoundFrame> {
     let fp: Vec<u64> = fp.iter().copied().take_while(|&a| a != 0).take(MAX_DEPTH).collect();
-    if cfi.addrs.len() <= 1 && fp.len() > cfi.addrs.len() {
-        return fp;
+    let unknown = |addr: u64| UnwoundFrame { addr, fp: None };
+    if cfi.frames.len() <= 1 && fp.len() > cfi.frames.len() {
+        return fp.into_iter().map(unknown).collect();
     }
-    let mut addrs = cfi.addrs;
+    let mut frames = cfi.frames;
     if cfi.truncated
-        && addrs.len() >= 2
-        && let Some(&last) = addrs.last()
+        && frames.len() >= 2
+        && let Some(last) = frames.last().map(|f| f.addr)
         && let Some(pos) = fp.iter().skip(1).position(|&a| a == last)
     {
-        let room = MAX_DEPTH.saturating_sub(addrs.len());
-        addrs.extend(fp.iter().skip(pos + 2).take(room));
+        let room = MAX_DEPTH.saturating_sub(frames.len());
+        frames.extend(fp.iter().skip(pos + 2).take(room).copied().map(unknown));
     }
-    addrs
+    frames
 }
 
 #[cfg(test)]
@@ -141,7 +166,9 @@ mod tests {
         let bytes = stack(0x100, &[(0x20, sp + 0x60), (0x28, 0x2000), (0x60, 0), (0x68, 0x3000)]);
         let mut unwinder = StackUnwinder::new();
         let out = unwinder.unwind(Regs { ip: 0x1000, sp, bp: sp + 0x20 }, &bytes);
-        assert_eq!(out.addrs, vec![0x1000, 0x2000, 0x3000]);
+        assert_eq!(out.addrs().collect::<Vec<_>>(), vec![0x1000, 0x2000, 0x3000]);
+        let fps: Vec<Option<u64>> = out.frames.iter().map(|f| f.fp).collect();
+        assert_eq!(fps, vec![Some(sp + 0x20), Some(sp + 0x60), Some(0)], "each frame's own rbp");
         assert!(!out.truncated, "bp == 0 ends the walk cleanly");
     }
 
@@ -157,7 +184,7 @@ mod tests {
             (0x1000, 0x10, 0x10 + 4000),
         ] {
             let out = unwinder.unwind(Regs { ip, sp, bp }, &junk);
-            assert!(!out.addrs.is_empty() && out.addrs.len() <= MAX_DEPTH);
+            assert!(!out.frames.is_empty() && out.frames.len() <= MAX_DEPTH);
             unwinder.unwind(Regs { ip, sp, bp }, &[]);
             unwinder.unwind(Regs { ip, sp, bp }, &junk[..7]);
         }
@@ -172,24 +199,36 @@ mod tests {
             .collect();
         let bytes = stack(201 * 16, &words);
         let out = StackUnwinder::new().unwind(Regs { ip: 0x4000, sp, bp: sp }, &bytes);
-        assert_eq!(out.addrs.len(), MAX_DEPTH);
+        assert_eq!(out.frames.len(), MAX_DEPTH);
         assert!(out.truncated);
+    }
+
+    /// CFI frames with made-up frame pointers, for [`combine`].
+    fn cfi(addrs: &[u64], truncated: bool) -> Unwound {
+        let frames = addrs.iter().map(|&addr| UnwoundFrame { addr, fp: Some(addr + 1) }).collect();
+        Unwound { frames, truncated }
+    }
+
+    fn addrs(frames: &[UnwoundFrame]) -> Vec<u64> {
+        frames.iter().map(|f| f.addr).collect()
     }
 
     #[test]
     fn combine_prefers_cfi_and_falls_back_to_fp() {
         let fp = [0x10, 0x20, 0x30, 0x40, 0];
-        let one = Unwound { addrs: vec![0x10], truncated: true };
-        assert_eq!(combine(one, &fp), vec![0x10, 0x20, 0x30, 0x40]);
+        let one = combine(cfi(&[0x10], true), &fp);
+        assert_eq!(addrs(&one), vec![0x10, 0x20, 0x30, 0x40]);
+        assert!(one.iter().all(|f| f.fp.is_none()), "the kernel's walk knows no frame pointers");
 
-        let good = Unwound { addrs: vec![0x10, 0x99, 0xaa], truncated: false };
-        assert_eq!(combine(good.clone(), &fp), good.addrs);
+        let good = cfi(&[0x10, 0x99, 0xaa], false);
+        assert_eq!(combine(good.clone(), &fp), good.frames);
 
-        let cut = Unwound { addrs: vec![0x10, 0x99, 0x30], truncated: true };
-        assert_eq!(combine(cut, &fp), vec![0x10, 0x99, 0x30, 0x40], "stitched at the shared return address");
+        let cut = combine(cfi(&[0x10, 0x99, 0x30], true), &fp);
+        assert_eq!(addrs(&cut), vec![0x10, 0x99, 0x30, 0x40], "stitched at the shared return address");
+        assert_eq!(cut[2].fp, Some(0x31), "CFI frames keep their frame pointers");
+        assert_eq!(cut[3].fp, None);
 
-        let unrelated = Unwound { addrs: vec![0x10, 0x99], truncated: true };
-        assert_eq!(combine(unrelated, &fp), vec![0x10, 0x99]);
-        assert_eq!(combine(Unwound::default(), &[]), Vec::<u64>::new());
+        assert_eq!(addrs(&combine(cfi(&[0x10, 0x99], true), &fp)), vec![0x10, 0x99]);
+        assert!(combine(Unwound::default(), &[]).is_empty());
     }
 }
