@@ -10,7 +10,8 @@ use crate::proc::{self, note, step};
 /// Debian packages: LLVM 22 for bpf-linker, wrk for the demo and the benchmark,
 /// chromium for the integration test that opens memtrace's SVG flame graph, valgrind
 /// for the test that compares the allocator view with memcheck, tmux, the terminal the
-/// live view's test draws in, and openssl, the TLS server of the Pyroscope push test.
+/// live view's test draws in, openssl, the TLS server of the Pyroscope push test, and
+/// prometheus (with promtool), which scrapes memtrace and checks the example alert rules.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -21,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "valgrind",
     "tmux",
     "openssl",
+    "prometheus",
 ];
 /// The bpf-linker release built against Debian's LLVM 22 (pinned: CI must not pick up a
 /// release that needs a newer Rust).

@@ -307,6 +307,12 @@ impl Pusher {
         out
     }
 
+    /// Pushes that succeeded so far.
+    #[must_use]
+    pub fn pushed(&self) -> u64 {
+        self.stats.pushed.load(Ordering::Relaxed)
+    }
+
     /// Pushes that failed so far.
     #[must_use]
     pub fn failures(&self) -> u64 {

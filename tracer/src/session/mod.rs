@@ -82,6 +82,8 @@ struct Sources {
 struct Watchers {
     live: Option<LiveView>,
     pyroscope: Option<Pusher>,
+    /// `--metrics`: the listener scrapes come to.
+    metrics: Option<TcpListener>,
 }
 
 /// Traces `target` and returns the report.
@@ -100,19 +102,11 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         }
         None => None,
     };
-    let mut watchers = Watchers { live, pyroscope };
+    let mut watchers = Watchers { live, pyroscope, metrics };
     // On an error the view is dropped with the session, which stops the agent too.
-    let reason = event_loop(
-        &mut s,
-        [&mut events, &mut oom_events],
-        pidfd,
-        metrics.as_ref(),
-        signals,
-        args,
-        started,
-        &mut watchers,
-    )
-    .await?;
+    let reason =
+        event_loop(&mut s, [&mut events, &mut oom_events], pidfd, signals, args, started, &mut watchers)
+            .await?;
     if let Some(view) = watchers.live.take() {
         view.finish();
     }
@@ -293,7 +287,6 @@ async fn event_loop(
     s: &mut Session,
     [events, oom_events]: [&mut AsyncFd<RingBuf<MapData>>; 2],
     pidfd: OwnedFd,
-    metrics: Option<&TcpListener>,
     mut signals: StopSignals,
     args: &TraceArgs,
     started: Instant,
@@ -360,19 +353,14 @@ async fn event_loop(
                 break StopReason::Duration;
             }
             accepted = async {
-                match metrics {
+                match watchers.metrics.as_ref() {
                     Some(listener) => listener.accept().await,
                     None => std::future::pending().await,
                 }
-            } => {
-                match accepted {
-                    Ok((stream, _)) => {
-                        let body = crate::export::prometheus::render(&s.metrics_snapshot());
-                        tokio::spawn(metrics::serve(stream, body));
-                    }
-                    Err(e) => debug!("accept a metrics connection: {e}"),
-                }
-            }
+            } => match accepted {
+                Ok((stream, _)) => serve_scrape(s, watchers, stream),
+                Err(e) => debug!("accept a metrics connection: {e}"),
+            },
             _ = tick.tick() => {
                 s.procs.reap();
                 if s.procs.live() == 0 {
@@ -411,6 +399,13 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
+}
+
+/// Answers one scrape with the metrics as they are now.
+fn serve_scrape(s: &Session, watchers: &Watchers, stream: tokio::net::TcpStream) {
+    let mut snapshot = s.metrics_snapshot();
+    snapshot.pyroscope_pushes = watchers.pyroscope.as_ref().map(|p| (p.pushed(), p.failures()));
+    tokio::spawn(metrics::serve(stream, crate::export::prometheus::render(&snapshot)));
 }
 
 /// How often a snapshot is taken (and a profile pushed).
