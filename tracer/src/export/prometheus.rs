@@ -1,4 +1,9 @@
 //! Prometheus text exposition of a running trace (`--metrics ADDR`).
+//!
+//! Written here rather than with `prometheus-client`: that crate emits only OpenMetrics
+//! (counters typed under a name without `_total`, `# UNIT`, `# EOF`), and `promtool check
+//! metrics` (2.42, the Debian package) rejects its counters ("no help text", exit 3). The
+//! text format 0.0.4 is what both Prometheus and promtool read.
 
 use std::fmt::Write as _;
 
