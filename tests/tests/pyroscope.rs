@@ -4,6 +4,10 @@
 //! (query name and labels, a multipart body with `profile` and `sample_type_config`, the
 //! profile gzipped pprof); a failing endpoint is counted, never fatal; and TLS goes
 //! through rustls to an `openssl s_server` trusted via `SSL_CERT_FILE`.
+//!
+//! `--otlp-profiles URL` is checked the same way: a loopback server stands in for an
+//! OpenTelemetry collector and decodes the requests with `opentelemetry-proto`'s
+//! generated definitions.
 
 use std::{
     collections::HashMap,
@@ -195,8 +199,9 @@ fn fixture() -> Fixture {
     Fixture { _dir: dir, process, gate, json }
 }
 
-/// `memtrace attach` for 6 s pushing to `url` every second.
-fn trace(fx: &mut Fixture, url: &str, env: &[(&str, &str)]) -> integration_tests::RunOutput {
+/// `memtrace attach` for 6 s pushing to `url` every second, with `flag` (`--pyroscope`
+/// or `--otlp-profiles`).
+fn trace(fx: &mut Fixture, flag: &str, url: &str, env: &[(&str, &str)]) -> integration_tests::RunOutput {
     let pid = fx.process.pid().to_string();
     let json = fx.json.to_str().expect("utf-8 temp path").to_string();
     let args = [
@@ -208,7 +213,7 @@ fn trace(fx: &mut Fixture, url: &str, env: &[(&str, &str)]) -> integration_tests
         "1s",
         "--json",
         &json,
-        "--pyroscope",
+        flag,
         url,
         "--label",
         "team=memory",
@@ -230,7 +235,12 @@ fn profiles_arrive_as_pyroscope_reads_them() {
     }
     let (port, received) = serve("200 OK", "");
     let mut fx = fixture();
-    let out = trace(&mut fx, &format!("http://127.0.0.1:{port}"), &[("MEMTRACE_PYROSCOPE_TOKEN", "s3cret")]);
+    let out = trace(
+        &mut fx,
+        "--pyroscope",
+        &format!("http://127.0.0.1:{port}"),
+        &[("MEMTRACE_PYROSCOPE_TOKEN", "s3cret")],
+    );
     let requests: Vec<Request> = received.try_iter().collect();
     // One a second for 6 s, and the final one.
     assert!(requests.len() >= 4, "{} pushes\n{}", requests.len(), out.combined());
@@ -300,7 +310,7 @@ fn a_failing_endpoint_is_counted_and_reported() {
     }
     let (port, received) = serve("500 Internal Server Error", "ingester down");
     let mut fx = fixture();
-    let out = trace(&mut fx, &format!("http://127.0.0.1:{port}"), &[]);
+    let out = trace(&mut fx, "--pyroscope", &format!("http://127.0.0.1:{port}"), &[]);
     let tries = received.try_iter().count();
     assert!(tries >= 4, "{tries} pushes tried");
     let said =
@@ -310,6 +320,84 @@ fn a_failing_endpoint_is_counted_and_reported() {
     let warnings = report.json["warnings"].to_string();
     assert!(warnings.contains("pyroscope: 0 pushed"), "the report's warnings say so: {warnings}");
     assert!(out.stdout.contains("leak_mappings"), "and the report is whole\n{}", out.combined());
+}
+
+#[test]
+fn otlp_profiles_arrive_as_a_collector_reads_them() {
+    use opentelemetry_proto::tonic::{
+        collector::profiles::v1development::ExportProfilesServiceRequest, common::v1::any_value::Value as Any,
+    };
+    if !require_root("otlp_profiles_arrive_as_a_collector_reads_them") {
+        return;
+    }
+    let (port, received) = serve("200 OK", "");
+    let mut fx = fixture();
+    let env = [("OTEL_EXPORTER_OTLP_HEADERS", "Authorization=Bearer%20s3cret")];
+    let out = trace(&mut fx, "--otlp-profiles", &format!("http://127.0.0.1:{port}/"), &env);
+    let requests: Vec<Request> = received.try_iter().collect();
+    assert!(requests.len() >= 4, "{} pushes\n{}", requests.len(), out.combined());
+    assert!(out.stderr.contains(&format!("otlp: {} pushed, 0 failed", requests.len())), "{}", out.combined());
+    // Bytes the leaking function holds in the mapped view of one request.
+    let leaked = |r: &Request| -> i64 {
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/v1development/profiles"));
+        assert_eq!(r.headers.get("content-type").map(String::as_str), Some("application/x-protobuf"));
+        assert_eq!(r.headers.get("authorization").map(String::as_str), Some("Bearer s3cret"));
+        let req =
+            ExportProfilesServiceRequest::decode(r.body.as_slice()).expect("an ExportProfilesServiceRequest");
+        let d = req.dictionary.expect("a dictionary");
+        let string = |i: i32| d.string_table[usize::try_from(i).expect("index")].as_str();
+        assert_eq!(string(0), "", "string_table[0] is empty");
+        let rp = &req.resource_profiles[0];
+        let attr = |key: &str| {
+            rp.resource
+                .as_ref()
+                .expect("resource")
+                .attributes
+                .iter()
+                .find(|kv| kv.key == key)
+                .and_then(|kv| kv.value.as_ref().and_then(|v| v.value.clone()))
+        };
+        assert_eq!(
+            attr("service.name"),
+            Some(Any::StringValue("mmap_leak".into())),
+            "service.name is the comm"
+        );
+        assert_eq!(attr("team"), Some(Any::StringValue("memory".into())), "labels are resource attributes");
+        assert_eq!(attr("process.pid"), Some(Any::IntValue(i64::from(fx.process.pid()))));
+        let profiles = &rp.scope_profiles[0].profiles;
+        let mapped = profiles
+            .iter()
+            .find(|p| p.sample_type.as_ref().is_some_and(|t| string(t.type_strindex) == "mapped_space"))
+            .expect("a profile of the mapped view");
+        assert_eq!(string(mapped.sample_type.as_ref().map_or(0, |t| t.unit_strindex)), "bytes");
+        mapped
+            .samples
+            .iter()
+            .filter(|s| {
+                let stack = &d.stack_table[usize::try_from(s.stack_index).expect("index")];
+                stack.location_indices.iter().any(|&l| {
+                    let location = &d.location_table[usize::try_from(l).expect("index")];
+                    location.lines.iter().any(|line| {
+                        let f = &d.function_table[usize::try_from(line.function_index).expect("index")];
+                        string(f.name_strindex) == "leak_mappings"
+                    })
+                })
+            })
+            .map(|s| s.values.iter().sum::<i64>())
+            .sum()
+    };
+    let last = leaked(requests.last().expect("a push"));
+    let expected = i64::try_from(40 * MIB).expect("fits");
+    assert!(
+        last >= expected * 95 / 100 && last <= expected + i64::try_from(MIB).expect("fits"),
+        "leak_mappings holds {last} bytes in the last OTLP profile, expected 40 MiB"
+    );
+    let first_with_leak = requests.iter().position(|r| leaked(r) > 0);
+    assert!(
+        first_with_leak.is_some_and(|i| i + 1 < requests.len()),
+        "the leak appears before the final push"
+    );
+    drop(fx);
 }
 
 /// `openssl s_server`, killed on drop. Its stdin stays open (on end of input it would
@@ -435,7 +523,7 @@ fn https_goes_through_rustls_with_the_trusted_certificates() {
 
     // Not among the system's CA certificates: the handshake fails and says why.
     let mut fx = fixture();
-    let out = trace(&mut fx, &url, &[]);
+    let out = trace(&mut fx, "--pyroscope", &url, &[]);
     assert!(out.stderr.contains("pyroscope: 0 pushed"), "{}", out.combined());
     assert!(out.stderr.to_lowercase().contains("certificate"), "a certificate error\n{}", out.combined());
     drop(fx);

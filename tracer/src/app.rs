@@ -69,6 +69,9 @@ fn check_before_tracing(args: &TraceArgs) -> anyhow::Result<()> {
         let auth = crate::push::pyroscope::Auth::from_env()?;
         crate::push::pyroscope::Target::new(url, &args.labels, "", auth)?;
     }
+    if let Some(url) = &args.otlp_profiles {
+        crate::push::otlp::Target::new(url, &args.labels, "")?;
+    }
     check_outputs(&args.output, args.record.as_deref())
 }
 

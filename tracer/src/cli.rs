@@ -127,6 +127,7 @@ impl Track {
 }
 
 #[derive(Debug, Args, Clone)]
+#[command(group = clap::ArgGroup::new("push").args(["pyroscope", "otlp_profiles"]).multiple(true))]
 pub struct TraceArgs {
     /// Stop after this long (e.g. 30s, 10m, 1h); default: until Ctrl-C or the target exits.
     #[arg(long, value_parser = parse_duration)]
@@ -178,9 +179,14 @@ pub struct TraceArgs {
     /// counted, never fatal.
     #[arg(long, value_name = "URL")]
     pub pyroscope: Option<String>,
-    /// A label of the pushed profiles (repeatable); `service_name` defaults to the target's
-    /// command name.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::push::pyroscope::parse_label, requires = "pyroscope")]
+    /// Push the profile as OTLP profiles (the alpha `v1development` signal) to an
+    /// OpenTelemetry collector's OTLP/HTTP endpoint every --interval and at the end, e.g.
+    /// `http://collector:4318`. Headers from `$OTEL_EXPORTER_OTLP_HEADERS`.
+    #[arg(long, value_name = "URL")]
+    pub otlp_profiles: Option<String>,
+    /// A label of the pushed profiles (repeatable; a resource attribute in OTLP);
+    /// `service_name` defaults to the target's command name.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::push::pyroscope::parse_label, requires = "push")]
     pub labels: Vec<(String, String)>,
     /// Show a full-screen live view while tracing, refreshed every second (the timeline
     /// interval defaults to 1s). Needs a terminal; without one, the status line is shown.

@@ -1,6 +1,6 @@
 //! Prometheus text exposition of a running trace (`--metrics ADDR`).
 //!
-//! Written here rather than with `prometheus-client`: that crate emits only OpenMetrics
+//! Written here rather than with `prometheus-client`: that crate emits only `OpenMetrics`
 //! (counters typed under a name without `_total`, `# UNIT`, `# EOF`), and `promtool check
 //! metrics` (2.42, the Debian package) rejects its counters ("no help text", exit 3). The
 //! text format 0.0.4 is what both Prometheus and promtool read.
@@ -39,8 +39,8 @@ pub struct MetricsSnapshot {
     pub memory: Option<crate::report::MemoryParts>,
     /// The recent growth against the cgroup limit, at the latest snapshot.
     pub time_to_limit: Option<crate::report::TimeToLimit>,
-    /// Profiles pushed to Pyroscope and pushes that failed, with `--pyroscope`.
-    pub pyroscope_pushes: Option<(u64, u64)>,
+    /// Per profile destination (`pyroscope`, `otlp`): pushes that succeeded and failed.
+    pub pushes: Vec<(&'static str, u64, u64)>,
 }
 
 /// Culprits exposed per scrape (one series each per view).
@@ -59,9 +59,8 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, labels: &str, va
 /// view or feature is off).
 type Series = (&'static str, &'static str, &'static str, Option<u64>);
 
-fn plain_series(s: &MetricsSnapshot) -> [Series; 12] {
+fn plain_series(s: &MetricsSnapshot) -> [Series; 10] {
     let memcg = |v| (s.memcg_limit_bytes > 0).then_some(v);
-    let (pushed, failed) = s.pyroscope_pushes.unzip();
     [
         ("memtrace_target_rss_bytes", "gauge", "Resident set size of the traced process.", Some(s.rss_bytes)),
         (
@@ -103,13 +102,6 @@ fn plain_series(s: &MetricsSnapshot) -> [Series; 12] {
             "Memory limit of the target's cgroup.",
             memcg(s.memcg_limit_bytes),
         ),
-        ("memtrace_pyroscope_pushes_total", "counter", "Profiles Pyroscope accepted (--pyroscope).", pushed),
-        (
-            "memtrace_pyroscope_push_failures_total",
-            "counter",
-            "Profile pushes to Pyroscope that failed (--pyroscope).",
-            failed,
-        ),
     ]
 }
 
@@ -136,6 +128,25 @@ pub fn render(s: &MetricsSnapshot) -> String {
     }
     if let Some(ttl) = &s.time_to_limit {
         write_time_to_limit(&mut out, &target, ttl);
+    }
+    if !s.pushes.is_empty() {
+        let counters = [
+            (
+                "memtrace_profile_pushes_total",
+                "Profiles the destination accepted (--pyroscope, --otlp-profiles).",
+            ),
+            (
+                "memtrace_profile_push_failures_total",
+                "Profile pushes that failed (--pyroscope, --otlp-profiles).",
+            ),
+        ];
+        for (i, (name, help)) in counters.into_iter().enumerate() {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for &(destination, pushed, failed) in &s.pushes {
+                let value = if i == 0 { pushed } else { failed };
+                let _ = writeln!(out, "{name}{{{target},destination=\"{destination}\"}} {value}");
+            }
+        }
     }
     // The top culprits only, and no rank label: a culprit keeps its series when another
     // overtakes it, and the number of series stays bounded.
@@ -258,16 +269,24 @@ mod tests {
         let series = text.lines().filter(|l| l.starts_with("memtrace_suspect_bytes{")).count();
         assert_eq!(series, TOP_SUSPECTS, "{text}");
         assert!(
-            !text.contains("memtrace_heap_outstanding_bytes") && !text.contains("memtrace_pyroscope"),
+            !text.contains("memtrace_heap_outstanding_bytes") && !text.contains("memtrace_profile_push"),
             "{text}"
         );
         let text = render(&MetricsSnapshot {
             heap_bytes: Some(4096),
-            pyroscope_pushes: Some((12, 1)),
+            pushes: vec![("pyroscope", 12, 1)],
             ..MetricsSnapshot::default()
         });
         assert!(text.contains("\nmemtrace_heap_outstanding_bytes{pid=\"0\",comm=\"\"} 4096\n"), "{text}");
-        assert!(text.contains("# TYPE memtrace_pyroscope_pushes_total counter\nmemtrace_pyroscope_pushes_total{pid=\"0\",comm=\"\"} 12\n"), "{text}");
-        assert!(text.contains("\nmemtrace_pyroscope_push_failures_total{pid=\"0\",comm=\"\"} 1\n"), "{text}");
+        assert!(
+            text.contains("# TYPE memtrace_profile_pushes_total counter\nmemtrace_profile_pushes_total{pid=\"0\",comm=\"\",destination=\"pyroscope\"} 12\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "\nmemtrace_profile_push_failures_total{pid=\"0\",comm=\"\",destination=\"pyroscope\"} 1\n"
+            ),
+            "{text}"
+        );
     }
 }

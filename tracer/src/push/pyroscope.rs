@@ -4,20 +4,10 @@
 //! multipart body of a `profile` part and a `sample_type_config` part (which sample types
 //! are in-use gauges). No `format` parameter: Pyroscope reads a multipart body from its
 //! content type, and `format=pprof` would make it read the body as a bare profile.
-//!
-//! Pushes run on the tokio runtime beside the trace; a push still in flight when the next
-//! is due makes that one skipped. Failures are counted and said, never fatal.
+//! The pushes themselves run in a [`super::Pusher`].
 
-use std::{
-    fmt::Write as _,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::fmt::Write as _;
 
-use log::debug;
 use serde::Serialize;
 
 use crate::{export::pprof, report::Report};
@@ -29,9 +19,6 @@ pub const BASIC_AUTH_ENV: &str = "MEMTRACE_PYROSCOPE_BASIC_AUTH";
 /// Tenant (`X-Scope-OrgID`) of a multi-tenant Pyroscope.
 pub const TENANT_ENV: &str = "MEMTRACE_PYROSCOPE_TENANT";
 
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 #[derive(Debug, thiserror::Error)]
 pub enum PyroscopeError {
     #[error("--pyroscope {0:?}: not an http:// or https:// URL")]
@@ -42,8 +29,6 @@ pub enum PyroscopeError {
     LabelValue(String),
     #[error("{BASIC_AUTH_ENV} must be user:password")]
     BasicAuth,
-    #[error("build the HTTP client for --pyroscope: {0}")]
-    Client(#[source] reqwest::Error),
 }
 
 /// Parses `key=value` (for clap).
@@ -166,55 +151,15 @@ pub fn sample_type_config(report: &Report) -> std::collections::BTreeMap<String,
         .collect()
 }
 
-#[derive(Debug, Default)]
-struct Stats {
-    pushed: AtomicU64,
-    failed: AtomicU64,
-    skipped: AtomicU64,
-    last_error: Mutex<Option<String>>,
-}
-
-/// Sends profiles to one Pyroscope.
-pub struct Pusher {
-    client: reqwest::Client,
-    target: Target,
-    stats: Arc<Stats>,
-    in_flight: Arc<AtomicBool>,
-    /// Unix seconds the next push's profile starts at.
-    from: u64,
-    /// Pushes closer than this to the last are not made (a late event loop catches up on
-    /// snapshots, one right after the other).
-    min_gap: Duration,
-    last: Option<std::time::Instant>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-impl Pusher {
-    /// A pusher for pushes every `interval`.
-    pub fn new(target: Target, interval: Duration) -> Result<Self, PyroscopeError> {
-        let client = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("memtrace/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(PyroscopeError::Client)?;
-        eprintln!("memtrace: pushing profiles to {} as {}", target.ingest, target.app_name());
-        Ok(Self {
-            client,
-            target,
-            stats: Arc::default(),
-            in_flight: Arc::default(),
-            from: unix_now(),
-            min_gap: interval / 2,
-            last: None,
-        })
-    }
-
-    /// The request for `report`, covering `from..until` (Unix seconds).
-    fn request(&self, report: &Report, from: u64, until: u64) -> Result<reqwest::RequestBuilder, String> {
+impl Target {
+    /// The ingest request for `report`, covering `from..until` (Unix seconds).
+    pub(super) fn request(
+        &self,
+        client: &reqwest::Client,
+        report: &Report,
+        from: u64,
+        until: u64,
+    ) -> Result<reqwest::RequestBuilder, String> {
         let mut profile = Vec::new();
         pprof::write_pprof(report, &mut profile).map_err(|e| format!("encode the profile: {e}"))?;
         let config = serde_json::to_vec(&sample_type_config(report)).map_err(|e| e.to_string())?;
@@ -228,132 +173,21 @@ impl Pusher {
             .part("profile", part(profile, "profile.pprof")?)
             .part("sample_type_config", part(config, "sample_type_config.json")?);
         let query = [
-            ("name", self.target.app_name()),
+            ("name", self.app_name()),
             ("from", from.to_string()),
             ("until", until.to_string()),
             ("spyName", "memtrace".to_string()),
         ];
-        let mut request = self.client.post(self.target.ingest.clone()).query(&query).multipart(form);
-        request = match &self.target.auth {
+        let mut request = client.post(self.ingest.clone()).query(&query).multipart(form);
+        request = match &self.auth {
             Auth::None => request,
             Auth::Bearer(token) => request.bearer_auth(token),
             Auth::Basic { user, password } => request.basic_auth(user, Some(password)),
         };
-        if let Some(tenant) = &self.target.tenant {
+        if let Some(tenant) = &self.tenant {
             request = request.header("X-Scope-OrgID", tenant);
         }
         Ok(request)
-    }
-
-    /// Starts pushing `report` (the profile since the last push) unless a push is still
-    /// in flight; returns at once.
-    pub fn push(&mut self, report: &Report) {
-        if self.last.is_some_and(|last| last.elapsed() < self.min_gap) {
-            return;
-        }
-        self.last = Some(std::time::Instant::now());
-        if self.in_flight.swap(true, Ordering::SeqCst) {
-            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let until = unix_now().max(self.from + 1);
-        let request = self.request(report, self.from, until);
-        self.from = until;
-        let (stats, in_flight) = (Arc::clone(&self.stats), Arc::clone(&self.in_flight));
-        tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let result = match request {
-                Ok(request) => send(request).await,
-                Err(e) => Err(e),
-            };
-            debug!("pyroscope push: {:?} in {:.1?}", result, started.elapsed());
-            record(&stats, result);
-            in_flight.store(false, Ordering::SeqCst);
-        });
-    }
-
-    /// Pushes the final report and waits for it (and for a push in flight) to finish.
-    pub async fn push_final(&mut self, report: &Report) {
-        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT + CONNECT_TIMEOUT;
-        while self.in_flight.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let until = unix_now().max(self.from + 1);
-        let result = match self.request(report, self.from, until) {
-            Ok(request) => send(request).await,
-            Err(e) => Err(e),
-        };
-        record(&self.stats, result);
-    }
-
-    /// `pyroscope: 12 pushed, 1 failed (last: ...)`.
-    #[must_use]
-    pub fn status(&self) -> String {
-        let s = &self.stats;
-        let (pushed, failed, skipped) = (
-            s.pushed.load(Ordering::Relaxed),
-            s.failed.load(Ordering::Relaxed),
-            s.skipped.load(Ordering::Relaxed),
-        );
-        let mut out = format!("pyroscope: {pushed} pushed, {failed} failed");
-        if skipped > 0 {
-            let _ = write!(out, ", {skipped} skipped (previous push still running)");
-        }
-        if failed > 0
-            && let Some(e) = s.last_error.lock().ok().and_then(|e| e.clone())
-        {
-            let _ = write!(out, " (last: {e})");
-        }
-        out
-    }
-
-    /// Pushes that succeeded so far.
-    #[must_use]
-    pub fn pushed(&self) -> u64 {
-        self.stats.pushed.load(Ordering::Relaxed)
-    }
-
-    /// Pushes that failed so far.
-    #[must_use]
-    pub fn failures(&self) -> u64 {
-        self.stats.failed.load(Ordering::Relaxed)
-    }
-}
-
-async fn send(request: reqwest::RequestBuilder) -> Result<(), String> {
-    let response = request.send().await.map_err(|e| describe(&e.without_url()))?;
-    let status = response.status();
-    if status.is_success() {
-        return Ok(());
-    }
-    let body = response.text().await.unwrap_or_default();
-    let body: String = body.trim().chars().take(200).collect();
-    Err(format!("HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") }))
-}
-
-/// The error with its causes (reqwest's own message is only the outermost).
-fn describe(e: &reqwest::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let _ = write!(out, ": {cause}");
-        source = cause.source();
-    }
-    out
-}
-
-fn record(stats: &Stats, result: Result<(), String>) {
-    match result {
-        Ok(()) => {
-            stats.pushed.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            debug!("pyroscope push failed: {e}");
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut last) = stats.last_error.lock() {
-                *last = Some(e);
-            }
-        }
     }
 }
 

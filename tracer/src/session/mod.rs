@@ -34,7 +34,7 @@ use crate::{
     live::{Action, LiveView},
     model::StackTable,
     procfs,
-    push::pyroscope::{self, Pusher},
+    push::{Destination, Pusher, otlp, pyroscope},
     report::Report,
     symbolize::ProcessSymbols,
 };
@@ -81,7 +81,8 @@ struct Sources {
 #[derive(Default)]
 struct Watchers {
     live: Option<LiveView>,
-    pyroscope: Option<Pusher>,
+    /// `--pyroscope`, `--otlp-profiles`.
+    pushers: Vec<Pusher>,
     /// `--metrics`: the listener scrapes come to.
     metrics: Option<TcpListener>,
 }
@@ -95,14 +96,8 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let started = Instant::now();
     let Sources { mut events, mut oom_events, pidfd, metrics } = sources;
     let live = if args.live { start_live_view() } else { None };
-    let pyroscope = match &args.pyroscope {
-        Some(url) => {
-            let target = pyroscope::Target::new(url, &args.labels, &s.comm, pyroscope::Auth::from_env()?)?;
-            Some(Pusher::new(target, snapshot_interval(args, live.is_some()))?)
-        }
-        None => None,
-    };
-    let mut watchers = Watchers { live, pyroscope, metrics };
+    let pushers = pushers(args, &s.comm, snapshot_interval(args, live.is_some()))?;
+    let mut watchers = Watchers { live, pushers, metrics };
     // On an error the view is dropped with the session, which stops the agent too.
     let reason =
         event_loop(&mut s, [&mut events, &mut oom_events], pidfd, signals, args, started, &mut watchers)
@@ -118,7 +113,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     }
     s.js_heap.close().await;
     let (mut report, reason) = finish(s, reason, args, started);
-    if let Some(pusher) = watchers.pyroscope.as_mut() {
+    for pusher in &mut watchers.pushers {
         pusher.push_final(&report).await;
         let status = pusher.status();
         eprintln!("memtrace: {status}");
@@ -127,6 +122,19 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
         }
     }
     Ok((report, reason))
+}
+
+/// One pusher per profile destination asked for.
+fn pushers(args: &TraceArgs, comm: &str, interval: Duration) -> anyhow::Result<Vec<Pusher>> {
+    let mut destinations = Vec::new();
+    if let Some(url) = &args.pyroscope {
+        let auth = pyroscope::Auth::from_env()?;
+        destinations.push(Destination::Pyroscope(pyroscope::Target::new(url, &args.labels, comm, auth)?));
+    }
+    if let Some(url) = &args.otlp_profiles {
+        destinations.push(Destination::Otlp(otlp::Target::new(url, &args.labels, comm)?));
+    }
+    Ok(destinations.into_iter().map(|d| Pusher::new(d, interval)).collect::<Result<_, _>>()?)
 }
 
 /// The full-screen view, or `None` (the status line) when it cannot be shown.
@@ -404,7 +412,7 @@ async fn event_loop(
 /// Answers one scrape with the metrics as they are now.
 fn serve_scrape(s: &Session, watchers: &Watchers, stream: tokio::net::TcpStream) {
     let mut snapshot = s.metrics_snapshot();
-    snapshot.pyroscope_pushes = watchers.pyroscope.as_ref().map(|p| (p.pushed(), p.failures()));
+    snapshot.pushes = watchers.pushers.iter().map(|p| (p.name(), p.pushed(), p.failures())).collect();
     tokio::spawn(metrics::serve(stream, crate::export::prometheus::render(&snapshot)));
 }
 
@@ -438,7 +446,7 @@ fn on_tick(
     started: Instant,
 ) {
     let show = w.live.as_ref().is_some_and(|v| !v.paused());
-    let push = snapshot && w.pyroscope.is_some();
+    let push = snapshot && !w.pushers.is_empty();
     if show || push {
         let made = Instant::now();
         let report = s.live_report(started, args.min_age);
@@ -447,23 +455,23 @@ fn on_tick(
             report.leaks.len() + report.other_suspects.len(),
             made.elapsed()
         );
-        if let Some(pusher) = w.pyroscope.as_mut().filter(|_| push) {
+        for pusher in w.pushers.iter_mut().filter(|_| push) {
             pusher.push(&report);
         }
         if let Some(view) = w.live.as_mut().filter(|_| show) {
             view.update(report);
         }
     }
-    let pushed = w.pyroscope.as_ref().map(Pusher::status);
+    let pushed: Vec<String> = w.pushers.iter().map(Pusher::status).collect();
     if let Some(view) = w.live.as_mut() {
-        view.set_notes(pushed.into_iter().collect());
+        view.set_notes(pushed);
         draw(view);
         return;
     }
-    let line = match pushed {
-        Some(p) => format!("{}  {p}", s.status_line(started)),
-        None => s.status_line(started),
-    };
+    let mut line = s.status_line(started);
+    for p in pushed {
+        line = format!("{line}  {p}");
+    }
     if status.tty {
         eprint!("\r{line}\x1b[K");
     } else if status.last.elapsed() >= Duration::from_secs(5) {

@@ -313,7 +313,7 @@ impl Session {
                 &self.timeline,
                 crate::analysis::limit::WINDOW_S,
             )),
-            pyroscope_pushes: None,
+            pushes: Vec::new(),
         }
     }
 
