@@ -376,10 +376,10 @@ fn write_frames(leak: &Leak, out: &mut impl Write) -> std::io::Result<()> {
     }
     let at = frames.iter().position(|f| *f == leak.culprit).unwrap_or(0);
     if at > 0 {
-        let leaf = frame_line(&frames[0]);
+        let leaf_line = frame_line(&frames[0]);
         writeln!(
             out,
-            "      ({} below it, from {leaf})",
+            "      ({} below it, from {leaf_line})",
             plural(at as u64, "runtime frame", "runtime frames")
         )?;
     }

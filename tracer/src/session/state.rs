@@ -291,7 +291,7 @@ impl Session {
                 }),
             }
         }
-        by_culprit.sort_by_key(|s| std::cmp::Reverse(s.bytes));
+        by_culprit.sort_by_key(|c| std::cmp::Reverse(c.bytes));
         by_culprit.truncate(crate::export::prometheus::TOP_SUSPECTS);
         let suspects = by_culprit;
         crate::export::prometheus::MetricsSnapshot {
