@@ -317,29 +317,23 @@ async fn event_loop(
                 let mut guard = guard.context("wait for events")?;
                 s.drain(guard.get_inner_mut());
                 guard.clear_ready();
-                if s.target_oom_killed {
-                    break StopReason::TargetOomKilled;
-                }
-                if s.all_exited {
-                    break StopReason::TargetExited;
+                if let Some(reason) = ended(s) {
+                    break reason;
                 }
             }
             guard = oom_events.readable_mut() => {
                 let mut guard = guard.context("wait for OOM records")?;
                 s.drain(guard.get_inner_mut());
                 guard.clear_ready();
-                if s.target_oom_killed {
-                    break StopReason::TargetOomKilled;
+                if let Some(reason) = ended(s) {
+                    break reason;
                 }
             }
             _ = drain.tick() => {
                 s.drain(oom_events.get_mut());
                 s.drain(events.get_mut());
-                if s.target_oom_killed {
-                    break StopReason::TargetOomKilled;
-                }
-                if s.all_exited {
-                    break StopReason::TargetExited;
+                if let Some(reason) = ended(s) {
+                    break reason;
                 }
             }
             _ = pidfd.readable(), if !target_exited => {
@@ -407,6 +401,18 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
+}
+
+/// Whether what was drained ended the trace: the target OOM-killed, or every traced
+/// process gone.
+fn ended(s: &Session) -> Option<StopReason> {
+    if s.target_oom_killed {
+        Some(StopReason::TargetOomKilled)
+    } else if s.all_exited {
+        Some(StopReason::TargetExited)
+    } else {
+        None
+    }
 }
 
 /// Answers one scrape with the metrics as they are now.
