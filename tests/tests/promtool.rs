@@ -61,7 +61,7 @@ fn example_alert_rules_are_valid_and_fire_as_tested() {
     let dir = workspace_root().join("examples/prometheus");
     let rules = dir.join("memtrace-rules.yml");
     let (ok, text) = promtool(&["check", "rules", rules.to_str().expect("utf-8 path")], None);
-    assert!(ok && text.contains("SUCCESS: 4 rules found"), "{text}");
+    assert!(ok && text.contains("SUCCESS: 5 rules found"), "{text}");
     let tests = dir.join("memtrace-rules.test.yml");
     let (ok, text) = promtool(&["test", "rules", tests.to_str().expect("utf-8 path")], None);
     assert!(ok && text.contains("SUCCESS"), "{text}");
