@@ -81,6 +81,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check_before_tracing(args: &TraceArgs) -> anyhow::Result<()> {
     let tracked: Vec<&str> = args.track.iter().map(|t| t.name()).collect();
     args.output.flamegraph_kind.flame_value(&tracked).map_err(anyhow::Error::msg)?;
+    if let Some(url) = &args.pyroscope {
+        let auth = crate::push::pyroscope::Auth::from_env()?;
+        crate::push::pyroscope::Target::new(url, &args.labels, "", auth)?;
+    }
+    if let Some(url) = &args.otlp_profiles {
+        crate::push::otlp::Target::new(url, &args.labels, "")?;
+    }
     check_outputs(&args.output, args.record.as_deref())
 }
 

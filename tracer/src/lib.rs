@@ -21,6 +21,7 @@ pub mod model;
 pub mod oomwatch;
 pub mod output;
 pub mod procfs;
+pub mod push;
 pub mod record;
 pub mod report;
 pub mod session;

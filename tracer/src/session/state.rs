@@ -337,7 +337,7 @@ impl Session {
             }
         }
         by_culprit.sort_by_key(|c| std::cmp::Reverse(c.bytes));
-        by_culprit.truncate(10);
+        by_culprit.truncate(crate::export::prometheus::TOP_SUSPECTS);
         let suspects = by_culprit;
         crate::export::prometheus::MetricsSnapshot {
             pid: self.pid,
@@ -354,6 +354,11 @@ impl Session {
             memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
             suspects,
             memory: self.parts.map(|(_, (_, last))| last),
+            time_to_limit: Some(crate::analysis::limit::time_to_limit(
+                &self.timeline,
+                crate::analysis::limit::WINDOW_S,
+            )),
+            pushes: Vec::new(),
         }
     }
 
