@@ -62,6 +62,35 @@ fn scrape(port: u16) -> String {
     response
 }
 
+/// `memtrace_process_mapped_outstanding_bytes` of `pid`.
+fn mapped_series(scraped: &str, pid: u32) -> Option<u64> {
+    let series = format!("memtrace_process_mapped_outstanding_bytes{{pid=\"{pid}\",comm=\"tree_leak\"}} ");
+    scraped.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse().ok())
+}
+
+/// Scrapes until each process's mapped-bytes series shows its MiB (±5%), and checks it.
+/// Events are drained every 100 ms; on a loaded machine the last ones may take longer.
+fn scrape_per_process(port: u16, want: &[(u32, u64)]) -> String {
+    let complete = |s: &str| {
+        want.iter().all(|&(pid, mib)| mapped_series(s, pid).is_some_and(|v| within_5_percent(v, mib * MIB)))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut scraped = scrape(port);
+    while !complete(&scraped) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        scraped = scrape(port);
+    }
+    for &(pid, mib) in want {
+        let value =
+            mapped_series(&scraped, pid).unwrap_or_else(|| panic!("no series of {pid} in:\n{scraped}"));
+        assert!(
+            within_5_percent(value, mib * MIB),
+            "pid {pid}: {value} mapped bytes, expected {mib} MiB ±5%"
+        );
+    }
+    scraped
+}
+
 fn within_5_percent(bytes: u64, expected: u64) -> bool {
     bytes.abs_diff(expected) <= expected / 20
 }
@@ -125,24 +154,7 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
     for p in [&mut member, &mut joiner, &mut outsider] {
         p.wait_for_stdout("done", Duration::from_secs(30));
     }
-    // Events are drained every 100 ms; on a loaded machine the last ones may take longer.
-    let series = |p: &TestProcess| {
-        format!("memtrace_process_mapped_outstanding_bytes{{pid=\"{}\",comm=\"tree_leak\"}} ", p.pid())
-    };
-    let value = |scraped: &str, series: &str| -> Option<u64> {
-        scraped.lines().find_map(|l| l.strip_prefix(series)).and_then(|v| v.trim().parse().ok())
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let scraped = loop {
-        let scraped = scrape(port);
-        let complete = [(&member, 20), (&joiner, 12)]
-            .iter()
-            .all(|(p, mib)| value(&scraped, &series(p)).is_some_and(|v| within_5_percent(v, mib * MIB)));
-        if complete || std::time::Instant::now() > deadline {
-            break scraped;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let scraped = scrape_per_process(port, &[(member.pid(), 20), (joiner.pid(), 12)]);
     let out = memtrace.wait(Duration::from_mins(1));
     assert!(out.status.success(), "memtrace attach --cgroup exited with {}\n{}", out.status, out.combined());
     assert!(
@@ -151,18 +163,23 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
         "the kernel announced the joiner (not only the once-a-second rescan)\n{}",
         out.stderr
     );
-    for (p, mib) in [(&member, 20), (&joiner, 12)] {
-        let series = series(p);
-        let value =
-            value(&scraped, &series).unwrap_or_else(|| panic!("no {series} in the scrape:\n{scraped}"));
-        assert!(within_5_percent(value, mib * MIB), "{series}{value}, expected {mib} MiB ±5%");
-    }
     assert!(
         !scraped.contains(&format!("pid=\"{}\"", outsider.pid())),
         "the outsider has no series:\n{scraped}"
     );
     assert!(scraped.contains("memtrace_processes{state=\"running\"} 2\n"), "{scraped}");
-    let report = Report::read(&json);
+    check_report(
+        &Report::read(&json),
+        [member.pid(), joiner.pid(), outsider.pid()],
+        &cgroup.dir,
+        &out.combined(),
+    );
+    drop((member, joiner, outsider));
+}
+
+/// The JSON report of the trace: each leak under its process, in full; the joiner listed,
+/// the outsider not; the cgroup named.
+fn check_report(report: &Report, [member, joiner, outsider]: [u32; 3], cgroup_dir: &Path, output: &str) {
     let summary = report.summary();
     eprintln!("{summary}");
 
@@ -175,15 +192,13 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
             .map(|(pid, bytes, _)| (pid, bytes))
             .collect()
     };
-    for (p, function, mib) in [(&member, "leak_in_worker_a", 20), (&joiner, "leak_in_worker_b", 12)] {
-        let pid = u64::from(p.pid());
+    for (p, function, mib) in [(member, "leak_in_worker_a", 20), (joiner, "leak_in_worker_b", 12)] {
+        let pid = u64::from(p);
         let shares = held(function);
         assert_eq!(
             shares.iter().map(|s| s.0).collect::<Vec<_>>(),
             vec![pid],
-            "{function} is held by {pid} only (the outsider {} is not traced)\n{summary}\n{}",
-            outsider.pid(),
-            out.combined()
+            "{function} is held by {pid} only (the outsider {outsider} is not traced)\n{summary}\n{output}"
         );
         assert!(
             within_5_percent(shares[0].1, mib * MIB),
@@ -200,16 +215,15 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
         .filter_map(|p| p.get("pid").and_then(serde_json::Value::as_u64))
         .collect();
     assert!(
-        listed.contains(&u64::from(joiner.pid())) && !listed.contains(&u64::from(outsider.pid())),
+        listed.contains(&u64::from(joiner)) && !listed.contains(&u64::from(outsider)),
         "the joiner is listed, the outsider is not: {listed:?}"
     );
-    let cgroup_path = cgroup.dir.canonicalize().expect("cgroup path");
+    let cgroup_path = cgroup_dir.canonicalize().expect("cgroup path");
     assert_eq!(
         report.json.pointer("/target/cgroup").and_then(serde_json::Value::as_str),
         Some(cgroup_path.to_str().expect("UTF-8 path")),
         "the report names the cgroup"
     );
-    drop((member, joiner, outsider));
 }
 
 #[test]

@@ -114,8 +114,7 @@ fn node_leaves_no_v8_logs_in_the_working_directory() {
         .collect();
     assert!(
         stderr.contains("memtrace: removed 1 V8 log (isolate-*-v8.log)"),
-        "node wrote its log and memtrace removed it\n{}",
-        stderr
+        "node wrote its log and memtrace removed it\n{stderr}"
     );
     assert!(left.is_empty(), "V8 logs left in the working directory: {left:?}");
 }

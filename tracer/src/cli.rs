@@ -66,7 +66,7 @@ pub enum Command {
     /// Launch a command and trace it from its first instruction.
     Run {
         /// Run the command as root. By default, when memtrace runs through sudo, the
-        /// command runs as the user who ran sudo (SUDO_UID/SUDO_GID, with that user's
+        /// command runs as the user who ran sudo (`SUDO_UID`/`SUDO_GID`, with that user's
         /// groups, HOME, USER and LOGNAME).
         #[arg(long)]
         as_root: bool,

@@ -51,6 +51,9 @@ pub(super) struct ProcessSample {
     pub mapped_bytes: u64,
 }
 
+/// A metric family of per-process series: name, help, and the value of a sample.
+type Family = (&'static str, &'static str, fn(&ProcessSample) -> u64);
+
 /// Per-process series for a trace of several processes (`--children`, `--cgroup`, several
 /// pids), at most [`PROCESS_SERIES_MAX`] of them (the caller passes the largest first), and
 /// how many processes run and were traced. Appended to the main exposition.
@@ -64,7 +67,7 @@ pub(super) fn per_process(samples: &[ProcessSample], running: usize, traced: usi
          memtrace_processes{{state=\"running\"}} {running}\n\
          memtrace_processes{{state=\"traced\"}} {traced}"
     );
-    let families: [(&str, &str, fn(&ProcessSample) -> u64); 2] = [
+    let families: [Family; 2] = [
         ("memtrace_process_rss_bytes", "Resident set size of a traced process (the largest holders).", |p| {
             p.rss_bytes
         }),

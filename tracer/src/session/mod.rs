@@ -213,7 +213,10 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
-    let procs = open_targets(&pids[..named], &pids[named..])?;
+    let mut procs = open_targets(&pids[..named], &pids[named..])?;
+    if target.children {
+        adopt_descendants(&mut tracer, &mut procs, &pids);
+    }
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
@@ -283,6 +286,25 @@ fn open_targets(named: &[u32], members: &[u32]) -> anyhow::Result<procs::Process
         procs.add_running(p, None, None);
     }
     Ok(procs)
+}
+
+/// `--children`: the processes the targets forked before tracing started (a running pool's
+/// workers) are traced too; read after the programs are attached, so that a fork in
+/// between is seen one way or the other.
+fn adopt_descendants(tracer: &mut Tracer, procs: &mut procs::Processes, targets: &[u32]) {
+    for &target in targets {
+        for (child, parent) in procs::descendants(target) {
+            if procs.is_running(child) {
+                continue;
+            }
+            if let Err(e) = tracer.trace_process(child) {
+                warn!("{e}");
+                continue;
+            }
+            debug!("following process {child}, a child of {parent} running when tracing started");
+            procs.add_running(child, None, Some(parent));
+        }
+    }
 }
 
 /// What can be traced together: the allocator view follows one process.

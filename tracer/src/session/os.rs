@@ -141,8 +141,7 @@ pub(super) async fn wait_for_exec(pid: u32, before: Option<std::path::PathBuf>) 
 async fn wait_for_loader(pid: u32) {
     let executable = || {
         std::fs::read_to_string(format!("/proc/{pid}/maps"))
-            .map(|maps| crate::procfs::maps::parse_maps(&maps).iter().filter(|m| m.executable).count())
-            .unwrap_or(0)
+            .map_or(0, |maps| crate::procfs::maps::parse_maps(&maps).iter().filter(|m| m.executable).count())
     };
     let (mut last, mut same) = (executable(), 0);
     for _ in 0..100 {

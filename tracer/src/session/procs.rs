@@ -79,6 +79,26 @@ fn ns_pid(pid: u32) -> Option<u32> {
     procfs::maps::parse_status(&status).ns_pid.filter(|&ns| ns != pid)
 }
 
+/// Every process descending from `pid` now, each with its parent, parents first (from the
+/// `children` lists of its threads).
+pub(super) fn descendants(pid: u32) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else { continue };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                if child != pid && !out.iter().any(|&(c, _)| c == child) {
+                    out.push((child, parent));
+                    queue.push(child);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `starttime` (field 22).
 fn start_ticks(pid: u32) -> Option<u64> {
     stat_number(pid, 22)
@@ -184,6 +204,14 @@ impl Processes {
     /// it starts with its parent's image and program break and holds nothing yet (what it
     /// inherited is its parent's memory, reported there).
     pub(super) fn on_fork(&mut self, child: u32, parent: u32, comm: String, ts_ns: u64) -> ProcIndex {
+        if let Some(&known) = self.by_pid.get(&child)
+            && self.procs[known].start_ticks.is_some()
+            && self.procs[known].start_ticks == start_ticks(child)
+        {
+            // Found running at the start (a descendant of a target) before its fork's
+            // event was read: the same process.
+            return ProcIndex(known as u32);
+        }
         let parent_i = self.index_of(parent).0 as usize;
         let (space, brk, cmdline) = {
             let p = &self.procs[parent_i];
