@@ -50,6 +50,13 @@ pub struct Args {
     /// first word `@PATH` runs another memtrace binary (to compare builds).
     #[arg(long = "mode", allow_hyphen_values = true)]
     modes: Vec<String>,
+    /// Passed to memtrace as `--js-heap-interval` (default: memtrace's, 512k).
+    #[arg(long)]
+    js_heap_interval: Option<String>,
+    /// Each mode is also measured with `--js-heap off`: the JS heap view's own cost is
+    /// the ratio of the two rows.
+    #[arg(long)]
+    js_heap_compare: bool,
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     no_setup: bool,
@@ -104,11 +111,26 @@ pub fn run(args: &Args) -> Result<()> {
     // The machines are shared: the load says how far to trust the numbers.
     note(&format!("load at start: {}", command_line("uptime", &[])));
 
-    let modes: Vec<Vec<String>> = if args.modes.is_empty() {
+    let mut modes: Vec<Vec<String>> = if args.modes.is_empty() {
         vec![args.track.iter().flat_map(|t| ["--track".to_string(), t.clone()]).collect()]
     } else {
         args.modes.iter().map(|m| m.split_whitespace().map(str::to_string).collect()).collect()
     };
+    if let Some(interval) = &args.js_heap_interval {
+        for mode in &mut modes {
+            mode.extend(["--js-heap-interval".to_string(), interval.clone()]);
+        }
+    }
+    if args.js_heap_compare {
+        modes = modes
+            .into_iter()
+            .flat_map(|mode| {
+                let mut off = mode.clone();
+                off.extend(["--js-heap".to_string(), "off".to_string()]);
+                [off, mode]
+            })
+            .collect();
+    }
     let mut untraced = Vec::new();
     let mut untraced_cpu = Vec::new();
     let mut traced: Vec<Vec<Traced>> = modes.iter().map(|_| Vec::new()).collect();

@@ -8,6 +8,7 @@ pub mod flamegraph;
 pub mod folded;
 pub(crate) mod human;
 pub mod json;
+pub mod otlp;
 pub mod pprof;
 pub mod prometheus;
 pub mod speedscope;
@@ -15,7 +16,7 @@ pub mod stacks;
 pub mod text;
 
 #[cfg(test)]
-mod fixture;
+pub(crate) mod fixture;
 
 pub use flamegraph::write_flamegraph;
 pub use folded::write_folded;
