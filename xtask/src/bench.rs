@@ -111,26 +111,7 @@ pub fn run(args: &Args) -> Result<()> {
     // The machines are shared: the load says how far to trust the numbers.
     note(&format!("load at start: {}", command_line("uptime", &[])));
 
-    let mut modes: Vec<Vec<String>> = if args.modes.is_empty() {
-        vec![args.track.iter().flat_map(|t| ["--track".to_string(), t.clone()]).collect()]
-    } else {
-        args.modes.iter().map(|m| m.split_whitespace().map(str::to_string).collect()).collect()
-    };
-    if let Some(interval) = &args.js_heap_interval {
-        for mode in &mut modes {
-            mode.extend(["--js-heap-interval".to_string(), interval.clone()]);
-        }
-    }
-    if args.js_heap_compare {
-        modes = modes
-            .into_iter()
-            .flat_map(|mode| {
-                let mut off = mode.clone();
-                off.extend(["--js-heap".to_string(), "off".to_string()]);
-                [off, mode]
-            })
-            .collect();
-    }
+    let modes = modes(args);
     let mut untraced = Vec::new();
     let mut untraced_cpu = Vec::new();
     let mut traced: Vec<Vec<Traced>> = modes.iter().map(|_| Vec::new()).collect();
@@ -197,6 +178,32 @@ pub fn run(args: &Args) -> Result<()> {
     note(&format!("load at end: {}", command_line("uptime", &[])));
     note(&format!("memtrace reports and JSON: {}", out.display()));
     Ok(())
+}
+
+/// The traced modes, as memtrace arguments: `--mode`s (or the one `--track`), each with
+/// `--js-heap-interval` and, with `--js-heap-compare`, a twin with the JS heap view off.
+fn modes(args: &Args) -> Vec<Vec<String>> {
+    let mut modes: Vec<Vec<String>> = if args.modes.is_empty() {
+        vec![args.track.iter().flat_map(|t| ["--track".to_string(), t.clone()]).collect()]
+    } else {
+        args.modes.iter().map(|m| m.split_whitespace().map(str::to_string).collect()).collect()
+    };
+    if let Some(interval) = &args.js_heap_interval {
+        for mode in &mut modes {
+            mode.extend(["--js-heap-interval".to_string(), interval.clone()]);
+        }
+    }
+    if args.js_heap_compare {
+        modes = modes
+            .into_iter()
+            .flat_map(|mode| {
+                let mut off = mode.clone();
+                off.extend(["--js-heap".to_string(), "off".to_string()]);
+                [off, mode]
+            })
+            .collect();
+    }
+    modes
 }
 
 fn measure_untraced(load: &Load, warmup: &Load, out: &Path) -> Result<Measured> {
