@@ -3,11 +3,11 @@
 //! holds them) and drops twice as many 16 KiB ones from `churnLarge`. memtrace is attached
 //! before the first round, so every kept Buffer is allocated while traced: the allocator
 //! view must give `keepSmall` exactly `rounds × 40` blocks and `rounds × 40 × 8 KiB`
-//! bytes for the Buffers' memory (the stacks through Node's ArrayBuffer allocator or V8's
+//! bytes for the Buffers' memory (the stacks through Node's `ArrayBuffer` allocator or V8's
 //! new backing store), in every mode that claims exactness, and `churnLarge` nothing that
 //! is flagged. With the whole malloc family, keepSmall also holds V8's bookkeeping per
 //! Buffer (the `BackingStore` object, its `ArrayBufferExtension`, a `shared_ptr` block):
-//! real memory, on other stacks. The fixture runs without TurboFan inlining, which would
+//! real memory, on other stacks. The fixture runs without `TurboFan` inlining, which would
 //! otherwise fold some of keepSmall's calls into its caller's frame.
 //!
 //! Duty cycling (`--malloc-duty`) claims an estimate, not exactness: a steady leak
@@ -124,13 +124,14 @@ fn malloc_family_mode_is_exact() {
     exact_bytes(&["--track", "malloc", "--malloc-probes", "libc"]);
 }
 
+/// 400 rounds of 20 ms: about 8 s of steady leaking, two cycles and more.
+const LONG_ROUNDS: u64 = 400;
+
 #[test]
 fn duty_cycled_estimate_is_within_tolerance() {
     if !require_root("duty_cycled_estimate_is_within_tolerance") {
         return;
     }
-    // 400 rounds of 20 ms: about 8 s of steady leaking, two cycles and more.
-    const LONG_ROUNDS: u64 = 400;
     let expected = LONG_ROUNDS * KEPT_PER_ROUND * BUFFER_BYTES;
     for run in 1..=2 {
         let (report, (bytes, count)) = trace_small_buffers(

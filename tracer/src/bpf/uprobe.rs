@@ -259,7 +259,7 @@ const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
 ];
 
 /// V8's backing stores (methods: `this` first), for `--malloc-probes node-buffers`: one
-/// trap per Buffer or ArrayBuffer allocated and one per freed (`probes::backing_store`).
+/// trap per Buffer or `ArrayBuffer` allocated and one per freed (`probes::backing_store`).
 /// Frees come first (see [`attach_resolved`]). An empty program marks a function that is
 /// not probed but whose frames are the allocator's, so that the mapped view does not count
 /// the memory it maps for a large Buffer a second time.

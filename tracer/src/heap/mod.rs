@@ -232,6 +232,13 @@ impl HeapTracker {
         })
     }
 
+    /// Once a second: switches the duty-cycled probes ([`Self::tick`]) and interns the
+    /// new stacks ([`Self::poll_new_stacks`]).
+    pub fn poll(&mut self, ebpf: &mut Ebpf, table: &mut StackTable) {
+        self.tick(ebpf);
+        self.poll_new_stacks(table);
+    }
+
     /// `--malloc-duty`: attaches or detaches the allocation probes when their window
     /// opens or closes (called about once a second).
     pub fn tick(&mut self, ebpf: &mut Ebpf) {

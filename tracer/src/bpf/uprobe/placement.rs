@@ -139,7 +139,7 @@ fn harmless_len(code: &[u8]) -> Option<usize> {
     (len <= code.len()).then_some(len)
 }
 
-/// The length of a ModRM byte and what follows it (SIB, displacement), no immediate.
+/// The length of a `ModRM` byte and what follows it (SIB, displacement), no immediate.
 fn modrm_operand_len(code: &[u8]) -> Option<usize> {
     let modrm = *code.first()?;
     let (mode, rm) = (modrm >> 6, modrm & 7);
