@@ -32,6 +32,9 @@ pub mod kind {
     pub const EXEC: u32 = 49;
     /// A traced process ended (its last thread exited); it is no longer traced.
     pub const EXIT: u32 = 50;
+    /// A `memtrace run` command called `_exit`: it is stopped (`SIGSTOP`) until userspace
+    /// has read its memory map and sent `SIGCONT`. `parent_tgid` holds the exit status.
+    pub const EXITING: u32 = 51;
 }
 
 /// Leads every record.
@@ -120,7 +123,7 @@ pub struct OomEvent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcEvent {
     pub header: EventHeader,
-    /// `FORK`: the parent's tgid; 0 otherwise.
+    /// `FORK`: the parent's tgid; `EXITING`: the status passed to `_exit`; 0 otherwise.
     pub parent_tgid: u32,
     #[allow(
         clippy::pub_underscore_fields,

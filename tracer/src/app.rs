@@ -38,12 +38,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Doctor => Ok(doctor()),
         Command::Attach { pids, trace } => {
-            let target = TraceTarget { pids, children: trace.children, release: None };
+            let target = TraceTarget { pids, children: trace.children, release: None, program: None };
             trace_and_report(target, &trace, None)
         }
         Command::Top { pid, mut trace } => {
             trace.live = true;
-            let target = TraceTarget { pids: vec![pid], children: trace.children, release: None };
+            let target =
+                TraceTarget { pids: vec![pid], children: trace.children, release: None, program: None };
             trace_and_report(target, &trace, None)
         }
         Command::Run { trace, command } => {
@@ -52,8 +53,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(status));
             }
             let (child, release) = spawn_held(&command)?;
-            let target =
-                TraceTarget { pids: vec![child.id()], children: trace.children, release: Some(release) };
+            let target = TraceTarget {
+                pids: vec![child.id()],
+                children: trace.children,
+                release: Some(release),
+                program: which::which(&command[0]).ok(),
+            };
             trace_and_report(target, &trace, Some(child))
         }
         Command::Oom { duration, json } => crate::oomwatch::watch(duration, json.as_deref()),

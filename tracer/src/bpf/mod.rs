@@ -1,6 +1,7 @@
 //! Loading the eBPF object, attaching its programs, and kernel feature checks.
 
 pub mod features;
+pub mod teardown;
 pub mod uprobe;
 
 use std::path::Path;
@@ -134,6 +135,8 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, u64>,
     /// The traced processes (the kernel keeps it up to date).
     _traced: aya::maps::HashMap<MapData, u32, u32>,
+    /// Uprobes attached for the session (the exit hold of `memtrace run`).
+    links: Vec<aya::programs::uprobe::UProbeLink>,
 }
 
 impl Tracer {
@@ -192,12 +195,24 @@ impl Tracer {
         let events = take_map(&mut ebpf, MAP_EVENTS)?;
         let oom_events = take_map(&mut ebpf, MAP_OOM_EVENTS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
-        Ok(Self { ebpf, events: Some(events), oom_events: Some(oom_events), counters, _traced: traced })
+        Ok(Self {
+            ebpf,
+            events: Some(events),
+            oom_events: Some(oom_events),
+            counters,
+            _traced: traced,
+            links: Vec::new(),
+        })
     }
 
     /// The loaded object, for probe families that attach or read maps of their own.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Keeps `links` attached for the session.
+    pub fn keep_links(&mut self, links: Vec<aya::programs::uprobe::UProbeLink>) {
+        self.links.extend(links);
     }
 
     /// The ring buffer, to be polled by the caller (once).

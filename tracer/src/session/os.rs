@@ -133,3 +133,11 @@ pub(super) async fn wait_for_exec(pid: u32, before: Option<std::path::PathBuf>) 
     }
     warn!("process {pid} did not exec within 5s; its symbols may be missing");
 }
+
+/// Lets a process that `uprobe_exit` stopped go on (`SIGCONT`).
+pub(super) fn resume(pid: u32) {
+    // SAFETY: kill has no memory preconditions; the pid is the traced command's.
+    if unsafe { libc::kill(pid.cast_signed(), libc::SIGCONT) } != 0 {
+        log::debug!("resume process {pid}: {}", std::io::Error::last_os_error());
+    }
+}

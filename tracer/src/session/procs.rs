@@ -278,6 +278,17 @@ impl Processes {
         }
     }
 
+    /// Re-reads the memory map of `pid` now, whatever the rate limit (it is about to end).
+    pub(super) fn refresh_symbols(&mut self, pid: u32) {
+        let Some(&i) = self.by_pid.get(&pid) else { return };
+        let space = self.procs[i].space;
+        if let Some(symbols) = self.spaces.get_mut(space as usize).and_then(|s| s.symbols.as_mut())
+            && let Err(e) = symbols.refresh_maps()
+        {
+            debug!("re-read the memory map of process {pid}: {e}");
+        }
+    }
+
     /// Reads what the processes' perf maps gained (JIT code).
     pub(super) fn refresh_perf_maps(&mut self) {
         let live: Vec<u32> = self.by_pid.values().map(|&i| self.procs[i].space).collect();

@@ -46,6 +46,8 @@ pub(super) struct Session {
     pub(super) target_oom_killed: bool,
     /// How the target ended, if it did while traced.
     pub(super) exit: Option<crate::report::Exit>,
+    /// When the (first) target ended (or called `_exit`): the report's ages end there.
+    pub(super) ended_ns: Option<u64>,
     pub(super) last_mem: procfs::MemStatus,
     pub(super) heap: Option<crate::heap::HeapTracker>,
     pub(super) comm: String,
@@ -147,6 +149,7 @@ impl Session {
                 self.procs.on_fork(tgid, event.parent_tgid, comm, ts_ns);
                 log::info!("following process {tgid}, forked by {}", event.parent_tgid);
             }
+            tracer_common::kind::EXITING => self.held_at_exit(tgid, ts_ns, event.parent_tgid),
             tracer_common::kind::EXEC => {
                 // Stacks of the old image are named with its symbols before they go.
                 self.symbolize_new();
@@ -155,10 +158,30 @@ impl Session {
             }
             _ => {
                 self.symbolize_new();
+                if tgid == self.pid {
+                    self.ended_ns.get_or_insert(ts_ns);
+                }
                 self.procs.on_exit(tgid, ts_ns);
                 self.all_exited = self.procs.live() == 0;
             }
         }
+    }
+
+    /// `memtrace run`'s command called `_exit` and is stopped there (see `uprobe_exit`):
+    /// everything it allocated is in the tables and its memory map is still readable, so
+    /// its stacks are named now; then it may go on and end.
+    fn held_at_exit(&mut self, tgid: u32, ts_ns: u64, status: u32) {
+        log::debug!("process {tgid} called _exit({status}); reading its modules before it ends");
+        if tgid == self.pid {
+            self.ended_ns.get_or_insert(ts_ns);
+        }
+        self.procs.refresh_symbols(tgid);
+        if let Some(heap) = self.heap.as_mut() {
+            heap.refresh_addresses(tgid);
+            heap.poll_new_stacks(&mut self.stacks);
+        }
+        self.symbolize_new();
+        super::os::resume(tgid);
     }
 
     /// Symbolizes stacks seen since the last call, while the target still lives (JIT code
