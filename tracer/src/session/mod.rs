@@ -191,7 +191,10 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
-    let procs = open_targets(&pids)?;
+    let mut procs = open_targets(&pids)?;
+    if launched {
+        procs.await_exec(pid);
+    }
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
