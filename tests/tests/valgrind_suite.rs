@@ -11,6 +11,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -53,8 +54,7 @@ fn allocator(function: &str) -> Option<String> {
 /// program called, so these are compared as the one Valgrind shows.
 fn compared_as(allocating: &str) -> &str {
     match allocating {
-        "realloc" | "reallocarray" => "malloc or realloc",
-        "malloc" => "malloc or realloc",
+        "malloc" | "realloc" | "reallocarray" => "malloc or realloc",
         "valloc" | "pvalloc" => "memalign",
         other => other,
     }
@@ -68,12 +68,10 @@ struct StackFrame<'a> {
 }
 
 fn key_of(frames: &[StackFrame<'_>], exe: &Path) -> Key {
-    let allocating = frames
-        .iter()
-        .map_while(|f| allocator(f.function))
-        .last()
-        .map(|a| compared_as(&a).to_string())
-        .unwrap_or_else(|| frames.first().map_or_else(|| "?".to_string(), |f| f.function.to_string()));
+    let allocating = frames.iter().map_while(|f| allocator(f.function)).last().map_or_else(
+        || frames.first().map_or_else(|| "?".to_string(), |f| f.function.to_string()),
+        |a| compared_as(&a).to_string(),
+    );
     let program =
         frames.iter().find(|f| Path::new(f.module) == exe).map(|f| format!("{}:{}", f.function, f.line));
     (allocating, program)
@@ -194,8 +192,8 @@ impl Compared {
         );
         for key in keys {
             let (v, m) = (self.valgrind.get(key), self.memtrace.get(key));
-            out +=
-                &format!("  {} {key:?}: valgrind {v:?}, memtrace {m:?}\n", if v == m { "ok" } else { "XX" });
+            let mark = if v == m { "ok" } else { "XX" };
+            let _ = writeln!(out, "  {mark} {key:?}: valgrind {v:?}, memtrace {m:?}");
         }
         out + &format!(
             "memtrace run took {:.2?} (the program alone {:.2?})\n{}",

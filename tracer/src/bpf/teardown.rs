@@ -103,6 +103,8 @@ pub fn hand_off_probes() -> HandOff {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd as _;
+
     use super::*;
 
     #[test]
@@ -121,7 +123,6 @@ mod tests {
         let file = tempfile::tempfile().expect("temp file");
         let (probes, others) = open_fds().expect("list fds");
         assert!(probes.is_empty(), "a test process has no BPF objects: {probes:?}");
-        use std::os::fd::AsRawFd as _;
         assert!(others.contains(&file.as_raw_fd()), "{others:?}");
     }
 }

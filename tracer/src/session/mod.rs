@@ -164,17 +164,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         .context("poll the ring buffer")?;
     let oom_events = readable_fd(tracer.take_oom_events().context("OOM ring buffer already taken")?)
         .context("poll the OOM ring buffer")?;
-    let files = target.program.as_deref().and_then(|program| {
-        crate::bpf::uprobe::CommandFiles::of(program)
-            .map_err(|e| warn!("{e}; the command's modules are read once it runs"))
-            .ok()
-    });
-    if let Some(files) = &files {
-        match crate::bpf::uprobe::attach_exit_hold(tracer.ebpf_mut(), pid, files) {
-            Ok(links) => tracer.keep_links(links),
-            Err(e) => warn!("{e}: a command that exits within milliseconds may have unnamed stacks"),
-        }
-    }
+    let files = target.program.as_deref().and_then(|program| hold_at_exit(&mut tracer, pid, program));
     let mut heap = (track & TRACK_MALLOC != 0)
         .then(|| crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc, files.as_ref()))
         .transpose()
@@ -242,6 +232,23 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     s.snapshot();
 
     Ok((s, Sources { events, oom_events, pidfd, metrics }))
+}
+
+/// `memtrace run`: reads the files the command will load and holds it at its `_exit` (see
+/// `uprobe_exit`), so that a program gone within a millisecond is still symbolized.
+fn hold_at_exit(
+    tracer: &mut Tracer,
+    pid: u32,
+    program: &std::path::Path,
+) -> Option<crate::bpf::uprobe::CommandFiles> {
+    let files = crate::bpf::uprobe::CommandFiles::of(program)
+        .map_err(|e| warn!("{e}; the command's modules are read once it runs"))
+        .ok()?;
+    match crate::bpf::uprobe::attach_exit_hold(tracer.ebpf_mut(), pid, &files) {
+        Ok(links) => tracer.keep_links(links),
+        Err(e) => warn!("{e}: a command that exits within milliseconds may have unnamed stacks"),
+    }
+    Some(files)
 }
 
 /// The targets' models and symbols, read from `/proc` (an error if one cannot be read).

@@ -182,7 +182,7 @@ impl LdCache {
             return Self::default();
         };
         let u32_at = |at: usize| {
-            data.get(at..at + 4).and_then(|b| b.try_into().ok()).map(u32::from_le_bytes).unwrap_or(0) as usize
+            data.get(at..at + 4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_le_bytes) as usize
         };
         let string = |offset: usize| {
             let bytes = data.get(base + offset..)?;
