@@ -202,6 +202,16 @@ impl Processes {
     pub(super) fn on_exec(&mut self, pid: u32, comm: String, ts_ns: u64) {
         let i = self.index_of(pid).0 as usize;
         if self.procs[i].awaiting_exec {
+            // Symbols read before this exec are the shell's: replaced in place, since the
+            // allocator view's stacks belong to the target's first space. Nothing of the
+            // shell's image was modeled.
+            if self.procs[i].read_ns <= ts_ns {
+                let symbols =
+                    ProcessSymbols::new(pid).map_err(|e| debug!("symbols of process {pid}: {e}")).ok();
+                if let Some(space) = self.spaces.get_mut(self.procs[i].space as usize) {
+                    space.symbols = symbols;
+                }
+            }
             let p = &mut self.procs[i];
             p.awaiting_exec = false;
             p.model = LiveModel::new();

@@ -181,7 +181,28 @@ impl Session {
             heap.poll_new_stacks(&mut self.stacks);
         }
         self.symbolize_new();
+        self.resymbolize_unknown();
         super::os::resume(tgid);
+    }
+
+    /// Names again the stacks that have unknown frames: they were symbolized while the
+    /// modules were still being mapped (right after the exec), and the memory map is
+    /// complete now.
+    fn resymbolize_unknown(&mut self) {
+        let stale: Vec<StackId> = self
+            .frames
+            .iter()
+            .filter(|(_, frames)| frames.iter().any(|f| f.kind == crate::report::FrameKind::Unknown))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            if self.stacks.frames(id).is_some() {
+                continue;
+            }
+            let addrs = self.stacks.get(id).to_vec();
+            let frames = self.procs.symbolize(self.stacks.space(id), &addrs);
+            self.frames.insert(id, frames);
+        }
     }
 
     /// Symbolizes stacks seen since the last call, while the target still lives (JIT code
