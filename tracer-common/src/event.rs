@@ -32,9 +32,13 @@ pub mod kind {
     pub const EXEC: u32 = 49;
     /// A traced process ended (its last thread exited); it is no longer traced.
     pub const EXIT: u32 = 50;
+    /// A process joined a traced cgroup and is traced from now on (`tgid` is its pid).
+    pub const JOIN: u32 = 51;
+    /// A traced process was moved out of the traced cgroups; it is no longer traced.
+    pub const LEAVE: u32 = 52;
     /// A `memtrace run` command called `_exit`: it is stopped (`SIGSTOP`) until userspace
     /// has read its memory map and sent `SIGCONT`. `parent_tgid` holds the exit status.
-    pub const EXITING: u32 = 51;
+    pub const EXITING: u32 = 53;
 }
 
 /// Leads every record.

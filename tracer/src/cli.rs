@@ -43,8 +43,15 @@ pub enum Command {
     /// Trace running processes until Ctrl-C, SIGTERM, --duration, or their exit.
     Attach {
         /// Process ids to trace (all their threads); the report is for the first.
-        #[arg(required = true, num_args = 1.., value_name = "PID")]
+        #[arg(required_unless_present = "cgroup", num_args = 1.., value_name = "PID")]
         pids: Vec<u32>,
+        /// Trace every process of this cgroup and its sub-cgroups (v2 or v1: a systemd
+        /// unit's, e.g. /sys/fs/cgroup/system.slice/app.service, or a container's), and
+        /// each process that joins them or is forked in them while tracing. A path as
+        /// /proc/PID/cgroup shows it is looked up under /sys/fs/cgroup. Tracing goes on when
+        /// the cgroup empties, until --duration or Ctrl-C.
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
         #[command(flatten)]
         trace: TraceArgs,
     },
@@ -58,6 +65,11 @@ pub enum Command {
     },
     /// Launch a command and trace it from its first instruction.
     Run {
+        /// Run the command as root. By default, when memtrace runs through sudo, the
+        /// command runs as the user who ran sudo (SUDO_UID/SUDO_GID, with that user's
+        /// groups, HOME, USER and LOGNAME).
+        #[arg(long)]
+        as_root: bool,
         #[command(flatten)]
         trace: TraceArgs,
         /// The command and its arguments.

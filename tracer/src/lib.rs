@@ -3,6 +3,8 @@
 //! Data flows one way: [`cli`] → [`bpf`] (load, attach) → [`events`] (ring buffer,
 //! decoding) → [`model`] (live memory by stack) → [`analysis`] (leaks, OOM) →
 //! [`symbolize`] → [`export`]. [`session`] drives one trace; [`app`] runs a command.
+//! [`jsheap`] is the JS heap view of Node targets (V8's sampling heap profiler), whose
+//! stacks arrive named.
 
 pub mod analysis;
 pub mod app;
@@ -13,6 +15,7 @@ pub mod events;
 pub mod export;
 pub mod heap;
 pub mod jsheap;
+pub mod launch;
 pub mod live;
 pub mod model;
 pub mod oomwatch;

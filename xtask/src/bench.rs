@@ -4,6 +4,9 @@
 //! zero), warms it up with wrk, then measures wrk's requests/s, with memtrace attached
 //! (traced) or not (untraced). Runs alternate untraced/traced; we report the medians,
 //! their ratio, and memtrace's peak RSS (`ru_maxrss`, over its whole life).
+//!
+//! `--js-heap-compare` adds a third kind of run to each round, traced with the JS heap
+//! view off (`--js-heap off`), so that the view's own cost reads off the same rounds.
 
 use std::{
     ffi::OsStr,
@@ -44,6 +47,13 @@ pub struct Args {
     /// Passed to memtrace as `--track` (default: memtrace's default sources).
     #[arg(long)]
     track: Option<String>,
+    /// Passed to memtrace as `--js-heap-interval` (default: memtrace's, 512k).
+    #[arg(long)]
+    js_heap_interval: Option<String>,
+    /// Each round also measures memtrace with `--js-heap off`: the JS heap view's own
+    /// cost is the ratio of the traced runs with it on and off.
+    #[arg(long)]
+    js_heap_compare: bool,
     /// Skip `cargo xtask setup`.
     #[arg(long)]
     no_setup: bool,
@@ -90,12 +100,18 @@ pub fn run(args: &Args) -> Result<()> {
 
     let mut untraced = Vec::new();
     let mut traced = Vec::new();
+    let mut view_off = Vec::new();
     for run in 1..=args.runs {
         let rps = measure_untraced(&load, &warmup, &out)?;
         eprintln!("run {run} untraced: {rps:.0} req/s");
         untraced.push(rps);
 
-        let t = measure_traced(&bin, args, &load, &warmup, &out, run)?;
+        if args.js_heap_compare {
+            let t = measure_traced(&bin, args, false, &load, &warmup, &out, run)?;
+            eprintln!("run {run} traced, --js-heap off: {:.0} req/s", t.requests_per_s);
+            view_off.push(t.requests_per_s);
+        }
+        let t = measure_traced(&bin, args, true, &load, &warmup, &out, run)?;
         eprintln!(
             "run {run} traced:   {:.0} req/s (memtrace max RSS {:.1} MiB, lost events {})",
             t.requests_per_s,
@@ -136,6 +152,25 @@ pub fn run(args: &Args) -> Result<()> {
         (ratio - 1.0) * 100.0,
         max_rss as f64 / MIB,
     );
+    if args.js_heap_compare {
+        let off = median(&view_off);
+        let paired: Vec<f64> = traced_rps.iter().zip(&view_off).map(|(on, off)| on / off).collect();
+        step(&format!(
+            "JS heap view: traced with it {with:.0} req/s, without it {off:.0} req/s (runs {}): on/off {:.3} (median of paired ratios {:.3}); without it / untraced {:.3}",
+            spread(&view_off),
+            with / off,
+            median(&paired),
+            off / base
+        ));
+        println!(
+            "| leaky-service, wrk -t{} -c{}, {} s × {} runs | same, --js-heap off | {base:.0} | {off:.0} | {:.3} | | |",
+            load.threads,
+            load.connections,
+            load.duration_s,
+            args.runs,
+            off / base,
+        );
+    }
     Ok(())
 }
 
@@ -150,6 +185,7 @@ fn measure_untraced(load: &Load, warmup: &Load, out: &Path) -> Result<f64> {
 fn measure_traced(
     bin: &Path,
     args: &Args,
+    js_heap: bool,
     load: &Load,
     warmup: &Load,
     out: &Path,
@@ -158,8 +194,9 @@ fn measure_traced(
     let service = Service::start(out)?;
     service::wrk(&service.url(), warmup).context("warm-up")?;
 
-    let json = out.join(format!("traced-{run}.json"));
-    let report = out.join(format!("traced-{run}.txt"));
+    let kind = if js_heap { "" } else { "-no-js-heap" };
+    let json = out.join(format!("traced-{run}{kind}.json"));
+    let report = out.join(format!("traced-{run}{kind}.txt"));
     let _ = fs::remove_file(&json);
     // A safety net: the run stops memtrace with SIGINT as soon as wrk is done.
     let duration = format!("{}s", load.duration_s + 120);
@@ -167,6 +204,12 @@ fn measure_traced(
         vec!["--duration".as_ref(), duration.as_ref(), "--json".as_ref(), json.as_os_str()];
     if let Some(track) = &args.track {
         trace_args.extend([OsStr::new("--track"), OsStr::new(track)]);
+    }
+    if !js_heap {
+        trace_args.extend([OsStr::new("--js-heap"), OsStr::new("off")]);
+    }
+    if let Some(interval) = &args.js_heap_interval {
+        trace_args.extend([OsStr::new("--js-heap-interval"), OsStr::new(interval)]);
     }
     let stdout = File::create(&report).with_context(|| format!("create {}", report.display()))?;
     let mut tracer = Tracer::attach(bin, service.pid(), &trace_args, Stdio::from(stdout))?;

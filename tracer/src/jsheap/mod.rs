@@ -49,8 +49,9 @@ const LISTEN_WAIT: Duration = Duration::from_secs(5);
 const EVALUATE_WAIT: Duration = Duration::from_secs(10);
 /// How long to wait for another memtrace's window in the same network namespace.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
-/// How long a snapshot may take (the agent answers from the target's event loop).
-const SNAPSHOT_WAIT: Duration = Duration::from_secs(10);
+/// How long a snapshot may take (the agent answers from the target's event loop; a
+/// reply that comes later is read by the next snapshot).
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JsHeapError {

@@ -38,6 +38,9 @@ pub(super) struct Open {
     pub(super) aggs: Vec<StackAgg>,
     pub(super) stats: V8HeapStats,
     failed: bool,
+    /// Snapshots answered too late (read by the next one); shown in the status line so
+    /// that a stale JS heap view is never silent.
+    late: u32,
 }
 
 impl JsHeap {
@@ -64,6 +67,7 @@ impl JsHeap {
                     aggs: Vec::new(),
                     stats: V8HeapStats::default(),
                     failed: false,
+                    late: 0,
                 }))
             }
             Err(JsHeapError::NotNode { .. }) => Self::Off,
@@ -112,6 +116,11 @@ impl JsHeap {
                     .collect();
                 open.stats = snapshot.stats;
             }
+            // A busy event loop answers late: the next snapshot reads the answer.
+            Err(JsHeapError::Timeout(what)) => {
+                open.late += 1;
+                log::debug!("js-heap: timed out waiting for {what}");
+            }
             Err(e) => {
                 open.failed = true;
                 if crate::procfs::status(open.view.pid()).is_ok() {
@@ -140,6 +149,10 @@ impl JsHeap {
     /// For the status line.
     pub(super) fn status(&self) -> String {
         match self {
+            Self::Open(open) if open.stats.total == 0 && open.aggs.is_empty() => "  js-heap on".to_string(),
+            Self::Open(open) if open.late > 0 => {
+                format!("  js-heap {} ({} late snapshots)", human_bytes(open.stats.used), open.late)
+            }
             Self::Open(open) => format!("  js-heap {}", human_bytes(open.stats.used)),
             _ => String::new(),
         }

@@ -1,8 +1,10 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
+mod cgroup;
 mod jsheap;
 mod live;
 mod metrics;
+mod opener;
 mod os;
 mod procs;
 mod state;
@@ -60,6 +62,8 @@ pub struct TraceTarget {
     pub pids: Vec<u32>,
     /// Follow the processes they fork (and theirs), from their first instruction.
     pub children: bool,
+    /// `--cgroup`: trace the processes of this cgroup, and those that join it.
+    pub cgroup: Option<std::path::PathBuf>,
     /// For `memtrace run`: called once the programs are attached, to let the child run.
     pub release: Option<Release>,
     /// For `memtrace run`: the command's program (its path), whose files are probed before
@@ -106,6 +110,7 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     // Whatever is still in the ring buffers belongs to the run.
     s.drain(oom_events.get_mut());
     s.drain(events.get_mut());
+    s.settle_symbols();
     if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
         s.js_heap.refresh(&mut s.stacks).await;
     }
@@ -124,14 +129,17 @@ fn start_live_view() -> Option<LiveView> {
 /// Checks, loads and attaches; returns once tracing has started.
 async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session, Sources)> {
     let attach_started = Instant::now();
-    let pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
+    let mut pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
+    let named = pids.len();
+    let mut cgroup = target.cgroup.as_deref().map(cgroup::CgroupWatch::open).transpose()?;
+    let cgroup_filter = cgroup.as_mut().map(|watch| watch.add_members(&mut pids)).transpose()?;
     let &pid = pids.first().context("no process to trace")?;
     let launched = target.release.is_some();
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
     procfs::access::check_traceable(pid)?;
     let track = track_bits(&args.track);
-    check_scope(track, target.children, pids.len())?;
+    check_scope(track, target.children || cgroup.is_some(), pids.len())?;
     let metrics = match args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -152,6 +160,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let mut tracer = Tracer::load(&LoadOptions {
         targets: pids.clone(),
         follow_children: target.children,
+        cgroup: cgroup_filter,
         track,
         stack_copy_bytes: args.stack_bytes,
         ring_buffer_bytes,
@@ -181,7 +190,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
-    let mut procs = open_targets(&pids)?;
+    let mut procs = open_targets(&pids[..named], &pids[named..])?;
     if launched {
         procs.await_exec(pid);
     }
@@ -193,7 +202,14 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if js_heap.is_open() {
         tracked.push(crate::report::Source::JsHeap.name().to_string());
     }
-    let whom = whom(&pids, target.children, &comm);
+    let whom = match &cgroup {
+        Some(watch) => format!(
+            "{} ({})",
+            watch.describe(),
+            crate::export::human::plural(pids.len() as u64, "process", "processes")
+        ),
+        None => whom(&pids, target.children, &comm),
+    };
     eprintln!(
         "memtrace: attached to {whom} in {:.2}s, tracking {}; Ctrl-C to stop",
         attach_started.elapsed().as_secs_f64(),
@@ -228,6 +244,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         node: procfs::smaps::is_node(pid),
         js_heap,
         parts: None,
+        cgroup,
     };
     s.snapshot();
 
@@ -251,13 +268,17 @@ fn hold_at_exit(
     Some(files)
 }
 
-/// The targets' models and symbols, read from `/proc` (an error if one cannot be read).
-fn open_targets(pids: &[u32]) -> anyhow::Result<procs::Processes> {
+/// The targets' models and symbols, read from `/proc`: an error if one of `named` cannot be
+/// read; one of a cgroup's `members` that cannot is traced without symbols.
+fn open_targets(named: &[u32], members: &[u32]) -> anyhow::Result<procs::Processes> {
     let mut procs = procs::Processes::new();
-    for &p in pids {
+    for &p in named {
         let symbols =
             ProcessSymbols::new(p).with_context(|| format!("read the memory map of process {p}"))?;
         procs.add_running(p, Some(symbols), None);
+    }
+    for &p in members {
+        procs.add_running(p, None, None);
     }
     Ok(procs)
 }
@@ -376,15 +397,20 @@ async fn event_loop(
             } => {
                 match accepted {
                     Ok((stream, _)) => {
-                        let body = crate::export::prometheus::render(&s.metrics_snapshot());
+                        let mut body = crate::export::prometheus::render(&s.metrics_snapshot());
+                        if s.procs.len() > 1 {
+                            let samples = s.procs.samples(metrics::PROCESS_SERIES_MAX);
+                            body.push_str(&metrics::per_process(&samples, s.procs.live(), s.procs.len()));
+                        }
                         tokio::spawn(metrics::serve(stream, body));
                     }
                     Err(e) => debug!("accept a metrics connection: {e}"),
                 }
             }
             _ = tick.tick() => {
+                s.rescan_cgroup();
                 s.procs.reap();
-                if s.procs.live() == 0 {
+                if s.procs.live() == 0 && s.cgroup.is_none() {
                     s.drain(events.get_mut());
                     break StopReason::TargetExited;
                 }

@@ -26,6 +26,8 @@ struct Space {
 /// One traced process.
 struct Proc {
     pid: u32,
+    /// Its pid in its own pid namespace, when it differs (a container's process).
+    ns_pid: Option<u32>,
     /// `CLOCK_MONOTONIC` ns: the fork for a child, from `/proc/PID/stat` for a target.
     start_ns: u64,
     /// `starttime` of `/proc/PID/stat` (clock ticks since boot), once read: a pid whose
@@ -52,6 +54,8 @@ pub(super) struct Processes {
     /// The current process of each pid.
     by_pid: HashMap<u32, usize>,
     spaces: Vec<Space>,
+    /// Opens the symbols of processes that appear while tracing, off the event loop.
+    opener: super::opener::Opener,
 }
 
 /// `CLOCK_MONOTONIC` ns of a process's start, from `/proc/PID/stat` (clock ticks since
@@ -72,6 +76,12 @@ fn stat_number(pid: u32, field: usize) -> Option<u64> {
     procfs::stat_field(&stat, field)?.parse().ok()
 }
 
+/// The pid of `pid` in its innermost pid namespace, when it differs from `pid`.
+fn ns_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    procfs::maps::parse_status(&status).ns_pid.filter(|&ns| ns != pid)
+}
+
 /// `starttime` (field 22).
 fn start_ticks(pid: u32) -> Option<u64> {
     stat_number(pid, 22)
@@ -85,7 +95,12 @@ fn start_brk(pid: u32) -> Option<u64> {
 
 impl Processes {
     pub(super) fn new() -> Self {
-        Self { procs: Vec::new(), by_pid: HashMap::new(), spaces: Vec::new() }
+        Self {
+            procs: Vec::new(),
+            by_pid: HashMap::new(),
+            spaces: Vec::new(),
+            opener: super::opener::Opener::default(),
+        }
     }
 
     fn new_space(&mut self, symbols: Option<ProcessSymbols>) -> u32 {
@@ -112,9 +127,22 @@ impl Processes {
         symbols: Option<ProcessSymbols>,
         parent_pid: Option<u32>,
     ) -> ProcIndex {
-        let now = super::monotonic_ns();
         let symbols = symbols
             .or_else(|| ProcessSymbols::new(pid).map_err(|e| debug!("symbols of process {pid}: {e}")).ok());
+        self.add_proc(pid, symbols, parent_pid)
+    }
+
+    /// A process found while tracing (it joined a traced cgroup), traced as it is now; its
+    /// symbols are opened off the event loop and its events held until then.
+    pub(super) fn add_joined(&mut self, pid: u32) -> ProcIndex {
+        let i = self.add_proc(pid, None, None);
+        let space = self.procs[i.0 as usize].space;
+        self.opener.request(pid, space);
+        i
+    }
+
+    fn add_proc(&mut self, pid: u32, symbols: Option<ProcessSymbols>, parent_pid: Option<u32>) -> ProcIndex {
+        let now = super::monotonic_ns();
         let space = self.new_space(symbols);
         let mut model = LiveModel::new();
         if let Some(brk) = procfs::program_break(pid) {
@@ -123,6 +151,7 @@ impl Processes {
         let ticks = start_ticks(pid);
         self.push(Proc {
             pid,
+            ns_pid: ns_pid(pid),
             start_ns: ticks.map_or(now, start_ns_of),
             start_ticks: ticks,
             parent_pid,
@@ -182,6 +211,7 @@ impl Processes {
         }
         self.push(Proc {
             pid: child,
+            ns_pid: ns_pid(child),
             start_ns: ts_ns,
             start_ticks: start_ticks(child),
             parent_pid: Some(parent),
@@ -224,8 +254,8 @@ impl Processes {
             // Read from /proc after this exec: already the new image.
             return;
         }
-        let symbols = ProcessSymbols::new(pid).map_err(|e| debug!("symbols of process {pid}: {e}")).ok();
-        let space = self.new_space(symbols);
+        let space = self.new_space(None);
+        self.opener.request(pid, space);
         let p = &mut self.procs[i];
         p.space = space;
         p.model = LiveModel::new();
@@ -277,6 +307,43 @@ impl Processes {
             }
             None => false,
         }
+    }
+
+    /// Keeps a copy of a kernel record whose process's symbols are being opened (it is
+    /// replayed by [`Self::ready_events`]); OOM records are never held.
+    pub(super) fn hold(&mut self, record: &[u8]) -> bool {
+        let (Some(kind), Some(tgid)) = (record.get(0..4), record.get(4..8)) else { return false };
+        let kind = u32::from_ne_bytes([kind[0], kind[1], kind[2], kind[3]]);
+        let tgid = u32::from_ne_bytes([tgid[0], tgid[1], tgid[2], tgid[3]]);
+        kind != tracer_common::kind::OOM_MARK_VICTIM && self.opener.hold(tgid, record)
+    }
+
+    /// Installs the symbols opened since the last call (waiting up to `wait` for one) and
+    /// returns the records held for their processes, to be handled again in order.
+    pub(super) fn ready_events(&mut self, wait: Option<std::time::Duration>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for (space, symbols, events) in self.opener.ready(wait) {
+            if let Some(s) = self.spaces.get_mut(space as usize) {
+                s.symbols = symbols;
+            }
+            out.extend(events);
+        }
+        out
+    }
+
+    /// Whether symbols are still being opened.
+    pub(super) fn opening(&self) -> bool {
+        self.opener.busy()
+    }
+
+    /// Stops waiting for symbols: the records held, to be handled without them.
+    pub(super) fn abandon_opening(&mut self) -> Vec<Vec<u8>> {
+        self.opener.abandon()
+    }
+
+    /// Whether `pid` is a traced process that still runs.
+    pub(super) fn is_running(&self, pid: u32) -> bool {
+        self.by_pid.contains_key(&pid)
     }
 
     /// Processes still running.
@@ -368,6 +435,23 @@ impl Processes {
         self.by_pid.values().map(|&i| &self.procs[i])
     }
 
+    /// The processes still running, the most mapped bytes first, as metrics samples (their
+    /// RSS read now), at most `n`.
+    pub(super) fn samples(&self, n: usize) -> Vec<super::metrics::ProcessSample> {
+        let mut running: Vec<&Proc> = self.running().collect();
+        running.sort_by_key(|p| std::cmp::Reverse(p.model.outstanding_bytes()));
+        running
+            .into_iter()
+            .take(n)
+            .map(|p| super::metrics::ProcessSample {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                rss_bytes: procfs::status(p.pid).map_or(0, |s| s.mem.rss),
+                mapped_bytes: p.model.outstanding_bytes(),
+            })
+            .collect()
+    }
+
     /// Mapped bytes held now by the processes still running.
     pub(super) fn outstanding_bytes(&self) -> u64 {
         self.running().map(|p| p.model.outstanding_bytes()).sum()
@@ -412,6 +496,7 @@ impl Processes {
             .iter()
             .map(|p| Process {
                 pid: p.pid,
+                ns_pid: p.ns_pid,
                 parent_pid: p.parent_pid,
                 comm: p.comm.clone(),
                 cmdline: p.cmdline.clone(),
@@ -435,6 +520,7 @@ mod tests {
         let space = procs.new_space(None);
         procs.push(Proc {
             pid,
+            ns_pid: None,
             start_ns: 1,
             start_ticks: None,
             parent_pid: None,
@@ -531,5 +617,42 @@ mod tests {
         assert_eq!(totals.freed_bytes, 0, "{totals:?}");
         let heap: Vec<_> = procs.by_stack().iter().map(|a| (a.stack, a.bytes)).collect();
         assert_eq!(heap, vec![(StackId(2), 132 * 1024)], "the whole heap, from its start");
+    }
+
+    /// A kernel record's first bytes: its kind and tgid.
+    fn record(kind: u32, tgid: u32, tail: u8) -> Vec<u8> {
+        let mut r = kind.to_ne_bytes().to_vec();
+        r.extend(tgid.to_ne_bytes());
+        r.push(tail);
+        r
+    }
+
+    #[test]
+    fn an_exec_opens_symbols_off_the_loop_and_holds_the_process_events_until_then() {
+        let mut procs = Processes::new();
+        // This test process stands for the one that exec'd: its symbols can be read.
+        let me = std::process::id();
+        let p = fake(&mut procs, me);
+        let started = std::time::Instant::now();
+        procs.on_exec(me, "test".into(), 20);
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(50),
+            "on_exec returned after {:?}: it opened the symbols itself",
+            started.elapsed()
+        );
+        let space = procs.procs[p.0 as usize].space;
+        let (first, second) =
+            (record(tracer_common::kind::MMAP, me, 1), record(tracer_common::kind::MUNMAP, me, 2));
+        assert!(procs.hold(&first) && procs.hold(&second), "the process's records wait for its symbols");
+        assert!(!procs.hold(&record(tracer_common::kind::MMAP, me + 1, 3)), "another process's are handled");
+        assert!(!procs.hold(&record(tracer_common::kind::OOM_MARK_VICTIM, me, 4)), "OOM records never wait");
+        let mut replayed = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while procs.opening() && std::time::Instant::now() < deadline {
+            replayed.extend(procs.ready_events(Some(std::time::Duration::from_millis(100))));
+        }
+        assert_eq!(replayed, vec![first, second], "held records come back once, in order");
+        assert!(procs.spaces[space as usize].symbols.is_some(), "the new image's symbols were installed");
+        assert!(!procs.hold(&record(tracer_common::kind::MMAP, me, 5)), "nothing waits any more");
     }
 }
