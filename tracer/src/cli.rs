@@ -117,9 +117,9 @@ pub enum Track {
     Brk,
     /// First-touch page faults, sampled (RSS attribution: who made RSS grow).
     Faults,
-    /// malloc-family uprobes: heap blocks by call site, exact but costly (measured here:
-    /// ~13-16 µs per malloc+free pair against 10 ns untraced; a Node service keeps 7% of
-    /// its throughput). See --malloc-probes node-buffers for Node.
+    /// malloc-family uprobes: heap blocks by call site, exact but costly (three traps per
+    /// malloc+free pair, each on an instruction the kernel emulates; a Node service keeps
+    /// well under 25% of its throughput). See --malloc-probes node-buffers for Node.
     Malloc,
     /// OOM kills, machine-wide.
     Oom,

@@ -55,7 +55,8 @@ fn min_size() -> u64 {
 /// and shrinks them to almost nothing when malloc is not tracked. Tables that fill slowly
 /// are not preallocated, so they cost what they hold.
 #[map(name = "MALLOC_LIVE")]
-static MALLOC_LIVE: HashMap<u64, MallocLive> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+pub(crate) static MALLOC_LIVE: HashMap<u64, MallocLive> =
+    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
 
 #[map(name = "MALLOC_STACKS")]
 static MALLOC_STACKS: HashMap<u64, MallocStack> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
@@ -70,7 +71,7 @@ static MALLOC_TOTALS: PerCpuHashMap<u64, MallocStackTotals> =
 static MALLOC_STATE: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map(name = "MALLOC_PENDING")]
-static MALLOC_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
+pub(crate) static MALLOC_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
 
 #[map(name = "MALLOC_NEW_STACKS")]
 static MALLOC_NEW_STACKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
@@ -83,7 +84,7 @@ static MALLOC_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MCOUNTE
 static MALLOC_STACK_SCRATCH: PerCpuArray<MallocStack> = PerCpuArray::with_max_entries(1, 0);
 
 /// What an entry probe saw.
-mod kind {
+pub(crate) mod kind {
     /// Leaf allocators: they call no other probed function.
     pub const MALLOC: u32 = 1;
     pub const CALLOC: u32 = 2;
@@ -92,28 +93,31 @@ mod kind {
     pub const POSIX_MEMALIGN: u32 = 4;
     pub const MEMALIGN: u32 = 5;
     pub const OPERATOR_NEW: u32 = 6;
+    /// `v8::internal::BackingStore::Reallocate` (see `probes::backing_store`).
+    pub const BACKING_REALLOC: u32 = 7;
 }
 
 /// A call in progress, by thread id.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Pending {
-    kind: u32,
+pub(crate) struct Pending {
+    pub(crate) kind: u32,
     /// 1 when the allocation is to be recorded (sampled and not filtered out).
-    track: u32,
-    size: u64,
-    stack_id: u64,
-    ts_ns: u64,
+    pub(crate) track: u32,
+    pub(crate) size: u64,
+    pub(crate) stack_id: u64,
+    pub(crate) ts_ns: u64,
     /// Stack pointer at entry.
-    sp: u64,
+    pub(crate) sp: u64,
     /// realloc: the block passed in, and whether it was in the table (then `old` holds
     /// its entry, taken out at entry so that no other thread's new block at the same
     /// address can be confused with it).
-    old_ptr: u64,
-    has_old: u64,
-    old: MallocLive,
-    /// posix_memalign: where the pointer is written.
-    memptr: u64,
+    pub(crate) old_ptr: u64,
+    pub(crate) has_old: u64,
+    pub(crate) old: MallocLive,
+    /// posix_memalign: where the pointer is written (a backing store's reallocation:
+    /// the backing store).
+    pub(crate) memptr: u64,
 }
 
 #[inline(always)]
@@ -127,13 +131,13 @@ fn count_n(counter: u32, n: u64) {
 }
 
 #[inline(always)]
-fn count(counter: u32) {
+pub(crate) fn count(counter: u32) {
     count_n(counter, 1);
 }
 
 /// The current thread id when it belongs to the target and malloc is tracked.
 #[inline(always)]
-fn target_tid() -> Option<u32> {
+pub(crate) fn target_tid() -> Option<u32> {
     if track_flags() & TRACK_MALLOC == 0 {
         return None;
     }
@@ -168,7 +172,7 @@ pub(crate) fn arm_after_exec() {
 }
 
 #[inline(always)]
-fn regs(regs: *mut pt_regs) -> (u64, u64) {
+pub(crate) fn regs(regs: *mut pt_regs) -> (u64, u64) {
     // SAFETY: the context of a uprobe is the user registers saved by the kernel.
     let r = unsafe { &*regs };
     (r.rsp, r.rax)
@@ -192,7 +196,7 @@ fn mix(h: u64, word: u64) -> u64 {
 
 /// Walks the user stack by frame pointers and stores it; returns its id.
 #[inline(always)]
-fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
+pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
     let Some(stack) = MALLOC_STACK_SCRATCH.get_ptr_mut(0) else {
         return MALLOC_UNKNOWN_STACK;
     };
@@ -279,7 +283,7 @@ fn account_alloc(live: &MallocLive) {
 }
 
 #[inline(always)]
-fn account_free(live: &MallocLive) {
+pub(crate) fn account_free(live: &MallocLive) {
     count(MCOUNTER_FREES);
     count_n(MCOUNTER_FREE_BYTES, live.weight);
     if let Some(t) = MALLOC_TOTALS.get_ptr_mut(live.stack_id) {
@@ -292,7 +296,7 @@ fn account_free(live: &MallocLive) {
 
 /// Takes `ptr` out of the live table; returns its entry if it was there.
 #[inline(always)]
-fn take_live(ptr: u64) -> Option<MallocLive> {
+pub(crate) fn take_live(ptr: u64) -> Option<MallocLive> {
     // SAFETY: the value is copied out before the entry is removed; only a free of this
     // address (by the program that owns it) removes it.
     let live = unsafe { MALLOC_LIVE.get(ptr) }.copied()?;
@@ -304,12 +308,13 @@ fn take_live(ptr: u64) -> Option<MallocLive> {
 /// Records the block `ptr` returned for `pending`.
 #[inline(always)]
 fn record(ptr: u64, pending: &Pending) {
-    let live = MallocLive {
-        size: pending.size,
-        stack_id: pending.stack_id,
-        ts_ns: pending.ts_ns,
-        weight: sampling::weight_bytes(pending.size, sample_bytes()),
-    };
+    record_block(ptr, pending.size, pending.stack_id, pending.ts_ns);
+}
+
+/// Records the block `ptr` of `size` bytes allocated at `stack_id` at `ts_ns`.
+#[inline(always)]
+pub(crate) fn record_block(ptr: u64, size: u64, stack_id: u64, ts_ns: u64) {
+    let live = MallocLive { size, stack_id, ts_ns, weight: sampling::weight_bytes(size, sample_bytes()) };
     // Still in the table: its free went through a path that is not probed.
     if let Some(previous) = take_live(ptr) {
         count(MCOUNTER_REUSED);
@@ -325,7 +330,7 @@ fn record(ptr: u64, pending: &Pending) {
 
 /// Whether an allocation of `size` bytes is recorded (`--malloc-min-size`, sampling).
 #[inline(always)]
-fn keep(size: u64) -> bool {
+pub(crate) fn keep(size: u64) -> bool {
     if size < min_size() {
         return false;
     }
@@ -480,26 +485,10 @@ pub fn uprobe_free(ctx: ProbeContext) -> u32 {
     release(&ctx, ptr)
 }
 
-/// `node::NodeArrayBufferAllocator::Allocate(this, size)` and `AllocateUninitialized`:
-/// Node's Buffers and ArrayBuffers, without probing every malloc (`--malloc-probes
-/// node-buffers`).
-#[uprobe]
-pub fn uprobe_node_buffer_alloc(ctx: ProbeContext) -> u32 {
-    let size: u64 = ctx.arg(1).unwrap_or(0);
-    enter(&ctx, kind::OPERATOR_NEW, size, 0, 0)
-}
-
-/// `node::NodeArrayBufferAllocator::Free(this, data, size)`.
-#[uprobe]
-pub fn uprobe_node_buffer_free(ctx: ProbeContext) -> u32 {
-    let ptr: u64 = ctx.arg(1).unwrap_or(0);
-    release(&ctx, ptr)
-}
-
 /// A free of `ptr`: taken out of the table at entry, before another thread can be given
 /// the same address.
 #[inline(always)]
-fn release(ctx: &ProbeContext, ptr: u64) -> u32 {
+pub(crate) fn release(ctx: &ProbeContext, ptr: u64) -> u32 {
     if ptr == 0 {
         return 0;
     }
@@ -538,6 +527,7 @@ pub fn uretprobe_alloc(ctx: RetProbeContext) -> u32 {
 #[inline(always)]
 fn finish(pending: &Pending, ret: u64) {
     match pending.kind {
+        kind::BACKING_REALLOC => crate::probes::backing_store::reallocated(pending, ret),
         kind::REALLOC => {
             if ret == 0 {
                 if pending.size == 0 && pending.old_ptr != 0 {

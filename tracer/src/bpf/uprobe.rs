@@ -29,7 +29,10 @@ use tracer_common::{
 
 use crate::procfs::maps::MapEntry;
 
+mod duty;
 pub mod needed;
+mod placement;
+pub use placement::{ProbePoint, emulated_len, locked_instruction_len, probe_point};
 
 /// Settings of the malloc probes, written into the object before load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +52,9 @@ pub struct MallocSettings {
     /// `memtrace run`: arm the probes at the target's next exec (they are attached to the
     /// shell that waits to exec the command).
     pub wait_exec: bool,
+    /// `--malloc-duty`: the share of the time (percent) the node-buffers allocation probes
+    /// are attached; 100 always.
+    pub duty_percent: u32,
 }
 
 impl Default for MallocSettings {
@@ -61,6 +67,7 @@ impl Default for MallocSettings {
             max_stacks: 1 << 16,
             node_buffers: false,
             wait_exec: false,
+            duty_percent: 100,
         }
     }
 }
@@ -121,7 +128,7 @@ pub enum UprobeError {
         source: object::Error,
     },
     #[error(
-        "--malloc-probes node-buffers: process {pid} ({exe}) is not a Node.js that exports node::NodeArrayBufferAllocator (Node 12 or later); use --malloc-probes libc"
+        "--malloc-probes node-buffers: process {pid} ({exe}) is not a Node.js whose executable or libnode has V8's BackingStore symbols (v8::internal::BackingStore::SetAllocatorFromIsolate and its destructor; Node 14 or later); use --malloc-probes libc"
     )]
     NotNode { pid: u32, exe: String },
     #[error("{path} has no `{symbol}` function to probe")]
@@ -254,12 +261,38 @@ const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("_ZnamSt11align_val_tRKSt9nothrow_t", "uprobe_operator_new", true),
 ];
 
-/// Node's `ArrayBuffer` allocator (methods: `this` first), for `--malloc-probes node-buffers`.
+/// V8's backing stores (methods: `this` first), for `--malloc-probes node-buffers`: one
+/// trap per Buffer or `ArrayBuffer` allocated and one per freed (`probes::backing_store`).
+/// Frees come first (see [`attach_resolved`]). An empty program marks a function that is
+/// not probed but whose frames are the allocator's, so that the mapped view does not count
+/// the memory it maps for a large Buffer a second time.
 const NODE_FUNCTIONS: &[(&str, &str, bool)] = &[
-    ("_ZN4node24NodeArrayBufferAllocator4FreeEPvm", "uprobe_node_buffer_free", false),
-    ("_ZN4node24NodeArrayBufferAllocator8AllocateEm", "uprobe_node_buffer_alloc", true),
-    ("_ZN4node24NodeArrayBufferAllocator21AllocateUninitializedEm", "uprobe_node_buffer_alloc", true),
+    ("_ZN2v88internal12BackingStoreD2Ev", "uprobe_backing_store_free", false),
+    ("_ZN2v88internal12BackingStoreD1Ev", "uprobe_backing_store_free", false),
+    (NODE_NEW_STORE, "uprobe_backing_store_new", false),
+    (
+        "_ZN2v88internal12BackingStore14WrapAllocationEPvmPFvS2_mS2_ES2_NS0_10SharedFlagE",
+        "uprobe_backing_store_wrap",
+        false,
+    ),
+    (
+        "_ZN2v88internal12BackingStore14WrapAllocationEPNS0_7IsolateEPvmNS0_10SharedFlagEb",
+        "uprobe_backing_store_wrap_isolate",
+        false,
+    ),
+    ("_ZN2v88internal12BackingStore10ReallocateEPNS0_7IsolateEm", "uprobe_backing_store_realloc", true),
+    (
+        "_ZN2v88internal12BackingStore8AllocateEPNS0_7IsolateEmNS0_10SharedFlagENS0_15InitializedFlagE",
+        "",
+        false,
+    ),
+    ("_ZN4node24NodeArrayBufferAllocator8AllocateEm", "", false),
+    ("_ZN4node24NodeArrayBufferAllocator21AllocateUninitializedEm", "", false),
 ];
+
+/// `v8::internal::BackingStore::SetAllocatorFromIsolate`: called on every store
+/// `BackingStore::Allocate` makes, once it holds its memory.
+const NODE_NEW_STORE: &str = "_ZN2v88internal12BackingStore23SetAllocatorFromIsolateEPNS0_7IsolateE";
 
 const RETURN_PROGRAM: &str = "uretprobe_alloc";
 
@@ -269,9 +302,10 @@ pub struct FunctionLocation {
     /// File offset of its first instruction.
     pub file_offset: u64,
     pub size: u64,
-    /// Where the uprobe goes: the first instruction, or the second when the first cannot
-    /// be probed (see [`locked_instruction_len`]).
+    /// Where the uprobe goes (see [`probe_point`]).
     pub probe_offset: u64,
+    /// Whether the kernel emulates the probed instruction (one trap a hit, not two).
+    pub emulated: bool,
 }
 
 /// Finds the defined functions `names` in an ELF image (dynamic symbols first, then the
@@ -301,54 +335,23 @@ pub fn resolve_functions(
         }) else {
             continue;
         };
-        let skip = usize::try_from(file_offset)
+        // Within the function: a probe never lands in the next one.
+        let window = if symbol.size() == 0 { 64 } else { symbol.size().min(64) as usize };
+        let point = usize::try_from(file_offset)
             .ok()
-            .and_then(|start| data.get(start..start.saturating_add(16)))
-            .and_then(locked_instruction_len)
-            .unwrap_or(0);
+            .and_then(|start| data.get(start..start.saturating_add(window)))
+            .map_or(ProbePoint { skip: 0, emulated: false }, probe_point);
         found.insert(
             name,
-            FunctionLocation { file_offset, size: symbol.size(), probe_offset: file_offset + skip as u64 },
+            FunctionLocation {
+                file_offset,
+                size: symbol.size(),
+                probe_offset: file_offset + point.skip as u64,
+                emulated: point.emulated,
+            },
         );
     }
     Ok(found)
-}
-
-/// The length of `code`'s first instruction when it is a LOCK-prefixed read-modify-write
-/// of memory (`lock add/or/adc/sbb/and/sub/xor mem, reg|imm`, `lock inc/dec/not/neg mem`).
-///
-/// x86 uprobes refuse LOCK-prefixed instructions (the kernel answers ENOTSUPP), and Node's
-/// `NodeArrayBufferAllocator::Free` starts with `lock sub %rdx,0x10(%rdi)`. Such an
-/// instruction writes only memory and flags, so at the next one the arguments and the
-/// stack are still as at entry: the probe goes there. `xadd` and `cmpxchg`, which write a
-/// register, are not skipped. The instruction is decoded by iced-x86: a wrong length would
-/// put the int3 inside an instruction and corrupt the target's code.
-#[must_use]
-pub fn locked_instruction_len(code: &[u8]) -> Option<usize> {
-    use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind};
-    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
-    if !decoder.can_decode() {
-        return None;
-    }
-    let instruction = decoder.decode();
-    if instruction.is_invalid() || instruction.code() == Code::INVALID || !instruction.has_lock_prefix() {
-        return None;
-    }
-    let memory_only = matches!(
-        instruction.mnemonic(),
-        Mnemonic::Add
-            | Mnemonic::Or
-            | Mnemonic::Adc
-            | Mnemonic::Sbb
-            | Mnemonic::And
-            | Mnemonic::Sub
-            | Mnemonic::Xor
-            | Mnemonic::Inc
-            | Mnemonic::Dec
-            | Mnemonic::Not
-            | Mnemonic::Neg
-    );
-    (memory_only && instruction.op0_kind() == OpKind::Memory).then_some(instruction.len())
 }
 
 /// Where a probed function lives in the target's memory, to recognize its frames.
@@ -373,6 +376,10 @@ pub struct AttachedAllocator {
     /// Functions probed, with their addresses in the target.
     pub functions: Vec<ProbedFunction>,
     links: Vec<UProbeLink>,
+    /// Allocation probes that duty cycling detaches and attaches again (see `duty`).
+    cycled: Vec<duty::CycledProbe>,
+    cycled_links: Vec<UProbeLink>,
+    detached: bool,
 }
 
 impl AttachedAllocator {
@@ -380,6 +387,8 @@ impl AttachedAllocator {
     /// Slow: see [`crate::bpf::teardown`].
     pub fn detach(&mut self) {
         self.links.clear();
+        self.cycled_links.clear();
+        self.detached = true;
     }
 
     /// Whether `addr` is inside one of the probed functions.
@@ -405,6 +414,8 @@ impl AttachedAllocator {
         }
         self.functions.extend(other.functions);
         self.links.extend(other.links);
+        self.cycled.extend(other.cycled);
+        self.cycled_links.extend(other.cycled_links);
     }
 
     /// Recomputes where the probed functions are from the process's memory map (after an
@@ -537,11 +548,20 @@ fn resolve_in(
     let modules = classify(&maps, exe);
     if node_buffers {
         let exe = modules.exe.clone().unwrap_or_default();
-        let node = plan(pid, &maps, &exe, NODE_FUNCTIONS)
-            .map_err(|_| UprobeError::NotNode { pid, exe: exe.clone() })?;
-        if !NODE_FUNCTIONS.iter().all(|(symbol, _, _)| node.locations.contains_key(symbol)) {
-            return Err(UprobeError::NotNode { pid, exe });
-        }
+        // V8 is in the executable (nodejs.org's builds) or in libnode (Debian's).
+        let mut candidates = vec![exe.clone()];
+        candidates.extend(
+            maps.iter().filter(|m| m.file_name().starts_with("libnode.so")).map(|m| m.path.clone()).take(1),
+        );
+        let node = candidates
+            .iter()
+            .filter_map(|module| plan(pid, &maps, module, NODE_FUNCTIONS).ok())
+            .find(|p| {
+                p.locations.contains_key(NODE_NEW_STORE)
+                    && (p.locations.contains_key("_ZN2v88internal12BackingStoreD2Ev")
+                        || p.locations.contains_key("_ZN2v88internal12BackingStoreD1Ev"))
+            })
+            .ok_or(UprobeError::NotNode { pid, exe })?;
         return Ok(Resolved { maps, plans: vec![node] });
     }
     if let Some((name, path)) = modules.replacement.clone() {
@@ -656,6 +676,8 @@ pub fn attach_resolved(
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
     let mut links = Vec::new();
     let mut functions = Vec::new();
+    let mut cycled = Vec::new();
+    let mut cycled_links = Vec::new();
     // Frees first, then returns, then entries: an allocation is never recorded without
     // its free being watched, and no call is entered without its return being watched.
     for phase in 0..3 {
@@ -672,6 +694,13 @@ pub fn attach_resolved(
                 if !seen.insert(location.probe_offset) {
                     continue;
                 }
+                if entry.is_empty() {
+                    // A marker: its frames are the allocator's; nothing is attached.
+                    if phase == 0 {
+                        functions.push(probed_function(maps, &plan.mapping, symbol, location));
+                    }
+                    continue;
+                }
                 let program = match phase {
                     0 if !needs_return => entry,
                     1 if needs_return => RETURN_PROGRAM,
@@ -686,27 +715,63 @@ pub fn attach_resolved(
                 let link = attach_one(probe, &plan.path, location.probe_offset, scope).map_err(|source| {
                     UprobeError::Attach { path: plan.mapping.path.clone(), symbol, pid, source }
                 })?;
-                links.push(link);
-                if phase != 1 {
-                    let start = runtime_address(maps, &plan.mapping, location.file_offset).unwrap_or(0);
-                    functions.push(ProbedFunction {
+                if duty::CYCLED_PROGRAMS.contains(&program) {
+                    cycled.push(duty::CycledProbe {
+                        program,
                         symbol,
                         module: plan.mapping.path.clone(),
-                        inode: plan.mapping.inode,
-                        file_offset: location.file_offset,
-                        size: location.size,
-                        start,
-                        end: if start == 0 { 0 } else { start + location.size.max(1) },
+                        path: plan.path.clone(),
+                        offset: location.probe_offset,
+                        pid,
                     });
+                    cycled_links.push(link);
+                } else {
+                    links.push(link);
+                }
+                if phase != 1 {
+                    functions.push(probed_function(maps, &plan.mapping, symbol, location));
                     debug!(
-                        "probing {}:{symbol} at file offset {:#x}",
-                        plan.mapping.path, location.probe_offset
+                        "probing {}:{symbol} at file offset {:#x} (+{}), {}",
+                        plan.mapping.path,
+                        location.probe_offset,
+                        location.probe_offset - location.file_offset,
+                        if location.emulated {
+                            "an instruction the kernel emulates"
+                        } else {
+                            "an instruction the kernel single-steps (a second trap per hit)"
+                        }
                     );
                 }
             }
         }
     }
-    Ok(AttachedAllocator { module: module.to_string(), inode, functions, links })
+    Ok(AttachedAllocator {
+        module: module.to_string(),
+        inode,
+        functions,
+        links,
+        cycled,
+        cycled_links,
+        detached: false,
+    })
+}
+
+fn probed_function(
+    maps: &[Mapping],
+    mapping: &Mapping,
+    symbol: &'static str,
+    location: &FunctionLocation,
+) -> ProbedFunction {
+    let start = runtime_address(maps, mapping, location.file_offset).unwrap_or(0);
+    ProbedFunction {
+        symbol,
+        module: mapping.path.clone(),
+        inode: mapping.inode,
+        file_offset: location.file_offset,
+        size: location.size,
+        start,
+        end: if start == 0 { 0 } else { start + location.size.max(1) },
+    }
 }
 
 fn attach_one(

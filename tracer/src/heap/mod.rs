@@ -7,14 +7,15 @@
 
 pub mod aggregate;
 pub mod args;
+pub mod duty;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Instant};
 
 use aya::{
     Ebpf,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use log::{debug, info};
+use log::{debug, info, warn};
 use tracer_common::{
     MALLOC_STACK_DEPTH, MALLOC_UNKNOWN_STACK, MAP_MALLOC_COUNTERS, MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS,
     MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS, MCOUNTER_ALLOC_BYTES, MCOUNTER_ANNOUNCE_FULL, MCOUNTER_CALLS,
@@ -26,6 +27,7 @@ use tracer_common::{
 
 pub use aggregate::{HeapAgg, aggregate_live, aggregate_totals};
 pub use args::MallocArgs;
+use duty::{DutyCycle, Switch};
 
 use crate::{
     bpf::uprobe::{self, AttachedAllocator, MallocSettings, UprobeError},
@@ -150,6 +152,8 @@ pub struct HeapTracker {
     new_stacks: RingBuf<MapData>,
     /// Kernel stack id → the session's stack id.
     ids: HashMap<u64, StackId>,
+    /// `--malloc-duty`: when the allocation probes are attached.
+    duty: Option<DutyCycle>,
     /// The probes were set from the command's files before it ran (`memtrace run`).
     from_files: bool,
 }
@@ -230,6 +234,8 @@ impl HeapTracker {
         } else {
             attach_when_mapped(ebpf, pid, settings.node_buffers, &[])?
         };
+        let duty =
+            if allocator.can_cycle() { DutyCycle::new(settings.duty_percent, Instant::now()) } else { None };
         let from_files = files.is_some() && settings.wait_exec;
         Ok(Self {
             allocator,
@@ -240,8 +246,38 @@ impl HeapTracker {
             counters,
             new_stacks,
             ids: HashMap::new(),
+            duty,
             from_files,
         })
+    }
+
+    /// Once a second: switches the duty-cycled probes ([`Self::tick`]) and interns the
+    /// new stacks ([`Self::poll_new_stacks`]).
+    pub fn poll(&mut self, ebpf: &mut Ebpf, table: &mut StackTable) {
+        self.tick(ebpf);
+        self.poll_new_stacks(table);
+    }
+
+    /// `--malloc-duty`: attaches or detaches the allocation probes when their window
+    /// opens or closes (called about once a second).
+    pub fn tick(&mut self, ebpf: &mut Ebpf) {
+        let Some(duty) = self.duty.as_mut() else { return };
+        match duty.due(Instant::now()) {
+            Some(Switch::Arm) => {
+                if let Err(e) = self.allocator.arm_allocations(ebpf) {
+                    warn!(
+                        "malloc: attaching the allocation probes again failed ({e}); the rest of the run sees no new allocations"
+                    );
+                }
+            }
+            Some(Switch::Disarm) => self.allocator.disarm_allocations(),
+            None => {}
+        }
+    }
+
+    /// The share of the time the allocation probes were attached (1 without duty cycling).
+    fn armed_share(&self) -> f64 {
+        self.duty.as_ref().map_or(1.0, |d| d.armed_share(Instant::now()))
     }
 
     /// `memtrace run`, once the command has exec'd: probes its allocator if it is not the
@@ -330,6 +366,9 @@ impl HeapTracker {
     /// Ends the allocator view: reads every outstanding allocation made at or before
     /// `cutoff_ns`, grouped by stack.
     pub fn finish(&mut self, cutoff_ns: u64, table: &mut StackTable) -> Vec<StackAgg> {
+        if let Some(duty) = self.duty.as_mut() {
+            duty.stop(Instant::now());
+        }
         self.poll_new_stacks(table);
         let started = std::time::Instant::now();
         let entries: Vec<MallocLive> = self.live.iter().filter_map(Result::ok).map(|(_, v)| v).collect();
@@ -338,12 +377,15 @@ impl HeapTracker {
         self.stack_aggs(&aggs, table)
     }
 
+    /// The session's aggregates; with duty cycling, bytes and blocks scaled by the share
+    /// of the time the allocation probes were attached (see [`duty`]).
     fn stack_aggs(&mut self, aggs: &[HeapAgg], table: &mut StackTable) -> Vec<StackAgg> {
+        let share = self.armed_share();
         aggs.iter()
             .map(|agg| StackAgg {
                 stack: self.stack_id(agg.kernel_stack, table),
-                bytes: agg.bytes,
-                count: agg.count(),
+                bytes: duty::scale(agg.bytes, share),
+                count: duty::scale(agg.count(), share),
                 oldest_ts_ns: agg.oldest_ts_ns,
                 source: Source::Malloc,
                 // The allocator view follows the first target only.
@@ -377,8 +419,17 @@ impl HeapTracker {
             String::new()
         };
         if self.settings.node_buffers {
+            let duty = if self.duty.is_some() {
+                format!(
+                    "; allocation probes attached {}% of every {} s (frees always), held bytes scaled by the time they were attached",
+                    self.settings.duty_percent,
+                    duty::PERIOD.as_secs()
+                )
+            } else {
+                String::new()
+            };
             return format!(
-                "probing Node's ArrayBuffer allocator in {} (Buffers and ArrayBuffers only); recording {mode}{min}",
+                "probing V8's backing stores in {} (Buffers and ArrayBuffers only, one trap per allocation and one per free); recording {mode}{min}{duty}",
                 self.allocator.module
             );
         }
@@ -411,6 +462,15 @@ impl HeapTracker {
     #[must_use]
     pub fn status(&self) -> String {
         let c = self.counters();
+        let share = self.armed_share();
+        if self.duty.is_some() {
+            return format!(
+                "heap ~{} ({} calls seen, probes attached {:.0}% of the time)",
+                human_bytes(duty::scale(c.outstanding_bytes(), share)),
+                c.calls,
+                share * 100.0
+            );
+        }
         format!("heap {} ({} calls)", human_bytes(c.outstanding_bytes()), c.calls)
     }
 

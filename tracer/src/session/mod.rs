@@ -439,7 +439,7 @@ async fn event_loop(
                     break StopReason::TargetExited;
                 }
                 if let Some(heap) = s.heap.as_mut() {
-                    heap.poll_new_stacks(&mut s.stacks);
+                    heap.poll(s.tracer.ebpf_mut(), &mut s.stacks);
                 }
                 if !s.js_heap.is_open() {
                     s.js_heap.poll_open(s.pid).await;
