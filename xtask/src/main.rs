@@ -1,4 +1,4 @@
-//! memtrace's development tasks: `cargo xtask setup | test | demo | bench overhead`.
+//! memtrace's development tasks: `cargo xtask setup | test | demo | bench overhead | bench soak`.
 
 mod bench;
 mod bench_malloc;
@@ -6,6 +6,7 @@ mod demo;
 mod proc;
 mod service;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ enum Bench {
     Overhead(bench::Args),
     /// ns per malloc+free pair, untraced and under each `--track malloc` mode.
     Malloc(bench_malloc::Args),
+    /// memtrace attached to the example service under wrk for a long run: its CPU and RSS
+    /// sampled over time.
+    Soak(soak::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(Bench::Overhead(args)) => bench::run(&args),
         Command::Bench(Bench::Malloc(args)) => bench_malloc::run(&args),
+        Command::Bench(Bench::Soak(args)) => soak::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,7 +15,7 @@ pub mod stacks;
 pub mod text;
 
 #[cfg(test)]
-mod fixture;
+pub(crate) mod fixture;
 
 pub use flamegraph::write_flamegraph;
 pub use folded::write_folded;
