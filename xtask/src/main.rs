@@ -3,6 +3,7 @@
 mod bench;
 mod bench_malloc;
 mod demo;
+mod fuzz;
 mod proc;
 mod service;
 mod setup;
@@ -24,7 +25,8 @@ struct Cli {
 enum Command {
     /// Install what a fresh machine lacks (idempotent; run as root).
     Setup,
-    /// Build, run the unit tests, then the integration tests (those need root).
+    /// Build, run the unit tests, fuzz each parser briefly, then the integration tests
+    /// (those need root).
     Test(test::Args),
     /// Trace the bundled leaky Express service under load and print memtrace's report.
     Demo(demo::Args),

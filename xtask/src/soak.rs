@@ -185,7 +185,8 @@ pub fn run(args: &Args) -> Result<()> {
     let mut wrk = Owned::spawn("wrk", &mut wrk_cmd)?;
 
     let samples = sample(args, &mut wrk, &mut tracer, tracer_pid, service.pid(), &log, &csv)?;
-    let wrk_status = wrk.wait(Duration::from_secs(30))?;
+    // `sample` saw wrk exit; the status is kept by the child.
+    let wrk_status = wrk.child_mut()?.wait().context("wrk's status")?;
     let wrk_text = fs::read_to_string(&wrk_out).unwrap_or_default();
     let service_alive = rss_bytes(service.pid()).is_some();
     let stats = service.stats();

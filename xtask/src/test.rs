@@ -1,4 +1,4 @@
-//! `cargo xtask test`: build, unit tests, integration tests.
+//! `cargo xtask test`: build, unit tests, a short fuzz run of each parser, integration tests.
 
 use anyhow::{Context as _, Result, bail};
 
@@ -12,6 +12,12 @@ pub struct Args {
     /// Run only the integration tests.
     #[arg(long)]
     integration_only: bool,
+    /// Skip the short fuzz run (each target of tracer/fuzz for `--fuzz-seconds`).
+    #[arg(long)]
+    no_fuzz: bool,
+    /// Seconds each fuzz target runs.
+    #[arg(long, default_value_t = 10)]
+    fuzz_seconds: u32,
     /// Passed to the integration test harness, e.g. a test name or `--nocapture`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "HARNESS_ARGS")]
     passthrough: Vec<String>,
@@ -39,6 +45,12 @@ pub fn run(args: &Args) -> Result<()> {
         if let Err(err) = unit {
             eprintln!("xtask: {err:#}");
             failed.push("unit tests");
+        }
+        if !args.no_fuzz {
+            if let Err(err) = crate::fuzz::run(args.fuzz_seconds) {
+                eprintln!("xtask: {err:#}");
+                failed.push("fuzzing");
+            }
         }
     }
 
