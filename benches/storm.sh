@@ -17,7 +17,7 @@ rates=${*:-250 500 1000 2000 0}
 procs=$(nproc)
 out=out/storm
 mkdir -p "$out"
-gcc -O2 -o "$out/mmap_storm" benches/mmap_storm.c
+gcc -O2 -fno-omit-frame-pointer -o "$out/mmap_storm" benches/mmap_storm.c
 
 echo "uptime: $(uptime)"
 echo "| rate asked (rounds/s per process) | processes | rounds/s made | memtrace events/s | lost events | memtrace peak RSS |"

@@ -6,6 +6,7 @@
 //! an invariant written out below); malformed input must come back as an error or be
 //! skipped. The unit tests replay the corpus kept in the repository through every
 //! target, so a crash found once stays fixed without nightly.
+#![allow(clippy::missing_panics_doc, reason = "a fuzz target panics exactly when it finds a bug")]
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -166,7 +167,7 @@ pub fn v8_positions(data: &[u8]) {
     scanner.feed(&Chunk::OneByte(data));
     scanner.feed(&Chunk::TwoByte(&units));
     let ends = scanner.finish();
-    let chars = (data.len() + units.len()) as i64;
+    let chars = i64::try_from(data.len() + units.len()).unwrap_or(i64::MAX);
     for offset in [-1, 0, chars / 2, chars, chars + 1] {
         let _ = ends.line(offset);
     }
@@ -270,8 +271,11 @@ fn node18() -> &'static Layout {
         .unwrap_or_else(|| unreachable!("the node 18 constants in the repository make a layout"))
 }
 
+/// A fuzz target: it takes any bytes.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name, as `tracer/fuzz/fuzz_targets` names them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("event", event),
     ("oom_format", oom_format),
     ("perf_map", perf_map),

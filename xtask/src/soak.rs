@@ -193,11 +193,11 @@ pub fn run(args: &Args) -> Result<()> {
 
     let stop = Instant::now();
     tracer.signal(libc::SIGINT)?;
-    let (status, max_rss) = tracer.wait_with_rusage(Duration::from_mins(3))?;
+    let (exit, max_rss) = tracer.wait_with_rusage(Duration::from_mins(3))?;
     let stop_s = stop.elapsed().as_secs_f64();
     service.stop();
-    if !status.success() {
-        bail!("memtrace exited with {status} on SIGINT; its log: {}", log.display());
+    if !exit.success() {
+        bail!("memtrace exited with {exit} on SIGINT; its log: {}", log.display());
     }
     let report: Value = fs::read_to_string(&json)
         .ok()
@@ -215,7 +215,7 @@ pub fn run(args: &Args) -> Result<()> {
         stats.as_deref().unwrap_or("(no answer)")
     ));
     note(&format!(
-        "memtrace: exit {status} {stop_s:.1} s after SIGINT, peak RSS (ru_maxrss) {:.1} MiB, report lost_events {}",
+        "memtrace: {exit} {stop_s:.1} s after SIGINT, peak RSS (ru_maxrss) {:.1} MiB, report lost_events {}",
         max_rss as f64 / MIB,
         report.get("lost_events").and_then(Value::as_u64).unwrap_or(0)
     ));
@@ -259,7 +259,7 @@ fn sample(
             (cpu_ticks(tracer_pid).unwrap_or(last.1), cpu_ticks(service_pid).unwrap_or(last.2));
         let wall = now.duration_since(last.0).as_secs_f64().max(1e-3);
         let pct = |now: u64, then: u64| now.saturating_sub(then) as f64 / ticks / wall * 100.0;
-        let (events, lost) = last_status(log);
+        let (events, lost_total) = last_status(log);
         let s = Sample {
             t_s: now.duration_since(start).as_secs_f64(),
             tracer_cpu_pct: pct(tracer_ticks, last.1),
@@ -268,7 +268,7 @@ fn sample(
             service_rss: rss_bytes(service_pid).unwrap_or(0),
             load1: load1(),
             events,
-            lost,
+            lost: lost_total,
         };
         last = (now, tracer_ticks, service_ticks);
         let _ = writeln!(

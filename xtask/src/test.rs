@@ -46,11 +46,11 @@ pub fn run(args: &Args) -> Result<()> {
             eprintln!("xtask: {err:#}");
             failed.push("unit tests");
         }
-        if !args.no_fuzz {
-            if let Err(err) = crate::fuzz::run(args.fuzz_seconds) {
-                eprintln!("xtask: {err:#}");
-                failed.push("fuzzing");
-            }
+        if !args.no_fuzz
+            && let Err(err) = crate::fuzz::run(args.fuzz_seconds)
+        {
+            eprintln!("xtask: {err:#}");
+            failed.push("fuzzing");
         }
     }
 

@@ -111,7 +111,7 @@ fn oom_event() -> OomEvent {
     event.current_comm[..4].copy_from_slice(b"node");
     let r = &mut event.record;
     r[8..12].copy_from_slice(&1234i32.to_le_bytes());
-    r[12..16].copy_from_slice(&((5u32 << 16) | 72).to_le_bytes());
+    r[12..16].copy_from_slice(&((5u32 << 16) | 0x48).to_le_bytes());
     r[16..24].copy_from_slice(&300_000u64.to_le_bytes());
     r[24..32].copy_from_slice(&200_000u64.to_le_bytes());
     r[32..40].copy_from_slice(&1_000u64.to_le_bytes());
