@@ -13,8 +13,11 @@ pub struct Args {
     #[arg(long)]
     integration_only: bool,
     /// Skip the short fuzz run (each target of tracer/fuzz for `--fuzz-seconds`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "fuzz_only")]
     no_fuzz: bool,
+    /// Run only the short fuzz run.
+    #[arg(long, conflicts_with_all = ["unit_only", "integration_only"])]
+    fuzz_only: bool,
     /// Seconds each fuzz target runs.
     #[arg(long, default_value_t = 10)]
     fuzz_seconds: u32,
@@ -24,6 +27,9 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.fuzz_only {
+        return crate::fuzz::run(args.fuzz_seconds);
+    }
     // The default members: everything but tracer-ebpf, which cannot build for the host;
     // tracer's build.rs compiles it for bpfel-unknown-none.
     step("test: build the workspace (tracer's build.rs builds the eBPF object)");
