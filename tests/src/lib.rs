@@ -347,9 +347,22 @@ impl Memtrace {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::spawn_with_env(args, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// [`Self::spawn`] with extra environment variables.
+    #[must_use]
+    pub fn spawn_with_env<I, S, E, K, V>(args: I, env: E) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+        E: IntoIterator<Item = (K, V)>,
+        K: AsRef<OsStr>,
+        V: AsRef<OsStr>,
+    {
         let bin = memtrace_bin();
         let mut cmd = Command::new(&bin);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args).envs(env).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("memtrace: no stdout pipe"));
         let stderr = child.stderr.take().unwrap_or_else(|| panic!("memtrace: no stderr pipe"));

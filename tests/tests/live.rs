@@ -139,7 +139,7 @@ fn top_draws_the_leak_and_quits_on_q_writing_the_outputs() {
     // Made first, removed last: after the fixture in it is gone.
     let cgroup = MemoryCgroup::new("live", 512 * MIB)
         .unwrap_or_else(|| panic!("this test needs a memory cgroup controller (v1 or v2)"));
-    let mut run = leak_fixture(300);
+    let run = leak_fixture(300);
     cgroup.add(run.fixture.pid());
     let (json, pprof, status) = (run.dir.join("top.json"), run.dir.join("top.pb.gz"), run.dir.join("status"));
     let command = format!(

@@ -1,5 +1,6 @@
 //! Continuous tracing of a real Node.js HTTP service (the bundled Express example) under
-//! `wrk` load: the JavaScript function that leaks must be in the top suspect's stack.
+//! `wrk` load, started with no flag (no perf map): the JavaScript function that leaks must
+//! be named, with its file and line, in the top suspect's stack of native memory.
 
 use std::{process::Command, time::Duration};
 
@@ -21,10 +22,7 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
     };
     let dir = tempfile::tempdir().expect("create temp dir");
     let mut cmd = Command::new(node_bin());
-    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack", "server.js"])
-        .current_dir(&service)
-        .env("PORT", "0")
-        .env("LEAK_CAP_MB", "1500");
+    cmd.arg("server.js").current_dir(&service).env("PORT", "0").env("LEAK_CAP_MB", "1500");
     let mut node = TestProcess::spawn("leaky-service", cmd);
     node.remove_on_drop(perf_map_path(node.pid()));
     let line = node.wait_for_stdout("listening on", Duration::from_secs(30));
@@ -82,12 +80,25 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         .collect();
     let top =
         leaks.first().unwrap_or_else(|| panic!("nothing flagged; other suspects:\n{}", others.join("\n")));
-    let names_it = top["frames"]
+    let source = std::fs::read_to_string(service.join("server.js")).expect("read server.js");
+    let line =
+        source.lines().position(|l| l.starts_with("function rememberOrder(")).expect("rememberOrder") + 1;
+    assert!(!perf_map_path(node.pid()).exists(), "node without flags wrote a perf map");
+    // Named from V8's heap in the stacks of the mapped memory (the receipts): the
+    // function, its file and the line it starts on.
+    let names_it = top["variants"]
         .as_array()
         .into_iter()
         .flatten()
-        .any(|f| f["function"] == "rememberOrder" && f["kind"] == "js");
-    assert!(names_it, "the top suspect's stack does not name rememberOrder:\n{describe}");
+        .filter(|v| v["source"] == "mmap")
+        .flat_map(|v| v["frames"].as_array().into_iter().flatten())
+        .any(|f| {
+            f["function"] == "rememberOrder"
+                && f["kind"] == "js"
+                && f["file"].as_str().is_some_and(|p| p.ends_with("leaky-service/server.js"))
+                && f["line"] == line
+        });
+    assert!(names_it, "the top suspect's stack does not name rememberOrder server.js:{line}:\n{describe}");
     assert_eq!(top["verdict"], "leak", "{describe}");
     assert_eq!(report["lost_events"], 0, "events were lost under load");
 }

@@ -23,6 +23,18 @@ pub const GLOBAL_SOLE_TGID: &str = "SOLE_TGID";
 /// record (`u32`, from its `format` file), or 0 where the kernel lacks the field (then the
 /// exit of the thread-group leader ends the process).
 pub const GLOBAL_EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
+/// Name of the global that is 1 when a cgroup is traced (`u32`; `--cgroup`): a process
+/// that joins one of the cgroups in [`MAP_CGROUPS`] is traced from then on, and one moved
+/// to another cgroup of the same hierarchy is no longer.
+pub const GLOBAL_CGROUP_MODE: &str = "CGROUP_MODE";
+/// Name of the global holding the traced cgroup's hierarchy id (`u32`): 0 for cgroup v2,
+/// the first column of `/proc/PID/cgroup` for a v1 hierarchy.
+pub const GLOBAL_CGROUP_HIERARCHY: &str = "CGROUP_HIERARCHY";
+/// Names of the globals holding the offsets of `dst_root`, `dst_id` and `pid` in the
+/// `cgroup:cgroup_attach_task` record (`u32`, from its `format` file).
+pub const GLOBAL_ATTACH_ROOT_OFFSET: &str = "ATTACH_ROOT_OFFSET";
+pub const GLOBAL_ATTACH_ID_OFFSET: &str = "ATTACH_ID_OFFSET";
+pub const GLOBAL_ATTACH_PID_OFFSET: &str = "ATTACH_PID_OFFSET";
 /// Name of the global holding the `TRACK_*` bits (`u32`).
 pub const GLOBAL_TRACK_FLAGS: &str = "TRACK_FLAGS";
 /// Name of the global holding how many bytes of user stack to copy (`u32`,
@@ -42,6 +54,11 @@ pub const MAP_EVENTS: &str = "EVENTS";
 /// Name of the hash map of traced processes: tgid → 1. Userspace seeds it with the targets;
 /// the kernel adds children (with [`GLOBAL_FOLLOW_CHILDREN`]) and removes processes that exit.
 pub const MAP_TRACED: &str = "TRACED";
+/// Name of the hash map of traced cgroups: cgroup id (the kernfs id, the directory's inode
+/// number) → 1. Userspace seeds it with the cgroup and its descendants.
+pub const MAP_CGROUPS: &str = "CGROUPS";
+/// Capacity of [`MAP_CGROUPS`].
+pub const CGROUPS_MAX: u32 = 4096;
 /// Default capacity of [`MAP_TRACED`].
 pub const TRACED_MAX: u32 = 8192;
 /// Name of the ring buffer that carries only OOM records, so that a storm of stack

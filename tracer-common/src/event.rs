@@ -32,6 +32,10 @@ pub mod kind {
     pub const EXEC: u32 = 49;
     /// A traced process ended (its last thread exited); it is no longer traced.
     pub const EXIT: u32 = 50;
+    /// A process joined a traced cgroup and is traced from now on (`tgid` is its pid).
+    pub const JOIN: u32 = 51;
+    /// A traced process was moved out of the traced cgroups; it is no longer traced.
+    pub const LEAVE: u32 = 52;
 }
 
 /// Leads every record.

@@ -2,7 +2,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{COUNTER_COUNT, MemEventWithStack, TRACED_MAX};
+use tracer_common::{CGROUPS_MAX, COUNTER_COUNT, MemEventWithStack, TRACED_MAX};
 
 /// Set by userspace before load (see `tracer_common::config`).
 #[unsafe(no_mangle)]
@@ -18,6 +18,36 @@ pub static FOLLOW_CHILDREN: u32 = 0;
 pub static SOLE_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 pub static EXIT_GROUP_DEAD_OFFSET: u32 = 0;
+
+#[unsafe(no_mangle)]
+pub static CGROUP_MODE: u32 = 0;
+#[unsafe(no_mangle)]
+pub static CGROUP_HIERARCHY: u32 = 0;
+#[unsafe(no_mangle)]
+pub static ATTACH_ROOT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+pub static ATTACH_ID_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+pub static ATTACH_PID_OFFSET: u32 = 0;
+
+/// The traced cgroups (`--cgroup`: the cgroup and its descendants), cgroup id → 1.
+#[map(name = "CGROUPS")]
+pub static CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(CGROUPS_MAX, 0);
+
+/// Reads a global that userspace writes before load; volatile so that the compiler does
+/// not fold the initial value.
+#[inline(always)]
+pub fn global(value: &'static u32) -> u32 {
+    // SAFETY: a plain read of a `'static` global.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+/// Whether cgroup `id` is one of the traced cgroups.
+#[inline(always)]
+pub fn cgroup_traced(id: u64) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { CGROUPS.get(&id) }.is_some()
+}
 
 /// The traced processes, tgid → 1: seeded by userspace, followed by the kernel (see
 /// `probes::process`). Every probe asks it, so the filter follows a process tree with no

@@ -8,7 +8,7 @@ use std::{
     },
     path::{Path, PathBuf},
     process::{Child, ExitCode},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
@@ -16,7 +16,9 @@ use anyhow::{Context as _, bail};
 use crate::{
     bpf::features::{Status, run_checks},
     cli::{Cli, Command, OutputArgs, TraceArgs},
-    export, output, procfs, record,
+    export,
+    launch::RunAs,
+    output, procfs, record,
     report::Report,
     session::{self, Release, StopReason, TraceTarget},
 };
@@ -37,24 +39,38 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Doctor => Ok(doctor()),
-        Command::Attach { pids, trace } => {
-            let target = TraceTarget { pids, children: trace.children, release: None };
+        Command::Attach { pids, cgroup, trace } => {
+            let target = TraceTarget { pids, children: trace.children, cgroup, release: None };
             trace_and_report(target, &trace, None)
         }
         Command::Top { pid, mut trace } => {
             trace.live = true;
-            let target = TraceTarget { pids: vec![pid], children: trace.children, release: None };
+            let target =
+                TraceTarget { pids: vec![pid], children: trace.children, cgroup: None, release: None };
             trace_and_report(target, &trace, None)
         }
-        Command::Run { trace, command } => {
+        Command::Run { trace, command, as_root } => {
             if let Err((status, message)) = find_command(&command) {
                 eprintln!("memtrace: error: {message}");
                 return Ok(ExitCode::from(status));
             }
-            let (child, release) = spawn_held(&command)?;
-            let target =
-                TraceTarget { pids: vec![child.id()], children: trace.children, release: Some(release) };
-            trace_and_report(target, &trace, Some(child))
+            let user = if as_root { None } else { RunAs::invoking_user() };
+            if let Some(user) = &user {
+                eprintln!(
+                    "memtrace: running {} as {}, the user who ran sudo (--as-root runs it as root)",
+                    command[0],
+                    user.describe()
+                );
+            }
+            let launched = Launched { started: SystemTime::now(), command: &command };
+            let (child, release) = spawn_held(&command, user.as_ref())?;
+            let target = TraceTarget {
+                pids: vec![child.id()],
+                children: trace.children,
+                cgroup: None,
+                release: Some(release),
+            };
+            trace_and_report(target, &trace, Some((child, launched)))
         }
         Command::Oom { duration, json } => crate::oomwatch::watch(duration, json.as_deref()),
         Command::Report { recording, diff, output } => report_recording(&recording, diff.as_deref(), &output),
@@ -65,6 +81,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn check_before_tracing(args: &TraceArgs) -> anyhow::Result<()> {
     let tracked: Vec<&str> = args.track.iter().map(|t| t.name()).collect();
     args.output.flamegraph_kind.flame_value(&tracked).map_err(anyhow::Error::msg)?;
+    if let Some(url) = &args.pyroscope {
+        let auth = crate::push::pyroscope::Auth::from_env()?;
+        crate::push::pyroscope::Target::new(url, &args.labels, "", auth)?;
+    }
+    if let Some(url) = &args.otlp_profiles {
+        crate::push::otlp::Target::new(url, &args.labels, "")?;
+    }
     check_outputs(&args.output, args.record.as_deref())
 }
 
@@ -101,11 +124,25 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("start the async runtime")
 }
 
-fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>) -> anyhow::Result<ExitCode> {
+/// A command `memtrace run` started.
+struct Launched<'a> {
+    started: SystemTime,
+    command: &'a [String],
+}
+
+fn trace_and_report(
+    target: TraceTarget,
+    args: &TraceArgs,
+    launched: Option<(Child, Launched<'_>)>,
+) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let result = rt.block_on(session::trace(target, args));
+    let (child, launched) = launched.unzip();
     let child_end = child.and_then(finish_child);
     let (mut report, reason) = result?;
+    if let Some(launched) = launched {
+        remove_v8_logs(&report, &launched);
+    }
     let ended = matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled);
     // `memtrace run` returns the command's own status when it ended by itself, as a
     // shell would: its code, or 128 + the signal that killed it.
@@ -134,6 +171,25 @@ fn trace_and_report(target: TraceTarget, args: &TraceArgs, child: Option<Child>)
         StopReason::Duration | StopReason::Signal => {}
     }
     Ok(code)
+}
+
+/// `memtrace run`: the `isolate-*-v8.log` files node wrote into the working directory are
+/// not left there (see [`crate::launch::remove_v8_logs`]).
+fn remove_v8_logs(report: &Report, launched: &Launched<'_>) {
+    let Ok(dir) = std::env::current_dir() else { return };
+    let pids: Vec<u32> = report.processes.iter().map(|p| p.pid).chain([report.target.pid]).collect();
+    let removed = crate::launch::remove_v8_logs(&dir, &pids, launched.started, launched.command);
+    if !removed.is_empty() {
+        eprintln!(
+            "memtrace: removed {} that node wrote with --perf-basic-prof in {}",
+            export::human::plural(
+                removed.len() as u64,
+                "V8 log (isolate-*-v8.log)",
+                "V8 logs (isolate-*-v8.log)"
+            ),
+            dir.display()
+        );
+    }
 }
 
 /// `memtrace run`: the command must exist before a shell is started for it, so that a
@@ -226,7 +282,7 @@ fn doctor() -> ExitCode {
 /// cannot wait in `pre_exec`. Instead it execs a shell that waits for the gate pipe
 /// (fd 3) to close and then execs the command in the same process: the pid memtrace
 /// traces is the command's.
-fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Release)> {
+fn spawn_held(command: &[String], user: Option<&RunAs>) -> anyhow::Result<(Child, Release)> {
     const GATE_FD: i32 = 3;
     if command.is_empty() {
         bail!("memtrace run needs a command after --");
@@ -256,6 +312,9 @@ fn spawn_held(command: &[String]) -> anyhow::Result<(Child, Release)> {
             }
             Ok(())
         });
+    }
+    if let Some(user) = user {
+        user.apply(&mut cmd);
     }
     let child = cmd.spawn().with_context(|| format!("start {}", command[0]))?;
     drop(read_end);

@@ -43,8 +43,15 @@ pub enum Command {
     /// Trace running processes until Ctrl-C, SIGTERM, --duration, or their exit.
     Attach {
         /// Process ids to trace (all their threads); the report is for the first.
-        #[arg(required = true, num_args = 1.., value_name = "PID")]
+        #[arg(required_unless_present = "cgroup", num_args = 1.., value_name = "PID")]
         pids: Vec<u32>,
+        /// Trace every process of this cgroup and its sub-cgroups (v2 or v1: a systemd
+        /// unit's, e.g. /sys/fs/cgroup/system.slice/app.service, or a container's), and
+        /// each process that joins them or is forked in them while tracing. A path as
+        /// /proc/PID/cgroup shows it is looked up under /sys/fs/cgroup. Tracing goes on when
+        /// the cgroup empties, until --duration or Ctrl-C.
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<PathBuf>,
         #[command(flatten)]
         trace: TraceArgs,
     },
@@ -58,6 +65,11 @@ pub enum Command {
     },
     /// Launch a command and trace it from its first instruction.
     Run {
+        /// Run the command as root. By default, when memtrace runs through sudo, the
+        /// command runs as the user who ran sudo (`SUDO_UID`/`SUDO_GID`, with that user's
+        /// groups, HOME, USER and LOGNAME).
+        #[arg(long)]
+        as_root: bool,
         #[command(flatten)]
         trace: TraceArgs,
         /// The command and its arguments.
@@ -127,6 +139,7 @@ impl Track {
 }
 
 #[derive(Debug, Args, Clone)]
+#[command(group = clap::ArgGroup::new("push").args(["pyroscope", "otlp_profiles"]).multiple(true))]
 pub struct TraceArgs {
     /// Stop after this long (e.g. 30s, 10m, 1h); default: until Ctrl-C or the target exits.
     #[arg(long, value_parser = parse_duration)]
@@ -171,6 +184,22 @@ pub struct TraceArgs {
     /// `function file:line` and its module (repeatable), e.g. `--culprit-skip '^myLogger'`.
     #[arg(long = "culprit-skip", value_name = "REGEX")]
     pub culprit_skip: Vec<String>,
+    /// Push the profile (as --pprof writes it) to Grafana Pyroscope at this URL every
+    /// --interval and at the end, e.g. `http://pyroscope:4040`. Authentication from
+    /// `$MEMTRACE_PYROSCOPE_TOKEN` (bearer) or `$MEMTRACE_PYROSCOPE_BASIC_AUTH`
+    /// (user:password), the tenant from `$MEMTRACE_PYROSCOPE_TENANT`. Failed pushes are
+    /// counted, never fatal.
+    #[arg(long, value_name = "URL")]
+    pub pyroscope: Option<String>,
+    /// Push the profile as OTLP profiles (the alpha `v1development` signal) to an
+    /// OpenTelemetry collector's OTLP/HTTP endpoint every --interval and at the end, e.g.
+    /// `http://collector:4318`. Headers from `$OTEL_EXPORTER_OTLP_HEADERS`.
+    #[arg(long, value_name = "URL")]
+    pub otlp_profiles: Option<String>,
+    /// A label of the pushed profiles (repeatable; a resource attribute in OTLP);
+    /// `service_name` defaults to the target's command name.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::push::pyroscope::parse_label, requires = "push")]
+    pub labels: Vec<(String, String)>,
     /// Show a full-screen live view while tracing, refreshed every second (the timeline
     /// interval defaults to 1s). Needs a terminal; without one, the status line is shown.
     #[arg(long)]

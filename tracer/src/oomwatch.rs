@@ -39,6 +39,7 @@ async fn watch_async(duration: Option<Duration>) -> anyhow::Result<Vec<OomKill>>
     let mut tracer = Tracer::load(&LoadOptions {
         targets: Vec::new(),
         follow_children: false,
+        cgroup: None,
         track: TRACK_OOM,
         stack_copy_bytes: 512,
         // The mapping events ring stays empty here: OOM records have their own.

@@ -48,6 +48,9 @@ pub struct Report {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Process {
     pub pid: u32,
+    /// Its pid in its own pid namespace (a container's), when that differs from `pid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ns_pid: Option<u32>,
     /// The traced process that forked it (absent for a target).
     pub parent_pid: Option<u32>,
     pub comm: String,
@@ -81,6 +84,9 @@ pub struct Target {
     /// How the target ended, when it ended while traced and memtrace could tell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<Exit>,
+    /// `--cgroup`: the cgroup traced (its directory); `pid` is then its first process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// How a process ended: its exit code, or the signal that killed it.

@@ -40,7 +40,7 @@ pub fn run(args: &Args) -> Result<()> {
         let _ = fs::remove_file(stale);
     }
 
-    step("start examples/leaky-service (node --perf-basic-prof --interpreted-frames-native-stack)");
+    step("start examples/leaky-service (node server.js, no flag)");
     let service = Service::start(&out)?;
     note(&format!("pid {} at {}", service.pid(), service.url()));
 

@@ -65,8 +65,8 @@ pub struct Service {
 }
 
 impl Service {
-    /// Starts `examples/leaky-service` on a free port; `work_dir` receives the
-    /// `isolate-*.log` files that V8 writes with these flags.
+    /// Starts `examples/leaky-service` on a free port, as people run it: with no flag
+    /// (memtrace names its JS frames from V8's heap). `work_dir` is its working directory.
     pub fn start(work_dir: &Path) -> Result<Self> {
         Self::start_with_env(work_dir, &[])
     }
@@ -78,8 +78,7 @@ impl Service {
             bail!("{}/node_modules is missing: run `cargo xtask setup`", dir.display());
         }
         let mut cmd = Command::new("node");
-        cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack"])
-            .arg(dir.join("server.js"))
+        cmd.arg(dir.join("server.js"))
             .env("PORT", "0")
             .env("HOST", HOST)
             .envs(env.iter().copied())
@@ -217,7 +216,7 @@ impl Tracer {
             .stderr(Stdio::piped());
         let mut proc = Owned::spawn("memtrace", &mut cmd)?;
         let stderr = proc.child_mut()?.stderr.take().context("memtrace: no stderr pipe")?;
-        let lines = Lines::spawn(stderr, Some("    memtrace: "));
+        let lines = Lines::spawn(stderr, Some("    "));
         if let Err(err) = lines.wait_for("attached", Duration::from_mins(1), "memtrace") {
             let status = proc.wait(Duration::from_secs(5))?;
             return Err(err.context(format!("memtrace attach {pid} did not start tracing ({status})")));

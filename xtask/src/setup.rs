@@ -9,10 +9,21 @@ use crate::proc::{self, note, step};
 
 /// Debian packages: LLVM 22 for bpf-linker, wrk for the demo and the benchmark,
 /// chromium for the integration test that opens memtrace's SVG flame graph, valgrind
-/// for the test that compares the allocator view with memcheck, and tmux, the terminal
-/// the live view's test draws in.
-const APT_PACKAGES: &[&str] =
-    &["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev", "wrk", "chromium", "valgrind", "tmux"];
+/// for the test that compares the allocator view with memcheck, tmux, the terminal the
+/// live view's test draws in, openssl, the TLS server of the Pyroscope push test, and
+/// prometheus (with promtool), which scrapes memtrace and checks the example alert rules.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "wrk",
+    "chromium",
+    "valgrind",
+    "tmux",
+    "openssl",
+    "prometheus",
+];
 /// The bpf-linker release built against Debian's LLVM 22 (pinned: CI must not pick up a
 /// release that needs a newer Rust).
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,3 +1,4 @@
+mod cgroup;
 mod fault;
 mod malloc;
 mod mmap;

@@ -20,7 +20,7 @@ use tracer_common::{
 
 use crate::{
     maps::{EVENTS, TRACED, count, exit_group_dead_offset, follow_children, traced},
-    probes::malloc::arm_after_exec,
+    probes::{cgroup::joins_at_exec, malloc::arm_after_exec},
 };
 
 /// Offsets in the `task:task_newtask` record (its `format` file; unchanged since the
@@ -33,7 +33,7 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 /// Sends a lifecycle event, waking the reader at once: a new process's memory map is best
 /// read before it changes (or the process ends), and these events are rare.
 #[inline(always)]
-fn send(kind: u32, tgid: u32, parent_tgid: u32, comm: [u8; COMM_LEN]) {
+pub(crate) fn send(kind: u32, tgid: u32, parent_tgid: u32, comm: [u8; COMM_LEN]) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ProcEvent {
         header: EventHeader {
@@ -104,6 +104,9 @@ pub fn tp_sched_process_exec(ctx: TracePointContext) -> u32 {
 fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<u32, i64> {
     let tgid = current_tgid();
     if !traced(tgid) {
+        if joins_at_exec(tgid) {
+            send(kind::JOIN, tgid, 0, bpf_get_current_comm()?);
+        }
         return Ok(0);
     }
     arm_after_exec();

@@ -33,7 +33,6 @@ impl CulpritRules {
 /// runtime, allocators, and node itself (V8, libuv, OpenSSL and node's C++ are linked
 /// into the node executable or libnode).
 fn runtime_module(module: &str) -> bool {
-    let name = module.rsplit('/').next().unwrap_or(module);
     const RUNTIME: [&str; 14] = [
         "libc.so",
         "libc-",
@@ -50,6 +49,7 @@ fn runtime_module(module: &str) -> bool {
         "libcrypto.so",
         "libssl.so",
     ];
+    let name = module.rsplit('/').next().unwrap_or(module);
     name == "node" || name == "nodejs" || RUNTIME.iter().any(|r| name.starts_with(r))
 }
 
@@ -118,9 +118,8 @@ fn rank(frame: &Frame, rules: &CulpritRules) -> u8 {
     match frame.kind {
         FrameKind::Js if node_internal_js(frame) => 0,
         FrameKind::Js if in_node_modules(frame) => 1,
-        FrameKind::Js => 2,
         FrameKind::Native if runtime_module(&frame.module) || runtime_function(&frame.function) => 0,
-        FrameKind::Native => 2,
+        FrameKind::Js | FrameKind::Native => 2,
         FrameKind::Kernel | FrameKind::Unknown => 0,
     }
 }
@@ -170,7 +169,7 @@ pub fn culprit(frames: &[Frame], rules: &CulpritRules) -> Frame {
 }
 
 /// V8's heap management: page allocation, spaces, and the garbage collectors. Not
-/// `Heap::AllocateExternalBackingStore`: an ArrayBuffer's backing store (a Buffer) is
+/// `Heap::AllocateExternalBackingStore`: an `ArrayBuffer`'s backing store (a Buffer) is
 /// malloc'd or mapped for the code that made the Buffer, outside V8's pages.
 fn v8_heap_function(function: &str) -> bool {
     const PARTS: [&str; 16] = [

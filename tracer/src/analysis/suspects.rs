@@ -85,7 +85,7 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
         }
     }
     leaks.sort_by(|a, b| b.score.total_cmp(&a.score).then(b.bytes.cmp(&a.bytes)));
-    others.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    others.sort_by_key(|l| std::cmp::Reverse(l.bytes));
     let segments =
         by_segment.into_iter().filter_map(|(kind, groups)| segment(kind, groups, inputs)).collect::<Vec<_>>();
     let view_bytes = |pred: fn(Source) -> bool| {
@@ -118,9 +118,9 @@ pub fn build_report(inputs: &ReportInputs<'_>) -> Report {
 /// Stacks grouped by (culprit, segment); within a group, identical symbolized stacks of
 /// one view are one variant (JIT code moves between tiers and addresses).
 fn group(inputs: &ReportInputs<'_>) -> Vec<Group> {
+    type FnKey = (String, String, String, FrameKind);
     let points = inputs.history.times().len();
     let mut groups: Vec<Group> = Vec::new();
-    type FnKey = (String, String, String, FrameKind);
     let mut index: HashMap<(FnKey, Option<FnKey>, Option<SegmentKind>), usize> = HashMap::new();
     for agg in inputs.stacks.iter().filter(|agg| agg.bytes > 0 || agg.count > 0) {
         let mut frames = (inputs.frames)(agg.stack);
@@ -330,7 +330,7 @@ fn segment(kind: SegmentKind, groups: Vec<Group>, inputs: &ReportInputs<'_>) -> 
         }
     }
     let mut extended_by: Vec<Leak> = groups.into_iter().map(|g| suspect(g, times, inputs)).collect();
-    extended_by.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    extended_by.sort_by_key(|l| std::cmp::Reverse(l.bytes));
     if extended_by.is_empty() {
         return None;
     }
@@ -350,19 +350,19 @@ fn segment(kind: SegmentKind, groups: Vec<Group>, inputs: &ReportInputs<'_>) -> 
         format!("holds {} grown while traced; {}", human_bytes(sum.bytes), trend.reason)
     };
     let mut advice = advice(kind, inputs.node, inputs.tracked.iter().any(|t| t == "malloc"));
-    if kind == SegmentKind::MallocArena && growing {
-        if let Some(live) = heap_growth(inputs) {
-            if live < 0.1 * growth {
-                verdict = SegmentVerdict::Fragmentation;
-                reason = format!(
-                    "{reason}, while the live malloc blocks grew only {}/min: fragmentation",
-                    human_bytes((live.max(0.0) * 60.0) as u64)
-                );
-                advice = "the allocator keeps freed memory it cannot reuse: try MALLOC_ARENA_MAX=2 (fewer arenas), \
+    if kind == SegmentKind::MallocArena
+        && growing
+        && let Some(live) = heap_growth(inputs)
+        && live < 0.1 * growth
+    {
+        verdict = SegmentVerdict::Fragmentation;
+        reason = format!(
+            "{reason}, while the live malloc blocks grew only {}/min: fragmentation",
+            human_bytes((live.max(0.0) * 60.0) as u64)
+        );
+        advice = "the allocator keeps freed memory it cannot reuse: try MALLOC_ARENA_MAX=2 (fewer arenas), \
                           MALLOC_TRIM_THRESHOLD_=131072, or another allocator (jemalloc, mimalloc via LD_PRELOAD)"
                     .to_string();
-            }
-        }
     }
     Some(SegmentGrowth {
         kind,
@@ -386,7 +386,7 @@ fn heap_growth(inputs: &ReportInputs<'_>) -> Option<f64> {
     }
     let floor = |p: &[crate::report::TimelinePoint]| {
         let least = p.iter().map(|p| p.heap_bytes).min().unwrap_or(0) as f64;
-        let mid_t = (p.first().map_or(0.0, |p| p.t_s) + p.last().map_or(0.0, |p| p.t_s)) / 2.0;
+        let mid_t = f64::midpoint(p.first().map_or(0.0, |p| p.t_s), p.last().map_or(0.0, |p| p.t_s));
         (least, mid_t)
     };
     let (first, second) = points.split_at(points.len() / 2);

@@ -12,9 +12,11 @@ use aya::{
 };
 use log::{debug, warn};
 use tracer_common::{
-    COUNTER_COUNT, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FAULT_SAMPLE_PERIOD, GLOBAL_FOLLOW_CHILDREN,
-    GLOBAL_OOM_RECORD_LEN, GLOBAL_SOLE_TGID, GLOBAL_STACK_COPY_BYTES, GLOBAL_TRACK_FLAGS, MAP_COUNTERS,
-    MAP_EVENTS, MAP_OOM_EVENTS, MAP_TRACED, TRACK_BRK, TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
+    COUNTER_COUNT, GLOBAL_ATTACH_ID_OFFSET, GLOBAL_ATTACH_PID_OFFSET, GLOBAL_ATTACH_ROOT_OFFSET,
+    GLOBAL_CGROUP_HIERARCHY, GLOBAL_CGROUP_MODE, GLOBAL_EXIT_GROUP_DEAD_OFFSET, GLOBAL_FAULT_SAMPLE_PERIOD,
+    GLOBAL_FOLLOW_CHILDREN, GLOBAL_OOM_RECORD_LEN, GLOBAL_SOLE_TGID, GLOBAL_STACK_COPY_BYTES,
+    GLOBAL_TRACK_FLAGS, MAP_CGROUPS, MAP_COUNTERS, MAP_EVENTS, MAP_OOM_EVENTS, MAP_TRACED, TRACK_BRK,
+    TRACK_FAULTS, TRACK_MMAP, TRACK_OOM,
 };
 
 /// The eBPF object built by `build.rs`.
@@ -56,6 +58,16 @@ pub enum BpfError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("trace cgroup {id}: add it to the table of traced cgroups: {source}")]
+    SeedCgroup {
+        id: u64,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "read {ATTACH_FORMAT}: {0} — --cgroup follows processes that join the cgroup through this tracepoint"
+    )]
+    AttachFormat(String),
     #[error("open map {name}: {source}")]
     Map {
         name: &'static str,
@@ -101,6 +113,12 @@ const LIFECYCLE: &[Attachment] = &[
     tp("tp_sched_process_exit", "sched", "sched_process_exit", 0),
 ];
 
+/// `--cgroup`: a process that joins the cgroup (or one of its descendants) is traced.
+const CGROUP_ATTACH: Attachment = tp("tp_cgroup_attach_task", "cgroup", "cgroup_attach_task", 0);
+
+/// Where `cgroup:cgroup_attach_task` keeps the moved process and its new cgroup.
+const ATTACH_FORMAT: &str = "/sys/kernel/tracing/events/cgroup/cgroup_attach_task/format";
+
 /// Where `sched:sched_process_exit` says whether the whole process ended.
 const EXIT_FORMAT: &str = "/sys/kernel/tracing/events/sched/sched_process_exit/format";
 
@@ -111,6 +129,8 @@ pub struct LoadOptions {
     pub targets: Vec<u32>,
     /// Trace the processes the targets fork (and theirs), from their first instruction.
     pub follow_children: bool,
+    /// `--cgroup`: the cgroups whose processes are traced, joining ones included.
+    pub cgroup: Option<CgroupFilter>,
     /// `TRACK_*` bits.
     pub track: u32,
     /// Bytes of user stack copied per allocation event.
@@ -125,6 +145,16 @@ pub struct LoadOptions {
     pub oom_record_len: u32,
 }
 
+/// The cgroups traced with `--cgroup`, as the kernel names them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupFilter {
+    /// The hierarchy id: 0 for cgroup v2, else the v1 hierarchy's (`/proc/PID/cgroup`).
+    pub hierarchy: u32,
+    /// Cgroup ids (kernfs ids: the directories' inode numbers), the cgroup's and its
+    /// descendants'.
+    pub ids: Vec<u64>,
+}
+
 /// The loaded and attached programs with the maps userspace reads.
 pub struct Tracer {
     /// Kept alive: dropping it detaches the programs.
@@ -133,7 +163,9 @@ pub struct Tracer {
     oom_events: Option<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     /// The traced processes (the kernel keeps it up to date).
-    _traced: aya::maps::HashMap<MapData, u32, u32>,
+    traced: aya::maps::HashMap<MapData, u32, u32>,
+    /// The traced cgroups (`--cgroup`).
+    cgroups: Option<aya::maps::HashMap<MapData, u64, u32>>,
 }
 
 impl Tracer {
@@ -150,15 +182,24 @@ impl Tracer {
         raise_memlock();
         let mut loader = EbpfLoader::new();
         uprobe::configure_loader(&mut loader, &options.malloc);
-        let follow_children = u32::from(options.follow_children);
+        let follow_children = u32::from(options.follow_children || options.cgroup.is_some());
+        let cgroup_mode = u32::from(options.cgroup.is_some());
+        let hierarchy = options.cgroup.as_ref().map_or(0, |c| c.hierarchy);
+        let [root_offset, id_offset, pid_offset] =
+            if options.cgroup.is_some() { attach_task_offsets()? } else { [0; 3] };
         let group_dead_offset = exit_group_dead_offset();
         let sole_tgid = match options.targets.as_slice() {
-            [one] if !options.follow_children => *one,
+            [one] if follow_children == 0 => *one,
             _ => 0,
         };
         let mut ebpf = loader
             .override_global(GLOBAL_FOLLOW_CHILDREN, &follow_children, true)
             .override_global(GLOBAL_SOLE_TGID, &sole_tgid, true)
+            .override_global(GLOBAL_CGROUP_MODE, &cgroup_mode, true)
+            .override_global(GLOBAL_CGROUP_HIERARCHY, &hierarchy, true)
+            .override_global(GLOBAL_ATTACH_ROOT_OFFSET, &root_offset, true)
+            .override_global(GLOBAL_ATTACH_ID_OFFSET, &id_offset, true)
+            .override_global(GLOBAL_ATTACH_PID_OFFSET, &pid_offset, true)
             .override_global(GLOBAL_EXIT_GROUP_DEAD_OFFSET, &group_dead_offset, true)
             .override_global(GLOBAL_TRACK_FLAGS, &options.track, true)
             .override_global(GLOBAL_STACK_COPY_BYTES, &options.stack_copy_bytes, true)
@@ -172,8 +213,21 @@ impl Tracer {
         for &pid in &options.targets {
             traced.insert(pid, 1, 0).map_err(|source| BpfError::Seed { pid, source })?;
         }
-        let lifecycle = LIFECYCLE.iter().filter(|_| !options.targets.is_empty());
-        for a in ATTACHMENTS.iter().filter(|a| a.family & options.track != 0).chain(lifecycle) {
+        let cgroups = match &options.cgroup {
+            Some(filter) => {
+                let mut map: aya::maps::HashMap<MapData, u64, u32> = take_map(&mut ebpf, MAP_CGROUPS)?;
+                for &id in &filter.ids {
+                    map.insert(id, 1, 0).map_err(|source| BpfError::SeedCgroup { id, source })?;
+                }
+                Some(map)
+            }
+            None => None,
+        };
+        let lifecycle = LIFECYCLE.iter().filter(|_| !options.targets.is_empty() || options.cgroup.is_some());
+        let cgroup_attach = options.cgroup.as_ref().map(|_| &CGROUP_ATTACH);
+        for a in
+            ATTACHMENTS.iter().filter(|a| a.family & options.track != 0).chain(lifecycle).chain(cgroup_attach)
+        {
             let attach_err = |source| BpfError::Attach {
                 program: a.program,
                 category: a.category,
@@ -192,7 +246,27 @@ impl Tracer {
         let events = take_map(&mut ebpf, MAP_EVENTS)?;
         let oom_events = take_map(&mut ebpf, MAP_OOM_EVENTS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
-        Ok(Self { ebpf, events: Some(events), oom_events: Some(oom_events), counters, _traced: traced })
+        Ok(Self { ebpf, events: Some(events), oom_events: Some(oom_events), counters, traced, cgroups })
+    }
+
+    /// Traces process `pid` from now on (one found in a traced cgroup by a rescan).
+    pub fn trace_process(&mut self, pid: u32) -> Result<(), BpfError> {
+        self.traced.insert(pid, 1, 0).map_err(|source| BpfError::Seed { pid, source })
+    }
+
+    /// Whether the kernel traces process `pid` now.
+    #[must_use]
+    pub fn is_traced(&self, pid: u32) -> bool {
+        self.traced.get(&pid, 0).is_ok()
+    }
+
+    /// Traces cgroup `id` too (a descendant made after tracing started); a no-op without
+    /// `--cgroup`.
+    pub fn trace_cgroup(&mut self, id: u64) -> Result<(), BpfError> {
+        match self.cgroups.as_mut() {
+            Some(map) => map.insert(id, 1, 0).map_err(|source| BpfError::SeedCgroup { id, source }),
+            None => Ok(()),
+        }
     }
 
     /// The loaded object, for probe families that attach or read maps of their own.
@@ -230,6 +304,19 @@ fn exit_group_dead_offset() -> u32 {
     let offset = crate::events::field_offset(&text, "group_dead").unwrap_or(0);
     debug!("sched_process_exit: group_dead at offset {offset}");
     u32::try_from(offset).unwrap_or(0)
+}
+
+/// Offsets of `dst_root`, `dst_id` and `pid` in the `cgroup:cgroup_attach_task` record.
+fn attach_task_offsets() -> Result<[u32; 3], BpfError> {
+    let text = std::fs::read_to_string(ATTACH_FORMAT).map_err(|e| BpfError::AttachFormat(e.to_string()))?;
+    let mut out = [0; 3];
+    for (slot, field) in out.iter_mut().zip(["dst_root", "dst_id", "pid"]) {
+        let offset = crate::events::field_offset(&text, field)
+            .ok_or_else(|| BpfError::AttachFormat(format!("it has no field {field}")))?;
+        *slot = u32::try_from(offset).map_err(|_| BpfError::AttachFormat(format!("{field} at {offset}")))?;
+    }
+    debug!("cgroup_attach_task: dst_root, dst_id, pid at {out:?}");
+    Ok(out)
 }
 
 /// Takes a map out of the loaded object, typed.

@@ -311,56 +311,40 @@ pub fn resolve_functions(
 }
 
 /// The length of `code`'s first instruction when it is a LOCK-prefixed read-modify-write
-/// of memory (`lock add/or/adc/sbb/and/sub/xor mem, reg|imm`, `lock inc/dec mem`).
+/// of memory (`lock add/or/adc/sbb/and/sub/xor mem, reg|imm`, `lock inc/dec/not/neg mem`).
 ///
 /// x86 uprobes refuse LOCK-prefixed instructions (the kernel answers ENOTSUPP), and Node's
 /// `NodeArrayBufferAllocator::Free` starts with `lock sub %rdx,0x10(%rdi)`. Such an
 /// instruction writes only memory and flags, so at the next one the arguments and the
 /// stack are still as at entry: the probe goes there. `xadd` and `cmpxchg`, which write a
-/// register, are not skipped.
+/// register, are not skipped. The instruction is decoded by iced-x86: a wrong length would
+/// put the int3 inside an instruction and corrupt the target's code.
 #[must_use]
 pub fn locked_instruction_len(code: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    if *code.get(i)? != 0xf0 {
+    use iced_x86::{Code, Decoder, DecoderOptions, Mnemonic, OpKind};
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    if !decoder.can_decode() {
         return None;
     }
-    i += 1;
-    // REX prefix.
-    if code.get(i).is_some_and(|b| b & 0xf0 == 0x40) {
-        i += 1;
-    }
-    let opcode = *code.get(i)?;
-    i += 1;
-    let immediate = match opcode {
-        0x01 | 0x09 | 0x11 | 0x19 | 0x21 | 0x29 | 0x31 => 0,
-        0x83 => 1,
-        0x81 => 4,
-        // inc/dec r/m (ModRM reg 0 or 1).
-        0xff if code.get(i).is_some_and(|m| (m >> 3) & 7 <= 1) => 0,
-        _ => return None,
-    };
-    let modrm = *code.get(i)?;
-    i += 1;
-    let (mode, rm) = (modrm >> 6, modrm & 7);
-    if mode == 3 {
-        // A register destination cannot be locked.
+    let instruction = decoder.decode();
+    if instruction.is_invalid() || instruction.code() == Code::INVALID || !instruction.has_lock_prefix() {
         return None;
     }
-    let mut displacement = match mode {
-        1 => 1,
-        2 => 4,
-        _ if rm == 5 => 4,
-        _ => 0,
-    };
-    if rm == 4 {
-        let sib = *code.get(i)?;
-        i += 1;
-        if mode == 0 && sib & 7 == 5 {
-            displacement = 4;
-        }
-    }
-    let len = i + displacement + immediate;
-    (len <= code.len()).then_some(len)
+    let memory_only = matches!(
+        instruction.mnemonic(),
+        Mnemonic::Add
+            | Mnemonic::Or
+            | Mnemonic::Adc
+            | Mnemonic::Sbb
+            | Mnemonic::And
+            | Mnemonic::Sub
+            | Mnemonic::Xor
+            | Mnemonic::Inc
+            | Mnemonic::Dec
+            | Mnemonic::Not
+            | Mnemonic::Neg
+    );
+    (memory_only && instruction.op0_kind() == OpKind::Memory).then_some(instruction.len())
 }
 
 /// Where a probed function lives in the target's memory, to recognize its frames.

@@ -58,6 +58,7 @@ pub(crate) fn sample_report() -> Report {
             exited: true,
             oom_killed: true,
             exit: None,
+            cgroup: None,
         },
         duration_s: 30.0,
         tracked: ["mmap", "brk", "faults", "oom"].map(String::from).to_vec(),

@@ -8,6 +8,7 @@ pub mod flamegraph;
 pub mod folded;
 pub(crate) mod human;
 pub mod json;
+pub mod otlp;
 pub mod pprof;
 pub mod prometheus;
 pub mod speedscope;

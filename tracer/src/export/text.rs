@@ -96,10 +96,23 @@ fn write_answer(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
 
 fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     let target = &report.target;
-    if target.comm.is_empty() {
-        writeln!(out, "memtrace report for pid {}", target.pid)?;
+    if let Some(cgroup) = &target.cgroup {
+        writeln!(
+            out,
+            "memtrace report for cgroup {cgroup} ({}, the first pid {})",
+            plural(report.processes.len() as u64, "process", "processes"),
+            target.pid
+        )?;
+    } else if target.comm.is_empty() {
+        writeln!(out, "memtrace report for pid {}{}", target.pid, procs::ns_pid_note(report))?;
     } else {
-        writeln!(out, "memtrace report for pid {} ({})", target.pid, target.comm)?;
+        writeln!(
+            out,
+            "memtrace report for pid {} ({}{})",
+            target.pid,
+            target.comm,
+            procs::ns_pid_note(report)
+        )?;
     }
     write_answer(report, out)?;
     if report.lost_events > 0 {
@@ -376,10 +389,10 @@ fn write_frames(leak: &Leak, out: &mut impl Write) -> std::io::Result<()> {
     }
     let at = frames.iter().position(|f| *f == leak.culprit).unwrap_or(0);
     if at > 0 {
-        let leaf = frame_line(&frames[0]);
+        let leaf_line = frame_line(&frames[0]);
         writeln!(
             out,
-            "      ({} below it, from {leaf})",
+            "      ({} below it, from {leaf_line})",
             plural(at as u64, "runtime frame", "runtime frames")
         )?;
     }

@@ -307,7 +307,7 @@ fn draw_suspects(frame: &mut Frame<'_>, app: &App, area: Rect) {
         Constraint::Length(3),
         Constraint::Length(10),
         Constraint::Length(13),
-        Constraint::Length(8),
+        Constraint::Length(12),
         Constraint::Length(10),
         Constraint::Length(14),
         Constraint::Fill(1),

@@ -9,6 +9,7 @@
 //! - anonymous executable regions are JIT code;
 //! - in a Node process, anonymous `rw` regions aligned to and sized in V8's 256 KiB pages
 //!   are V8's heap.
+//!
 //! Anything else anonymous is "anonymous mappings" (large malloc blocks, Buffers'
 //! backing stores, other mmaps); file mappings are "file-backed".
 
@@ -91,10 +92,10 @@ fn classify(m: &Mapping<'_>, prev: Option<&Mapping<'_>>, node: bool) -> Part {
     if guarded && m.perms.starts_with("rw") {
         return Part::Stack;
     }
-    if m.start % ARENA_ALIGN == 0 && len <= ARENA_ALIGN && m.perms.starts_with("rw") {
+    if m.start.is_multiple_of(ARENA_ALIGN) && len <= ARENA_ALIGN && m.perms.starts_with("rw") {
         return Part::Arena;
     }
-    if node && m.perms.starts_with("rw") && m.start % V8_PAGE == 0 && len % V8_PAGE == 0 {
+    if node && m.perms.starts_with("rw") && m.start.is_multiple_of(V8_PAGE) && len.is_multiple_of(V8_PAGE) {
         return Part::V8Heap;
     }
     if m.path.is_empty() || m.path.starts_with("[anon") { Part::Anon } else { Part::Other }

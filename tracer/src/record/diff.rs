@@ -120,10 +120,10 @@ pub fn diff(a_name: &str, a: &Report, b_name: &str, b: &Report) -> Diff {
             s.a_bytes = s.a_bytes.saturating_add(leak.bytes);
             s.a_count = s.a_count.saturating_add(leak.count);
         }
-        if let Some(source) = leak.source {
-            if !s.sources.contains(&source) {
-                s.sources.push(source);
-            }
+        if let Some(source) = leak.source
+            && !s.sources.contains(&source)
+        {
+            s.sources.push(source);
         }
     }
     for s in &mut stacks {

@@ -188,6 +188,7 @@ pub(crate) mod tests {
                 exited: true,
                 oom_killed: true,
                 exit: None,
+                cgroup: None,
             },
             duration_s: 0.1 + 0.2,
             tracked: ["mmap", "brk", "oom"].map(String::from).to_vec(),

@@ -149,6 +149,7 @@ impl JsHeap {
     /// For the status line.
     pub(super) fn status(&self) -> String {
         match self {
+            Self::Open(open) if open.stats.total == 0 && open.aggs.is_empty() => "  js-heap on".to_string(),
             Self::Open(open) if open.late > 0 => {
                 format!("  js-heap {} ({} late snapshots)", human_bytes(open.stats.used), open.late)
             }

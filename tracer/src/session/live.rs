@@ -66,6 +66,7 @@ impl Session {
                 exited,
                 oom_killed: self.target_oom_killed,
                 exit: self.exit.clone(),
+                cgroup: self.cgroup.as_ref().map(|c| c.path.display().to_string()),
             },
             duration_s: started.elapsed().as_secs_f64(),
             tracked: self.tracked.clone(),

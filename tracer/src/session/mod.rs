@@ -1,8 +1,10 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
+mod cgroup;
 mod jsheap;
 mod live;
 mod metrics;
+mod opener;
 mod os;
 mod procs;
 mod state;
@@ -34,6 +36,7 @@ use crate::{
     live::{Action, LiveView},
     model::StackTable,
     procfs,
+    push::{Destination, Pusher, otlp, pyroscope},
     report::Report,
     symbolize::ProcessSymbols,
 };
@@ -60,6 +63,8 @@ pub struct TraceTarget {
     pub pids: Vec<u32>,
     /// Follow the processes they fork (and theirs), from their first instruction.
     pub children: bool,
+    /// `--cgroup`: trace the processes of this cgroup, and those that join it.
+    pub cgroup: Option<std::path::PathBuf>,
     /// For `memtrace run`: called once the programs are attached, to let the child run.
     pub release: Option<Release>,
 }
@@ -76,6 +81,16 @@ struct Sources {
     metrics: Option<TcpListener>,
 }
 
+/// Who is shown or sent the trace while it runs, besides the status line.
+#[derive(Default)]
+struct Watchers {
+    live: Option<LiveView>,
+    /// `--pyroscope`, `--otlp-profiles`.
+    pushers: Vec<Pusher>,
+    /// `--metrics`: the listener scrapes come to.
+    metrics: Option<TcpListener>,
+}
+
 /// Traces `target` and returns the report.
 pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Report, StopReason)> {
     // Before anything is attached: a signal from then on stops tracing with a report,
@@ -84,30 +99,47 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let (mut s, sources) = start(target, args).await?;
     let started = Instant::now();
     let Sources { mut events, mut oom_events, pidfd, metrics } = sources;
-    let mut live = if args.live { start_live_view() } else { None };
+    let live = if args.live { start_live_view() } else { None };
+    let pushers = pushers(args, &s.comm, snapshot_interval(args, live.is_some()))?;
+    let mut watchers = Watchers { live, pushers, metrics };
     // On an error the view is dropped with the session, which stops the agent too.
-    let reason = event_loop(
-        &mut s,
-        [&mut events, &mut oom_events],
-        pidfd,
-        metrics.as_ref(),
-        signals,
-        args,
-        started,
-        live.as_mut(),
-    )
-    .await?;
-    if let Some(view) = live {
+    let reason =
+        event_loop(&mut s, [&mut events, &mut oom_events], pidfd, signals, args, started, &mut watchers)
+            .await?;
+    if let Some(view) = watchers.live.take() {
         view.finish();
     }
     // Whatever is still in the ring buffers belongs to the run.
     s.drain(oom_events.get_mut());
     s.drain(events.get_mut());
+    s.settle_symbols();
     if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
         s.js_heap.refresh(&mut s.stacks).await;
     }
     s.js_heap.close().await;
-    Ok(finish(s, reason, args, started))
+    let (mut report, reason) = finish(s, reason, args, started);
+    for pusher in &mut watchers.pushers {
+        pusher.push_final(&report).await;
+        let status = pusher.status();
+        eprintln!("memtrace: {status}");
+        if pusher.failures() > 0 {
+            report.warnings.push(crate::report::Warning { t_s: report.duration_s, message: status });
+        }
+    }
+    Ok((report, reason))
+}
+
+/// One pusher per profile destination asked for.
+fn pushers(args: &TraceArgs, comm: &str, interval: Duration) -> anyhow::Result<Vec<Pusher>> {
+    let mut destinations = Vec::new();
+    if let Some(url) = &args.pyroscope {
+        let auth = pyroscope::Auth::from_env()?;
+        destinations.push(Destination::Pyroscope(pyroscope::Target::new(url, &args.labels, comm, auth)?));
+    }
+    if let Some(url) = &args.otlp_profiles {
+        destinations.push(Destination::Otlp(otlp::Target::new(url, &args.labels, comm)?));
+    }
+    Ok(destinations.into_iter().map(|d| Pusher::new(d, interval)).collect::<Result<_, _>>()?)
 }
 
 /// The full-screen view, or `None` (the status line) when it cannot be shown.
@@ -121,14 +153,17 @@ fn start_live_view() -> Option<LiveView> {
 /// Checks, loads and attaches; returns once tracing has started.
 async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session, Sources)> {
     let attach_started = Instant::now();
-    let pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
+    let mut pids = target.pids.iter().map(|&p| resolve_target(p)).collect::<anyhow::Result<Vec<u32>>>()?;
+    let named = pids.len();
+    let mut cgroup = target.cgroup.as_deref().map(cgroup::CgroupWatch::open).transpose()?;
+    let cgroup_filter = cgroup.as_mut().map(|watch| watch.add_members(&mut pids)).transpose()?;
     let &pid = pids.first().context("no process to trace")?;
     let launched = target.release.is_some();
     let pidfd = pidfd_open(pid).with_context(|| format!("no such process: {pid} (pidfd_open failed)"))?;
     crate::bpf::require_root()?;
     procfs::access::check_traceable(pid)?;
     let track = track_bits(&args.track);
-    check_scope(track, target.children, pids.len())?;
+    check_scope(track, target.children || cgroup.is_some(), pids.len())?;
     let metrics = match args.metrics {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
@@ -149,6 +184,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let mut tracer = Tracer::load(&LoadOptions {
         targets: pids.clone(),
         follow_children: target.children,
+        cgroup: cgroup_filter,
         track,
         stack_copy_bytes: args.stack_bytes,
         ring_buffer_bytes,
@@ -177,7 +213,10 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if let Some(heap) = &heap {
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
-    let procs = open_targets(&pids)?;
+    let mut procs = open_targets(&pids[..named], &pids[named..])?;
+    if target.children {
+        adopt_descendants(&mut tracer, &mut procs, &pids);
+    }
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
     let cmdline = procfs::cmdline(pid);
@@ -186,7 +225,14 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     if js_heap.is_open() {
         tracked.push(crate::report::Source::JsHeap.name().to_string());
     }
-    let whom = whom(&pids, target.children, &comm);
+    let whom = match &cgroup {
+        Some(watch) => format!(
+            "{} ({})",
+            watch.describe(),
+            crate::export::human::plural(pids.len() as u64, "process", "processes")
+        ),
+        None => whom(&pids, target.children, &comm),
+    };
     eprintln!(
         "memtrace: attached to {whom} in {:.2}s, tracking {}; Ctrl-C to stop",
         attach_started.elapsed().as_secs_f64(),
@@ -220,21 +266,45 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         node: procfs::smaps::is_node(pid),
         js_heap,
         parts: None,
+        cgroup,
     };
     s.snapshot();
 
     Ok((s, Sources { events, oom_events, pidfd, metrics }))
 }
 
-/// The targets' models and symbols, read from `/proc` (an error if one cannot be read).
-fn open_targets(pids: &[u32]) -> anyhow::Result<procs::Processes> {
+/// The targets' models and symbols, read from `/proc`: an error if one of `named` cannot be
+/// read; one of a cgroup's `members` that cannot is traced without symbols.
+fn open_targets(named: &[u32], members: &[u32]) -> anyhow::Result<procs::Processes> {
     let mut procs = procs::Processes::new();
-    for &p in pids {
+    for &p in named {
         let symbols =
             ProcessSymbols::new(p).with_context(|| format!("read the memory map of process {p}"))?;
         procs.add_running(p, Some(symbols), None);
     }
+    for &p in members {
+        procs.add_running(p, None, None);
+    }
     Ok(procs)
+}
+
+/// `--children`: the processes the targets forked before tracing started (a running pool's
+/// workers) are traced too; read after the programs are attached, so that a fork in
+/// between is seen one way or the other.
+fn adopt_descendants(tracer: &mut Tracer, procs: &mut procs::Processes, targets: &[u32]) {
+    for &target in targets {
+        for (child, parent) in procs::descendants(target) {
+            if procs.is_running(child) {
+                continue;
+            }
+            if let Err(e) = tracer.trace_process(child) {
+                warn!("{e}");
+                continue;
+            }
+            debug!("following process {child}, a child of {parent} running when tracing started");
+            procs.add_running(child, None, Some(parent));
+        }
+    }
 }
 
 /// What can be traced together: the allocator view follows one process.
@@ -268,11 +338,10 @@ async fn event_loop(
     s: &mut Session,
     [events, oom_events]: [&mut AsyncFd<RingBuf<MapData>>; 2],
     pidfd: OwnedFd,
-    metrics: Option<&TcpListener>,
     mut signals: StopSignals,
     args: &TraceArgs,
     started: Instant,
-    mut live: Option<&mut LiveView>,
+    watchers: &mut Watchers,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
     let mut target_exited = false;
@@ -282,47 +351,32 @@ async fn event_loop(
     // object); between wakeups the ring buffer is drained on this timer.
     let mut drain = tokio::time::interval(Duration::from_millis(100));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let interval = args.interval.unwrap_or_else(|| {
-        if live.is_some() {
-            // A person is watching: verdicts and the time to the limit within seconds.
-            return Duration::from_secs(1);
-        }
-        args.duration.map_or(Duration::from_secs(5), |d| {
-            (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
-        })
-    });
+    let interval = snapshot_interval(args, watchers.live.is_some());
     let mut next_snapshot = Instant::now().checked_add(interval);
-    let tty = std::io::stderr().is_terminal();
-    let mut last_status_line = Instant::now();
+    let mut status = StatusLine { tty: std::io::stderr().is_terminal(), last: Instant::now() };
     let reason = loop {
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("wait for events")?;
                 s.drain(guard.get_inner_mut());
                 guard.clear_ready();
-                if s.target_oom_killed {
-                    break StopReason::TargetOomKilled;
-                }
-                if s.all_exited {
-                    break StopReason::TargetExited;
+                if let Some(reason) = ended(s) {
+                    break reason;
                 }
             }
             guard = oom_events.readable_mut() => {
                 let mut guard = guard.context("wait for OOM records")?;
                 s.drain(guard.get_inner_mut());
                 guard.clear_ready();
-                if s.target_oom_killed {
-                    break StopReason::TargetOomKilled;
+                if let Some(reason) = ended(s) {
+                    break reason;
                 }
             }
             _ = drain.tick() => {
                 s.drain(oom_events.get_mut());
                 s.drain(events.get_mut());
-                if s.target_oom_killed {
-                    break StopReason::TargetOomKilled;
-                }
-                if s.all_exited {
-                    break StopReason::TargetExited;
+                if let Some(reason) = ended(s) {
+                    break reason;
                 }
             }
             _ = pidfd.readable(), if !target_exited => {
@@ -332,8 +386,8 @@ async fn event_loop(
                 }
             }
             () = signals.recv() => break StopReason::Signal,
-            event = async { match live.as_mut() { Some(view) => view.next_event().await, None => std::future::pending().await } } => {
-                if let Some(view) = live.as_mut() {
+            event = async { match watchers.live.as_mut() { Some(view) => view.next_event().await, None => std::future::pending().await } } => {
+                if let Some(view) = watchers.live.as_mut() {
                     if view.handle(&event) == Action::Quit {
                         break StopReason::Signal;
                     }
@@ -344,22 +398,18 @@ async fn event_loop(
                 break StopReason::Duration;
             }
             accepted = async {
-                match metrics {
+                match watchers.metrics.as_ref() {
                     Some(listener) => listener.accept().await,
                     None => std::future::pending().await,
                 }
-            } => {
-                match accepted {
-                    Ok((stream, _)) => {
-                        let body = crate::export::prometheus::render(&s.metrics_snapshot());
-                        tokio::spawn(metrics::serve(stream, body));
-                    }
-                    Err(e) => debug!("accept a metrics connection: {e}"),
-                }
-            }
+            } => match accepted {
+                Ok((stream, _)) => serve_scrape(s, watchers, stream),
+                Err(e) => debug!("accept a metrics connection: {e}"),
+            },
             _ = tick.tick() => {
+                s.rescan_cgroup();
                 s.procs.reap();
-                if s.procs.live() == 0 {
+                if s.procs.live() == 0 && s.cgroup.is_none() {
                     s.drain(events.get_mut());
                     break StopReason::TargetExited;
                 }
@@ -379,24 +429,12 @@ async fn event_loop(
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
                 }
-                if next_snapshot.is_some_and(|at| Instant::now() >= at) {
+                let snapshot = next_snapshot.is_some_and(|at| Instant::now() >= at);
+                if snapshot {
                     s.snapshot();
                     next_snapshot = next_snapshot.and_then(|at| at.checked_add(interval));
                 }
-                if let Some(view) = live.as_mut() {
-                    if !view.paused() {
-                        let made = Instant::now();
-                        let report = s.live_report(started, args.min_age);
-                        debug!("live report: {} suspects in {:.1?}", report.leaks.len() + report.other_suspects.len(), made.elapsed());
-                        view.update(report);
-                    }
-                    draw(view);
-                } else if tty {
-                    eprint!("\r{}\x1b[K", s.status_line(started));
-                } else if last_status_line.elapsed() >= Duration::from_secs(5) {
-                    eprintln!("{}", s.status_line(started));
-                    last_status_line = Instant::now();
-                }
+                on_tick(s, watchers, snapshot, &mut status, args, started);
             }
         }
     };
@@ -407,6 +445,94 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
+}
+
+/// Whether what was drained ended the trace: the target OOM-killed, or every traced
+/// process gone.
+fn ended(s: &Session) -> Option<StopReason> {
+    if s.target_oom_killed {
+        Some(StopReason::TargetOomKilled)
+    } else if s.all_exited {
+        Some(StopReason::TargetExited)
+    } else {
+        None
+    }
+}
+
+/// Answers one scrape with the metrics as they are now.
+fn serve_scrape(s: &Session, watchers: &Watchers, stream: tokio::net::TcpStream) {
+    let mut snapshot = s.metrics_snapshot();
+    snapshot.pushes = watchers.pushers.iter().map(|p| (p.name(), p.pushed(), p.failures())).collect();
+    let mut body = crate::export::prometheus::render(&snapshot);
+    if s.procs.len() > 1 {
+        let samples = s.procs.samples(metrics::PROCESS_SERIES_MAX);
+        body.push_str(&metrics::per_process(&samples, s.procs.live(), s.procs.len()));
+    }
+    tokio::spawn(metrics::serve(stream, body));
+}
+
+/// How often a snapshot is taken (and a profile pushed).
+fn snapshot_interval(args: &TraceArgs, live: bool) -> Duration {
+    args.interval.unwrap_or_else(|| {
+        if live {
+            // A person is watching: verdicts and the time to the limit within seconds.
+            return Duration::from_secs(1);
+        }
+        args.duration.map_or(Duration::from_secs(5), |d| {
+            (d / 20).clamp(Duration::from_secs(1), Duration::from_secs(10))
+        })
+    })
+}
+
+/// The status line on stderr: rewritten in place on a terminal, else every 5 s.
+struct StatusLine {
+    tty: bool,
+    last: Instant,
+}
+
+/// Each second: the live view is redrawn from a fresh report, and at each snapshot the
+/// profile is pushed; without a view, the status line.
+fn on_tick(
+    s: &mut Session,
+    w: &mut Watchers,
+    snapshot: bool,
+    status: &mut StatusLine,
+    args: &TraceArgs,
+    started: Instant,
+) {
+    let show = w.live.as_ref().is_some_and(|v| !v.paused());
+    let push = snapshot && !w.pushers.is_empty();
+    if show || push {
+        let made = Instant::now();
+        let report = s.live_report(started, args.min_age);
+        debug!(
+            "live report: {} suspects in {:.1?}",
+            report.leaks.len() + report.other_suspects.len(),
+            made.elapsed()
+        );
+        for pusher in w.pushers.iter_mut().filter(|_| push) {
+            pusher.push(&report);
+        }
+        if let Some(view) = w.live.as_mut().filter(|_| show) {
+            view.update(report);
+        }
+    }
+    let pushed: Vec<String> = w.pushers.iter().map(Pusher::status).collect();
+    if let Some(view) = w.live.as_mut() {
+        view.set_notes(pushed);
+        draw(view);
+        return;
+    }
+    let mut line = s.status_line(started);
+    for p in pushed {
+        line = format!("{line}  {p}");
+    }
+    if status.tty {
+        eprint!("\r{line}\x1b[K");
+    } else if status.last.elapsed() >= Duration::from_secs(5) {
+        eprintln!("{line}");
+        status.last = Instant::now();
+    }
 }
 
 fn draw(view: &mut LiveView) {

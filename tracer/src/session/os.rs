@@ -127,9 +127,30 @@ pub(super) async fn wait_for_exec(pid: u32, before: Option<std::path::PathBuf>) 
     for _ in 0..500 {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         if exe.is_none() || exe != before {
+            wait_for_loader(pid).await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     warn!("process {pid} did not exec within 5s; its symbols may be missing");
+}
+
+/// Right after the exec the dynamic loader is still mapping the libraries: a memory map
+/// read then lacks libc, and the first stacks through it lose frames. Waits until the
+/// executable mappings stop changing (a few milliseconds; at most half a second).
+async fn wait_for_loader(pid: u32) {
+    let executable = || {
+        std::fs::read_to_string(format!("/proc/{pid}/maps"))
+            .map_or(0, |maps| crate::procfs::maps::parse_maps(&maps).iter().filter(|m| m.executable).count())
+    };
+    let (mut last, mut same) = (executable(), 0);
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = executable();
+        same = if now == last { same + 1 } else { 0 };
+        if same >= 2 {
+            return;
+        }
+        last = now;
+    }
 }

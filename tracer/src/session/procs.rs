@@ -26,6 +26,8 @@ struct Space {
 /// One traced process.
 struct Proc {
     pid: u32,
+    /// Its pid in its own pid namespace, when it differs (a container's process).
+    ns_pid: Option<u32>,
     /// `CLOCK_MONOTONIC` ns: the fork for a child, from `/proc/PID/stat` for a target.
     start_ns: u64,
     /// `starttime` of `/proc/PID/stat` (clock ticks since boot), once read: a pid whose
@@ -49,6 +51,8 @@ pub(super) struct Processes {
     /// The current process of each pid.
     by_pid: HashMap<u32, usize>,
     spaces: Vec<Space>,
+    /// Opens the symbols of processes that appear while tracing, off the event loop.
+    opener: super::opener::Opener,
 }
 
 /// `CLOCK_MONOTONIC` ns of a process's start, from `/proc/PID/stat` (clock ticks since
@@ -69,6 +73,32 @@ fn stat_number(pid: u32, field: usize) -> Option<u64> {
     procfs::stat_field(&stat, field)?.parse().ok()
 }
 
+/// The pid of `pid` in its innermost pid namespace, when it differs from `pid`.
+fn ns_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    procfs::maps::parse_status(&status).ns_pid.filter(|&ns| ns != pid)
+}
+
+/// Every process descending from `pid` now, each with its parent, parents first (from the
+/// `children` lists of its threads).
+pub(super) fn descendants(pid: u32) -> Vec<(u32, u32)> {
+    let mut out = Vec::new();
+    let mut queue = vec![pid];
+    while let Some(parent) = queue.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else { continue };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                if child != pid && !out.iter().any(|&(c, _)| c == child) {
+                    out.push((child, parent));
+                    queue.push(child);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `starttime` (field 22).
 fn start_ticks(pid: u32) -> Option<u64> {
     stat_number(pid, 22)
@@ -82,7 +112,12 @@ fn start_brk(pid: u32) -> Option<u64> {
 
 impl Processes {
     pub(super) fn new() -> Self {
-        Self { procs: Vec::new(), by_pid: HashMap::new(), spaces: Vec::new() }
+        Self {
+            procs: Vec::new(),
+            by_pid: HashMap::new(),
+            spaces: Vec::new(),
+            opener: super::opener::Opener::default(),
+        }
     }
 
     fn new_space(&mut self, symbols: Option<ProcessSymbols>) -> u32 {
@@ -109,9 +144,22 @@ impl Processes {
         symbols: Option<ProcessSymbols>,
         parent_pid: Option<u32>,
     ) -> ProcIndex {
-        let now = super::monotonic_ns();
         let symbols = symbols
             .or_else(|| ProcessSymbols::new(pid).map_err(|e| debug!("symbols of process {pid}: {e}")).ok());
+        self.add_proc(pid, symbols, parent_pid)
+    }
+
+    /// A process found while tracing (it joined a traced cgroup), traced as it is now; its
+    /// symbols are opened off the event loop and its events held until then.
+    pub(super) fn add_joined(&mut self, pid: u32) -> ProcIndex {
+        let i = self.add_proc(pid, None, None);
+        let space = self.procs[i.0 as usize].space;
+        self.opener.request(pid, space);
+        i
+    }
+
+    fn add_proc(&mut self, pid: u32, symbols: Option<ProcessSymbols>, parent_pid: Option<u32>) -> ProcIndex {
+        let now = super::monotonic_ns();
         let space = self.new_space(symbols);
         let mut model = LiveModel::new();
         if let Some(brk) = procfs::program_break(pid) {
@@ -120,6 +168,7 @@ impl Processes {
         let ticks = start_ticks(pid);
         self.push(Proc {
             pid,
+            ns_pid: ns_pid(pid),
             start_ns: ticks.map_or(now, start_ns_of),
             start_ticks: ticks,
             parent_pid,
@@ -155,6 +204,14 @@ impl Processes {
     /// it starts with its parent's image and program break and holds nothing yet (what it
     /// inherited is its parent's memory, reported there).
     pub(super) fn on_fork(&mut self, child: u32, parent: u32, comm: String, ts_ns: u64) -> ProcIndex {
+        if let Some(&known) = self.by_pid.get(&child)
+            && self.procs[known].start_ticks.is_some()
+            && self.procs[known].start_ticks == start_ticks(child)
+        {
+            // Found running at the start (a descendant of a target) before its fork's
+            // event was read: the same process.
+            return ProcIndex(known as u32);
+        }
         let parent_i = self.index_of(parent).0 as usize;
         let (space, brk, cmdline) = {
             let p = &self.procs[parent_i];
@@ -166,6 +223,7 @@ impl Processes {
         }
         self.push(Proc {
             pid: child,
+            ns_pid: ns_pid(child),
             start_ns: ts_ns,
             start_ticks: start_ticks(child),
             parent_pid: Some(parent),
@@ -188,8 +246,8 @@ impl Processes {
             // Read from /proc after this exec: already the new image.
             return;
         }
-        let symbols = ProcessSymbols::new(pid).map_err(|e| debug!("symbols of process {pid}: {e}")).ok();
-        let space = self.new_space(symbols);
+        let space = self.new_space(None);
+        self.opener.request(pid, space);
         let p = &mut self.procs[i];
         p.space = space;
         p.model = LiveModel::new();
@@ -241,6 +299,43 @@ impl Processes {
             }
             None => false,
         }
+    }
+
+    /// Keeps a copy of a kernel record whose process's symbols are being opened (it is
+    /// replayed by [`Self::ready_events`]); OOM records are never held.
+    pub(super) fn hold(&mut self, record: &[u8]) -> bool {
+        let (Some(kind), Some(tgid)) = (record.get(0..4), record.get(4..8)) else { return false };
+        let kind = u32::from_ne_bytes([kind[0], kind[1], kind[2], kind[3]]);
+        let tgid = u32::from_ne_bytes([tgid[0], tgid[1], tgid[2], tgid[3]]);
+        kind != tracer_common::kind::OOM_MARK_VICTIM && self.opener.hold(tgid, record)
+    }
+
+    /// Installs the symbols opened since the last call (waiting up to `wait` for one) and
+    /// returns the records held for their processes, to be handled again in order.
+    pub(super) fn ready_events(&mut self, wait: Option<std::time::Duration>) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for (space, symbols, events) in self.opener.ready(wait) {
+            if let Some(s) = self.spaces.get_mut(space as usize) {
+                s.symbols = symbols;
+            }
+            out.extend(events);
+        }
+        out
+    }
+
+    /// Whether symbols are still being opened.
+    pub(super) fn opening(&self) -> bool {
+        self.opener.busy()
+    }
+
+    /// Stops waiting for symbols: the records held, to be handled without them.
+    pub(super) fn abandon_opening(&mut self) -> Vec<Vec<u8>> {
+        self.opener.abandon()
+    }
+
+    /// Whether `pid` is a traced process that still runs.
+    pub(super) fn is_running(&self, pid: u32) -> bool {
+        self.by_pid.contains_key(&pid)
     }
 
     /// Processes still running.
@@ -321,6 +416,23 @@ impl Processes {
         self.by_pid.values().map(|&i| &self.procs[i])
     }
 
+    /// The processes still running, the most mapped bytes first, as metrics samples (their
+    /// RSS read now), at most `n`.
+    pub(super) fn samples(&self, n: usize) -> Vec<super::metrics::ProcessSample> {
+        let mut running: Vec<&Proc> = self.running().collect();
+        running.sort_by_key(|p| std::cmp::Reverse(p.model.outstanding_bytes()));
+        running
+            .into_iter()
+            .take(n)
+            .map(|p| super::metrics::ProcessSample {
+                pid: p.pid,
+                comm: p.comm.clone(),
+                rss_bytes: procfs::status(p.pid).map_or(0, |s| s.mem.rss),
+                mapped_bytes: p.model.outstanding_bytes(),
+            })
+            .collect()
+    }
+
     /// Mapped bytes held now by the processes still running.
     pub(super) fn outstanding_bytes(&self) -> u64 {
         self.running().map(|p| p.model.outstanding_bytes()).sum()
@@ -365,6 +477,7 @@ impl Processes {
             .iter()
             .map(|p| Process {
                 pid: p.pid,
+                ns_pid: p.ns_pid,
                 parent_pid: p.parent_pid,
                 comm: p.comm.clone(),
                 cmdline: p.cmdline.clone(),
@@ -388,6 +501,7 @@ mod tests {
         let space = procs.new_space(None);
         procs.push(Proc {
             pid,
+            ns_pid: None,
             start_ns: 1,
             start_ticks: None,
             parent_pid: None,
@@ -460,5 +574,42 @@ mod tests {
         map(&mut procs, 5_000_000, 0x1000_0000, MIB, 1, 110);
         procs.on_exec(5_000_000, "again".into(), 90);
         assert_eq!(procs.outstanding_bytes(), MIB);
+    }
+
+    /// A kernel record's first bytes: its kind and tgid.
+    fn record(kind: u32, tgid: u32, tail: u8) -> Vec<u8> {
+        let mut r = kind.to_ne_bytes().to_vec();
+        r.extend(tgid.to_ne_bytes());
+        r.push(tail);
+        r
+    }
+
+    #[test]
+    fn an_exec_opens_symbols_off_the_loop_and_holds_the_process_events_until_then() {
+        let mut procs = Processes::new();
+        // This test process stands for the one that exec'd: its symbols can be read.
+        let me = std::process::id();
+        let p = fake(&mut procs, me);
+        let started = std::time::Instant::now();
+        procs.on_exec(me, "test".into(), 20);
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(50),
+            "on_exec returned after {:?}: it opened the symbols itself",
+            started.elapsed()
+        );
+        let space = procs.procs[p.0 as usize].space;
+        let (first, second) =
+            (record(tracer_common::kind::MMAP, me, 1), record(tracer_common::kind::MUNMAP, me, 2));
+        assert!(procs.hold(&first) && procs.hold(&second), "the process's records wait for its symbols");
+        assert!(!procs.hold(&record(tracer_common::kind::MMAP, me + 1, 3)), "another process's are handled");
+        assert!(!procs.hold(&record(tracer_common::kind::OOM_MARK_VICTIM, me, 4)), "OOM records never wait");
+        let mut replayed = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while procs.opening() && std::time::Instant::now() < deadline {
+            replayed.extend(procs.ready_events(Some(std::time::Duration::from_millis(100))));
+        }
+        assert_eq!(replayed, vec![first, second], "held records come back once, in order");
+        assert!(procs.spaces[space as usize].symbols.is_some(), "the new image's symbols were installed");
+        assert!(!procs.hold(&record(tracer_common::kind::MMAP, me, 5)), "nothing waits any more");
     }
 }

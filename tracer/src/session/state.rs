@@ -56,6 +56,8 @@ pub(super) struct Session {
     pub(super) node: bool,
     /// The JS heap view of a Node target.
     pub(super) js_heap: super::jsheap::JsHeap,
+    /// `--cgroup`: the cgroup whose processes are traced; tracing outlives them.
+    pub(super) cgroup: Option<super::cgroup::CgroupWatch>,
     /// Where the memory was at the first and the latest snapshot (seconds since start).
     pub(super) parts: Option<((f64, crate::report::MemoryParts), (f64, crate::report::MemoryParts))>,
 }
@@ -66,9 +68,41 @@ impl Session {
         while let Some(item) = rb.next() {
             self.handle(&item);
         }
+        self.replay(None);
+    }
+
+    /// Handles again the records held while their process's symbols were opened, once
+    /// they are (waiting up to `wait` for them).
+    fn replay(&mut self, wait: Option<std::time::Duration>) -> bool {
+        let held = self.procs.ready_events(wait);
+        let any = !held.is_empty();
+        for record in held {
+            self.handle(&record);
+        }
+        any
+    }
+
+    /// At the end: waits (up to 5 s) for symbols still being opened and handles what was
+    /// held for them; after that, without them.
+    pub(super) fn settle_symbols(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.procs.opening() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                warn!("symbols still being opened after 5 s; those processes keep addresses");
+                for record in self.procs.abandon_opening() {
+                    self.handle(&record);
+                }
+                return;
+            }
+            self.replay(Some(left.min(std::time::Duration::from_millis(100))));
+        }
     }
 
     pub(super) fn handle(&mut self, bytes: &[u8]) {
+        if self.procs.hold(bytes) {
+            return;
+        }
         self.events += 1;
         match decode(bytes) {
             Ok(Event::Mem { event, stack }) => {
@@ -135,7 +169,7 @@ impl Session {
         self.drain(rb);
         self.exit = procfs::exit::exit_status(self.pid);
         self.procs.on_exit(self.pid, monotonic_ns());
-        self.procs.live() == 0
+        self.procs.live() == 0 && self.cgroup.is_none()
     }
 
     /// A traced process forked (the kernel traces the child already), exec'd or ended.
@@ -153,10 +187,21 @@ impl Session {
                 self.procs.on_exec(tgid, comm, ts_ns);
                 log::info!("process {tgid} exec'd {}", procfs::cmdline(tgid));
             }
+            tracer_common::kind::JOIN => {
+                if !self.procs.is_running(tgid) {
+                    self.procs.add_joined(tgid);
+                    log::info!("following process {tgid} ({}), which joined the cgroup", procfs::comm(tgid));
+                }
+            }
+            tracer_common::kind::LEAVE => {
+                self.symbolize_new();
+                self.procs.on_exit(tgid, ts_ns);
+                log::info!("process {tgid} left the cgroup; no longer traced");
+            }
             _ => {
                 self.symbolize_new();
                 self.procs.on_exit(tgid, ts_ns);
-                self.all_exited = self.procs.live() == 0;
+                self.all_exited = self.procs.live() == 0 && self.cgroup.is_none();
             }
         }
     }
@@ -291,8 +336,8 @@ impl Session {
                 }),
             }
         }
-        by_culprit.sort_by(|a, b| b.bytes.cmp(&a.bytes));
-        by_culprit.truncate(10);
+        by_culprit.sort_by_key(|c| std::cmp::Reverse(c.bytes));
+        by_culprit.truncate(crate::export::prometheus::TOP_SUSPECTS);
         let suspects = by_culprit;
         crate::export::prometheus::MetricsSnapshot {
             pid: self.pid,
@@ -309,6 +354,11 @@ impl Session {
             memcg_limit_bytes: self.memcg.as_ref().map_or(0, |m| m.limit_bytes),
             suspects,
             memory: self.parts.map(|(_, (_, last))| last),
+            time_to_limit: Some(crate::analysis::limit::time_to_limit(
+                &self.timeline,
+                crate::analysis::limit::WINDOW_S,
+            )),
+            pushes: Vec::new(),
         }
     }
 

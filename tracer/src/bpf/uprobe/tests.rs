@@ -117,4 +117,13 @@ fn locked_first_instructions_are_skipped() {
     // Not locked, or cut short.
     assert_eq!(locked_instruction_len(&[0x55, 0x48, 0x89, 0xe5]), None);
     assert_eq!(locked_instruction_len(&[0xf0, 0x48, 0x29]), None);
+    // Prefixes the old hand-written decoder did not know: a segment override before LOCK
+    // (lock addl $1,%fs:(%rax)) and an operand-size prefix (lock incw (%rdi)).
+    assert_eq!(locked_instruction_len(&[0x64, 0xf0, 0x83, 0x00, 0x01, 0x90]), Some(5));
+    assert_eq!(locked_instruction_len(&[0x66, 0xf0, 0xff, 0x07, 0x90]), Some(4));
+    // RIP-relative memory with an imm32: lock addl $0x10000,0x1234(%rip).
+    assert_eq!(locked_instruction_len(&[0xf0, 0x81, 0x05, 0x34, 0x12, 0, 0, 0, 0, 1, 0, 0x90]), Some(11));
+    // lock cmpxchg writes rax: not skipped; lock with a register operand is invalid.
+    assert_eq!(locked_instruction_len(&[0xf0, 0x48, 0x0f, 0xb1, 0x17]), None);
+    assert_eq!(locked_instruction_len(&[0xf0, 0x48, 0x29, 0xd0]), None);
 }

@@ -17,10 +17,20 @@ fn process(report: &Report, pid: u32) -> Option<&Process> {
 }
 
 fn named(report: &Report, pid: u32) -> String {
-    match process(report, pid).filter(|p| !p.comm.is_empty()) {
-        Some(p) => format!("pid {pid} ({})", p.comm),
-        None => format!("pid {pid}"),
+    let p = process(report, pid);
+    let ns = p.and_then(|p| p.ns_pid).map_or_else(String::new, |ns| format!(", pid {ns} in its namespace"));
+    match p.filter(|p| !p.comm.is_empty()) {
+        Some(p) => format!("pid {pid} ({}{ns})", p.comm),
+        None if ns.is_empty() => format!("pid {pid}"),
+        None => format!("pid {pid} ({})", &ns[2..]),
     }
+}
+
+/// `, pid 1 in its namespace` for the header when the target runs in a container.
+pub(super) fn ns_pid_note(report: &Report) -> String {
+    process(report, report.target.pid)
+        .and_then(|p| p.ns_pid)
+        .map_or_else(String::new, |ns| format!(", pid {ns} in its namespace"))
 }
 
 /// `2 processes, ` for the answer line when a culprit holds memory in several.
@@ -84,7 +94,8 @@ pub(super) fn write_processes(report: &Report, out: &mut impl Write) -> std::io:
             String::new()
         };
         let comm = if p.comm.is_empty() { "?" } else { &p.comm };
-        writeln!(out, "  pid {} ({comm}{parent}): {started}{ended}{execs}", p.pid)?;
+        let ns = p.ns_pid.map_or_else(String::new, |ns| format!(", pid {ns} in its namespace"));
+        writeln!(out, "  pid {} ({comm}{ns}{parent}): {started}{ended}{execs}", p.pid)?;
         if !p.cmdline.is_empty() {
             writeln!(out, "      {}", p.cmdline)?;
         }
@@ -155,5 +166,25 @@ mod tests {
         report.leaks[0].processes = vec![ProcessShare { pid: 4242, bytes: 1, count: 1, exited: false }];
         assert_eq!(where_held(&report, &report.leaks[0]), None);
         assert_eq!(spread(&report.leaks[0]), "");
+    }
+
+    #[test]
+    fn a_process_in_a_container_is_shown_with_both_pids() {
+        let mut report = sample_report();
+        let node = |pid, ns_pid, parent_pid| Process {
+            pid,
+            ns_pid: Some(ns_pid),
+            parent_pid,
+            comm: "node".into(),
+            ..Process::default()
+        };
+        report.processes = vec![node(4242, 1, None), node(4300, 7, Some(4242))];
+        report.leaks[0].processes = vec![ProcessShare { pid: 4300, bytes: 8 << 20, count: 8, exited: false }];
+        let mut text = Vec::new();
+        write_text(&report, 10, &mut text).expect("render");
+        let text = String::from_utf8(text).expect("UTF-8");
+        assert!(text.starts_with("memtrace report for pid 4242 (node, pid 1 in its namespace)\n"), "{text}");
+        assert!(text.contains("in pid 4300 (node, pid 7 in its namespace)"), "{text}");
+        assert!(text.contains("  pid 4300 (node, pid 7 in its namespace, child of 4242): "), "{text}");
     }
 }
