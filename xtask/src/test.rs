@@ -5,6 +5,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::proc::{self, step};
 
 #[derive(clap::Args)]
+#[allow(clippy::struct_excessive_bools, reason = "each is one command-line flag")]
 pub struct Args {
     /// Run only the unit tests (no root needed).
     #[arg(long, conflicts_with = "integration_only")]
