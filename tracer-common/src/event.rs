@@ -36,6 +36,9 @@ pub mod kind {
     pub const JOIN: u32 = 51;
     /// A traced process was moved out of the traced cgroups; it is no longer traced.
     pub const LEAVE: u32 = 52;
+    /// A `memtrace run` command called `_exit`: it is stopped (`SIGSTOP`) until userspace
+    /// has read its memory map and sent `SIGCONT`. `parent_tgid` holds the exit status.
+    pub const EXITING: u32 = 53;
 }
 
 /// Leads every record.
@@ -124,7 +127,7 @@ pub struct OomEvent {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcEvent {
     pub header: EventHeader,
-    /// `FORK`: the parent's tgid; 0 otherwise.
+    /// `FORK`: the parent's tgid; `EXITING`: the status passed to `_exit`; 0 otherwise.
     pub parent_tgid: u32,
     #[allow(
         clippy::pub_underscore_fields,

@@ -40,13 +40,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Doctor => Ok(doctor()),
         Command::Attach { pids, cgroup, trace } => {
-            let target = TraceTarget { pids, children: trace.children, cgroup, release: None };
+            let target = TraceTarget { pids, children: trace.children, cgroup, release: None, program: None };
             trace_and_report(target, &trace, None)
         }
         Command::Top { pid, mut trace } => {
             trace.live = true;
-            let target =
-                TraceTarget { pids: vec![pid], children: trace.children, cgroup: None, release: None };
+            let target = TraceTarget {
+                pids: vec![pid],
+                children: trace.children,
+                cgroup: None,
+                release: None,
+                program: None,
+            };
             trace_and_report(target, &trace, None)
         }
         Command::Run { trace, command, as_root } => {
@@ -69,6 +74,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 children: trace.children,
                 cgroup: None,
                 release: Some(release),
+                program: which::which(&command[0]).ok(),
             };
             trace_and_report(target, &trace, Some((child, launched)))
         }

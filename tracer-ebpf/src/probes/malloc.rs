@@ -141,14 +141,20 @@ fn target_tid() -> Option<u32> {
     if !traced((pid_tgid >> 32) as u32) {
         return None;
     }
-    // SAFETY: as in `sample_bytes`.
-    if unsafe { core::ptr::read_volatile(&raw const MALLOC_WAIT_EXEC) } != 0
-        && MALLOC_STATE.get(0).is_none_or(|exec_seen| *exec_seen == 0)
-    {
+    if !armed() {
         // `memtrace run`: the shell that is about to exec the command.
         return None;
     }
     Some(pid_tgid as u32)
+}
+
+/// Whether the traced process is the one to follow: always, except under `memtrace run`
+/// before the waiting shell has exec'd the command (`MALLOC_WAIT_EXEC`).
+#[inline(always)]
+pub(crate) fn armed() -> bool {
+    // SAFETY: as in `sample_bytes`.
+    let wait_exec = unsafe { core::ptr::read_volatile(&raw const MALLOC_WAIT_EXEC) };
+    wait_exec == 0 || MALLOC_STATE.get(0).is_some_and(|exec_seen| *exec_seen != 0)
 }
 
 /// Called at `sched:sched_process_exec` of a traced process (see `probes::process`): the

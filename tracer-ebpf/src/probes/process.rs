@@ -9,9 +9,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_RB_FORCE_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_send_signal},
+    macros::{tracepoint, uprobe},
+    programs::{ProbeContext, TracePointContext},
 };
 use tracer_common::{
     COMM_LEN, COUNTER_EVENTS_SENT, COUNTER_PROBE_FAILED, COUNTER_RINGBUF_FULL, COUNTER_TRACED_FULL,
@@ -20,7 +20,10 @@ use tracer_common::{
 
 use crate::{
     maps::{EVENTS, TRACED, count, exit_group_dead_offset, follow_children, traced},
-    probes::{cgroup::joins_at_exec, malloc::arm_after_exec},
+    probes::{
+        cgroup::joins_at_exec,
+        malloc::{arm_after_exec, armed},
+    },
 };
 
 /// Offsets in the `task:task_newtask` record (its `format` file; unchanged since the
@@ -33,7 +36,7 @@ const CLONE_THREAD: u64 = 0x0001_0000;
 /// Sends a lifecycle event, waking the reader at once: a new process's memory map is best
 /// read before it changes (or the process ends), and these events are rare.
 #[inline(always)]
-pub(crate) fn send(kind: u32, tgid: u32, parent_tgid: u32, comm: [u8; COMM_LEN]) {
+pub(crate) fn send(kind: u32, tgid: u32, parent_tgid: u32, comm: [u8; COMM_LEN]) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = ProcEvent {
         header: EventHeader {
@@ -50,8 +53,10 @@ pub(crate) fn send(kind: u32, tgid: u32, parent_tgid: u32, comm: [u8; COMM_LEN])
     };
     if EVENTS.output::<ProcEvent>(&event, u64::from(BPF_RB_FORCE_WAKEUP)).is_ok() {
         count(COUNTER_EVENTS_SENT);
+        true
     } else {
         count(COUNTER_RINGBUF_FULL);
+        false
     }
 }
 
@@ -89,7 +94,7 @@ fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     // SAFETY: as above.
     let comm = unsafe { ctx.read_at::<[u8; COMM_LEN]>(NEWTASK_COMM_OFFSET) }?;
-    send(kind::FORK, child, parent, comm);
+    let _ = send(kind::FORK, child, parent, comm);
     Ok(0)
 }
 
@@ -111,7 +116,7 @@ fn try_sched_process_exec(_ctx: &TracePointContext) -> Result<u32, i64> {
     }
     arm_after_exec();
     // The comm is the new image's by now (set while the binary was loaded).
-    send(kind::EXEC, tgid, 0, bpf_get_current_comm()?);
+    let _ = send(kind::EXEC, tgid, 0, bpf_get_current_comm()?);
     Ok(0)
 }
 
@@ -142,6 +147,29 @@ fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, i64> {
     }
     // Absent already is fine: the entry is gone either way.
     let _ = TRACED.remove(&tgid);
-    send(kind::EXIT, tgid, 0, bpf_get_current_comm()?);
+    let _ = send(kind::EXIT, tgid, 0, bpf_get_current_comm()?);
     Ok(0)
+}
+
+const SIGSTOP: u32 = 19;
+
+/// `_exit` of a `memtrace run` command (attached for its pid only): announces the exit and
+/// stops the process, so that its memory map is still there when userspace reads it; a
+/// program that lives a millisecond is otherwise gone before its modules are known.
+/// Userspace resumes it at once (`SIGCONT`). Nothing is stopped when the announcement
+/// cannot be sent: nobody would resume it.
+#[uprobe]
+pub fn uprobe_exit(ctx: ProbeContext) -> u32 {
+    let tgid = current_tgid();
+    // Before the exec the waiting shell is not the command.
+    if !traced(tgid) || !armed() {
+        return 0;
+    }
+    let status: u64 = ctx.arg(0).unwrap_or(0);
+    let comm = bpf_get_current_comm().unwrap_or([0; COMM_LEN]);
+    if send(kind::EXITING, tgid, status as u32, comm) {
+        // SAFETY: no preconditions; signals the current process.
+        unsafe { bpf_send_signal(SIGSTOP) };
+    }
+    0
 }

@@ -1,6 +1,7 @@
 //! Loading the eBPF object, attaching its programs, and kernel feature checks.
 
 pub mod features;
+pub mod teardown;
 pub mod uprobe;
 
 use std::path::Path;
@@ -166,6 +167,8 @@ pub struct Tracer {
     traced: aya::maps::HashMap<MapData, u32, u32>,
     /// The traced cgroups (`--cgroup`).
     cgroups: Option<aya::maps::HashMap<MapData, u64, u32>>,
+    /// Uprobes attached for the session (the exit hold of `memtrace run`).
+    links: Vec<aya::programs::uprobe::UProbeLink>,
 }
 
 impl Tracer {
@@ -246,7 +249,15 @@ impl Tracer {
         let events = take_map(&mut ebpf, MAP_EVENTS)?;
         let oom_events = take_map(&mut ebpf, MAP_OOM_EVENTS)?;
         let counters = take_map(&mut ebpf, MAP_COUNTERS)?;
-        Ok(Self { ebpf, events: Some(events), oom_events: Some(oom_events), counters, traced, cgroups })
+        Ok(Self {
+            ebpf,
+            events: Some(events),
+            oom_events: Some(oom_events),
+            counters,
+            traced,
+            cgroups,
+            links: Vec::new(),
+        })
     }
 
     /// Traces process `pid` from now on (one found in a traced cgroup by a rescan).
@@ -272,6 +283,11 @@ impl Tracer {
     /// The loaded object, for probe families that attach or read maps of their own.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// Keeps `links` attached for the session.
+    pub fn keep_links(&mut self, links: Vec<aya::programs::uprobe::UProbeLink>) {
+        self.links.extend(links);
     }
 
     /// The ring buffer, to be polled by the caller (once).

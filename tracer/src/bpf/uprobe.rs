@@ -29,6 +29,8 @@ use tracer_common::{
 
 use crate::procfs::maps::MapEntry;
 
+pub mod needed;
+
 /// Settings of the malloc probes, written into the object before load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MallocSettings {
@@ -126,6 +128,8 @@ pub enum UprobeError {
     MissingSymbol { path: String, symbol: &'static str },
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
+    #[error("find the files the command will load: {0}")]
+    Needed(#[from] needed::NeededError),
     #[error("attach uprobe {path}:{symbol} for pid {pid}: {source}")]
     Attach {
         path: String,
@@ -373,6 +377,7 @@ pub struct AttachedAllocator {
 
 impl AttachedAllocator {
     /// Removes every probe: the tables stop changing (and the target stops paying).
+    /// Slow: see [`crate::bpf::teardown`].
     pub fn detach(&mut self) {
         self.links.clear();
     }
@@ -422,6 +427,10 @@ impl AttachedAllocator {
 /// The file to hand to the kernel for `mapping`: the process's own view of the path
 /// (its mount namespace), or the mapping itself when the path no longer names that file.
 fn attach_path(pid: u32, mapping: &Mapping) -> PathBuf {
+    if mapping.end == 0 {
+        // Found from the command's files, not mapped yet (see [`CommandFiles`]).
+        return PathBuf::from(&mapping.path);
+    }
     let rooted = PathBuf::from(format!("/proc/{pid}/root{}", mapping.path));
     match std::fs::metadata(&rooted) {
         Ok(meta) if meta.ino() == mapping.inode => rooted,
@@ -480,7 +489,52 @@ pub fn resolve(pid: u32, node_buffers: bool) -> Result<Resolved, UprobeError> {
     let maps = parse_maps(&text);
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let exe = exe.as_ref().map(|p| p.to_string_lossy().into_owned());
-    let modules = classify(&maps, exe.as_deref());
+    resolve_in(pid, maps, exe.as_deref(), node_buffers)
+}
+
+/// The files a command will map, as [`Mapping`]s without addresses (the executable
+/// first): what `memtrace run` probes before the command runs.
+#[derive(Clone, Debug)]
+pub struct CommandFiles {
+    pub exe: String,
+    pub maps: Vec<Mapping>,
+    /// Libraries the loader will look for where memtrace did not find them.
+    pub missing: Vec<String>,
+}
+
+impl CommandFiles {
+    /// Reads the executable that `program` runs (through `#!`) and its dependencies.
+    pub fn of(program: &Path) -> Result<Self, UprobeError> {
+        let image = needed::executable_image(program)?;
+        let deps = needed::dependencies(&image, &needed::LoaderEnv::from_env())?;
+        let mapping = |path: &Path| {
+            let path = std::fs::canonicalize(path).ok()?;
+            let inode = std::fs::metadata(&path).ok()?.ino();
+            let path = path.to_string_lossy().into_owned();
+            Some(Mapping { start: 0, end: 0, executable: true, offset: 0, inode, path })
+        };
+        let maps: Vec<Mapping> =
+            std::iter::once(&deps.exe).chain(&deps.libraries).filter_map(|p| mapping(p)).collect();
+        let exe = maps.first().map(|m| m.path.clone()).unwrap_or_default();
+        Ok(Self { exe, maps, missing: deps.missing })
+    }
+}
+
+/// [`resolve`] for a command about to be exec'd by process `pid`, from its files.
+pub fn resolve_command(pid: u32, files: &CommandFiles, node_buffers: bool) -> Result<Resolved, UprobeError> {
+    if !files.missing.is_empty() {
+        debug!("libraries not found for {}: {}", files.exe, files.missing.join(", "));
+    }
+    resolve_in(pid, files.maps.clone(), Some(&files.exe), node_buffers)
+}
+
+fn resolve_in(
+    pid: u32,
+    maps: Vec<Mapping>,
+    exe: Option<&str>,
+    node_buffers: bool,
+) -> Result<Resolved, UprobeError> {
+    let modules = classify(&maps, exe);
     if node_buffers {
         let exe = modules.exe.clone().unwrap_or_default();
         let node = plan(pid, &maps, &exe, NODE_FUNCTIONS)
@@ -549,6 +603,39 @@ pub fn attach_system_cxx(ebpf: &mut Ebpf, pid: u32) -> Result<AttachedAllocator,
     let maps = vec![Mapping { start: 0, end: 0, executable: true, offset: 0, inode, path: path.clone() }];
     let cxx = plan(pid, &maps, &path, CXX_FUNCTIONS)?;
     attach_resolved(ebpf, pid, &Resolved { maps, plans: vec![cxx] }, &[])
+}
+
+/// The program that holds a `memtrace run` command at `_exit` (see `uprobe_exit`).
+const EXIT_FUNCTIONS: &[(&str, &str, bool)] = &[("_exit", "uprobe_exit", false)];
+
+/// Probes `_exit` of the command's C library (or of a static executable) for process
+/// `pid`: the command stops there until memtrace has read its memory map, so that even a
+/// program that lives a millisecond is symbolized. Returns the links to keep.
+pub fn attach_exit_hold(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    files: &CommandFiles,
+) -> Result<Vec<UProbeLink>, UprobeError> {
+    let modules = classify(&files.maps, Some(&files.exe));
+    let mut candidates = vec![files.exe.clone()];
+    candidates.extend(modules.libc.clone());
+    let plan = candidates
+        .iter()
+        .filter_map(|module| plan(pid, &files.maps, module, EXIT_FUNCTIONS).ok())
+        .find(|p| p.locations.contains_key("_exit"))
+        .ok_or_else(|| UprobeError::MissingSymbol { path: files.exe.clone(), symbol: "_exit" })?;
+    let Some((symbol, program, _)) = EXIT_FUNCTIONS.first() else { return Ok(Vec::new()) };
+    let location = plan.locations[symbol];
+    let probe: &mut UProbe = ebpf
+        .program_mut(program)
+        .ok_or(UprobeError::MissingProgram(program))?
+        .try_into()
+        .map_err(|_| UprobeError::MissingProgram(program))?;
+    let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
+    let link = attach_one(probe, &plan.path, location.probe_offset, scope)
+        .map_err(|source| UprobeError::Attach { path: plan.mapping.path.clone(), symbol, pid, source })?;
+    debug!("holding process {pid} at {}:_exit", plan.mapping.path);
+    Ok(vec![link])
 }
 
 /// Attaches the allocator probes to process `pid` (all its threads); see [`resolve`].

@@ -112,7 +112,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             need("OOM event", bytes, size_of::<OomEvent>())?;
             Ok(Event::Oom { event: bytes })
         }
-        kind::FORK | kind::EXEC | kind::EXIT | kind::JOIN | kind::LEAVE => {
+        kind::FORK | kind::EXEC | kind::EXIT | kind::JOIN | kind::LEAVE | kind::EXITING => {
             need("process event", bytes, size_of::<ProcEvent>())?;
             Ok(Event::Proc { event: read_pod(bytes) })
         }

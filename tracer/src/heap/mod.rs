@@ -150,6 +150,8 @@ pub struct HeapTracker {
     new_stacks: RingBuf<MapData>,
     /// Kernel stack id → the session's stack id.
     ids: HashMap<u64, StackId>,
+    /// The probes were set from the command's files before it ran (`memtrace run`).
+    from_files: bool,
 }
 
 /// Attaches the allocator of `pid`, waiting up to half a second for it to be mapped (right
@@ -189,13 +191,28 @@ impl HeapTracker {
     /// With `settings.wait_exec` (`memtrace run`), `pid` is the shell that will exec the
     /// command: the probes go on its C library now, armed by the exec, so that they see
     /// the command's first allocation; [`Self::after_exec`] completes them.
-    pub fn attach(ebpf: &mut Ebpf, pid: u32, settings: MallocSettings) -> Result<Self, HeapError> {
+    ///
+    /// With `files` (the command's executable and libraries, read before it runs), the
+    /// probes go on the command's own allocator from those files, filtered by pid, before
+    /// any of them is mapped: a program that lives a millisecond is followed too.
+    pub fn attach(
+        ebpf: &mut Ebpf,
+        pid: u32,
+        settings: MallocSettings,
+        files: Option<&uprobe::CommandFiles>,
+    ) -> Result<Self, HeapError> {
         let live = take(ebpf, MAP_MALLOC_LIVE)?;
         let stacks = take(ebpf, MAP_MALLOC_STACKS)?;
         let totals = take(ebpf, MAP_MALLOC_TOTALS)?;
         let counters = take(ebpf, MAP_MALLOC_COUNTERS)?;
         let new_stacks = take(ebpf, MAP_MALLOC_NEW_STACKS)?;
-        let allocator = if settings.wait_exec {
+        let from_files = files.filter(|_| settings.wait_exec).map(|files| {
+            let resolved = uprobe::resolve_command(pid, files, settings.node_buffers)?;
+            uprobe::attach_resolved(ebpf, pid, &resolved, &[])
+        });
+        let allocator = if let Some(allocator) = from_files {
+            allocator.map_err(Box::new)?
+        } else if settings.wait_exec {
             // `sched:sched_process_exec` (attached with the process lifecycle) arms them.
             if settings.node_buffers {
                 AttachedAllocator::default()
@@ -213,18 +230,39 @@ impl HeapTracker {
         } else {
             attach_when_mapped(ebpf, pid, settings.node_buffers, &[])?
         };
-        Ok(Self { allocator, settings, live, stacks, totals, counters, new_stacks, ids: HashMap::new() })
+        let from_files = files.is_some() && settings.wait_exec;
+        Ok(Self {
+            allocator,
+            settings,
+            live,
+            stacks,
+            totals,
+            counters,
+            new_stacks,
+            ids: HashMap::new(),
+            from_files,
+        })
     }
 
     /// `memtrace run`, once the command has exec'd: probes its allocator if it is not the
     /// one already probed (a statically linked command, or another C library), and learns
     /// where the probed functions now are.
     pub fn after_exec(&mut self, ebpf: &mut Ebpf, pid: u32) -> Result<(), HeapError> {
+        if self.from_files {
+            // Everything is probed already; the command may be gone by now.
+            self.allocator.refresh_addresses(pid);
+            return Ok(());
+        }
         let probed = self.allocator.probed_modules();
         let more = attach_when_mapped(ebpf, pid, self.settings.node_buffers, &probed)?;
         self.allocator.extend(more);
         self.allocator.refresh_addresses(pid);
         Ok(())
+    }
+
+    /// Learns where the probed functions are in `pid` now (it is held at its exit).
+    pub fn refresh_addresses(&mut self, pid: u32) {
+        self.allocator.refresh_addresses(pid);
     }
 
     /// The module whose allocator is followed.
@@ -289,11 +327,9 @@ impl HeapTracker {
         self.stack_aggs(&aggs, table)
     }
 
-    /// Ends the allocator view: removes the probes (the tables stop changing and the
-    /// target stops paying for them), then reads every outstanding allocation made at or
-    /// before `cutoff_ns`, grouped by stack.
+    /// Ends the allocator view: reads every outstanding allocation made at or before
+    /// `cutoff_ns`, grouped by stack.
     pub fn finish(&mut self, cutoff_ns: u64, table: &mut StackTable) -> Vec<StackAgg> {
-        self.allocator.detach();
         self.poll_new_stacks(table);
         let started = std::time::Instant::now();
         let entries: Vec<MallocLive> = self.live.iter().filter_map(Result::ok).map(|(_, v)| v).collect();

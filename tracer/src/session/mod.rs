@@ -67,6 +67,9 @@ pub struct TraceTarget {
     pub cgroup: Option<std::path::PathBuf>,
     /// For `memtrace run`: called once the programs are attached, to let the child run.
     pub release: Option<Release>,
+    /// For `memtrace run`: the command's program (its path), whose files are probed before
+    /// it runs.
+    pub program: Option<std::path::PathBuf>,
 }
 
 /// Lets a held child go on (see [`TraceTarget::release`]).
@@ -197,8 +200,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         .context("poll the ring buffer")?;
     let oom_events = readable_fd(tracer.take_oom_events().context("OOM ring buffer already taken")?)
         .context("poll the OOM ring buffer")?;
+    let files = target.program.as_deref().and_then(|program| hold_at_exit(&mut tracer, pid, program));
     let mut heap = (track & TRACK_MALLOC != 0)
-        .then(|| crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc))
+        .then(|| crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc, files.as_ref()))
         .transpose()
         .with_context(|| format!("attach the malloc probes to process {pid}"))?;
     if let Some(release) = target.release {
@@ -216,6 +220,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let mut procs = open_targets(&pids[..named], &pids[named..])?;
     if target.children {
         adopt_descendants(&mut tracer, &mut procs, &pids);
+    }
+    if launched {
+        procs.await_exec(pid);
     }
     let memcg = procfs::memcg(pid);
     let comm = procfs::comm(pid);
@@ -258,6 +265,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         decode_errors: 0,
         target_oom_killed: false,
         exit: None,
+        ended_ns: None,
         last_mem: procfs::MemStatus::default(),
         heap,
         comm,
@@ -271,6 +279,23 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     s.snapshot();
 
     Ok((s, Sources { events, oom_events, pidfd, metrics }))
+}
+
+/// `memtrace run`: reads the files the command will load and holds it at its `_exit` (see
+/// `uprobe_exit`), so that a program gone within a millisecond is still symbolized.
+fn hold_at_exit(
+    tracer: &mut Tracer,
+    pid: u32,
+    program: &std::path::Path,
+) -> Option<crate::bpf::uprobe::CommandFiles> {
+    let files = crate::bpf::uprobe::CommandFiles::of(program)
+        .map_err(|e| warn!("{e}; the command's modules are read once it runs"))
+        .ok()?;
+    match crate::bpf::uprobe::attach_exit_hold(tracer.ebpf_mut(), pid, &files) {
+        Ok(links) => tracer.keep_links(links),
+        Err(e) => warn!("{e}: a command that exits within milliseconds may have unnamed stacks"),
+    }
+    Some(files)
 }
 
 /// The targets' models and symbols, read from `/proc`: an error if one of `named` cannot be
@@ -552,12 +577,13 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
     // The last point holds the final state (RSS keeps its last reading once the target
     // is gone).
     s.snapshot();
+    // Ages end when the target did, not when memtrace got round to the report.
+    let end_ns = s.ended_ns.filter(|_| exited).unwrap_or_else(monotonic_ns);
     let heap_aggs = s.heap.as_mut().map(|heap| {
-        let cutoff = monotonic_ns().saturating_sub(crate::duration::nanos(args.min_age));
+        let cutoff = end_ns.saturating_sub(crate::duration::nanos(args.min_age));
         heap.finish(cutoff, &mut s.stacks)
     });
     s.symbolize_new();
-    let end_ns = monotonic_ns();
     let stack_failures = s.tracer.counters()[COUNTER_STACK_READ_FAILED as usize];
     if stack_failures > 0 {
         warn!("{stack_failures} stack copies failed; those allocations have partial stacks");
@@ -585,5 +611,9 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
     }
     debug!("stopped: {reason:?}");
     let _ = std::io::stderr().flush();
+    // Everything is read: the probes go (see `bpf::teardown`), without a wait.
+    let hand_off = crate::bpf::teardown::hand_off_probes();
+    drop(s);
+    drop(hand_off);
     (report, reason)
 }

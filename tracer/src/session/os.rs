@@ -154,3 +154,11 @@ async fn wait_for_loader(pid: u32) {
         last = now;
     }
 }
+
+/// Lets a process that `uprobe_exit` stopped go on (`SIGCONT`).
+pub(super) fn resume(pid: u32) {
+    // SAFETY: kill has no memory preconditions; the pid is the traced command's.
+    if unsafe { libc::kill(pid.cast_signed(), libc::SIGCONT) } != 0 {
+        log::debug!("resume process {pid}: {}", std::io::Error::last_os_error());
+    }
+}

@@ -43,6 +43,9 @@ struct Proc {
     space: u32,
     /// When its state was read from `/proc`: an exec before then is already reflected.
     read_ns: u64,
+    /// `memtrace run`: traced from before the exec of the command; what the waiting
+    /// shell's image did is not the command's, and the model starts at that exec.
+    awaiting_exec: bool,
 }
 
 /// Every traced process, in the order they appeared ([`ProcIndex`] is the position).
@@ -180,7 +183,20 @@ impl Processes {
             model,
             space,
             read_ns: now,
+            awaiting_exec: false,
         })
+    }
+
+    /// `memtrace run`: `pid` is the shell that execs the command. Its memory events until
+    /// that exec belong to the shell's image and are dropped; the model starts at the
+    /// exec, from the new image's `start_brk`. (Read from `/proc` after the exec, the
+    /// break would already include the command's first growth, and the shell's events,
+    /// which come before the exec's in the ring buffer, would land in the command's
+    /// model: a brk from the shell's heap to the command's read as hundreds of GiB.)
+    pub(super) fn await_exec(&mut self, pid: u32) {
+        if let Some(&i) = self.by_pid.get(&pid) {
+            self.procs[i].awaiting_exec = true;
+        }
     }
 
     /// The process a kernel event of `tgid` belongs to. A process the kernel traces that
@@ -235,6 +251,7 @@ impl Processes {
             model,
             space,
             read_ns: ts_ns,
+            awaiting_exec: false,
         })
     }
 
@@ -242,6 +259,25 @@ impl Processes {
     /// addresses now mean other code, so the model restarts and the symbols are read anew.
     pub(super) fn on_exec(&mut self, pid: u32, comm: String, ts_ns: u64) {
         let i = self.index_of(pid).0 as usize;
+        if self.procs[i].awaiting_exec {
+            // Symbols read before this exec are the shell's: replaced in place, since the
+            // allocator view's stacks belong to the target's first space. Nothing of the
+            // shell's image was modeled.
+            if self.procs[i].read_ns <= ts_ns {
+                let symbols =
+                    ProcessSymbols::new(pid).map_err(|e| debug!("symbols of process {pid}: {e}")).ok();
+                if let Some(space) = self.spaces.get_mut(self.procs[i].space as usize) {
+                    space.symbols = symbols;
+                }
+            }
+            let p = &mut self.procs[i];
+            p.awaiting_exec = false;
+            p.model = LiveModel::new();
+            if let Some(brk) = start_brk(pid) {
+                p.model.set_initial_brk(brk);
+            }
+            return;
+        }
         if self.procs[i].read_ns > ts_ns {
             // Read from /proc after this exec: already the new image.
             return;
@@ -373,6 +409,17 @@ impl Processes {
         }
     }
 
+    /// Re-reads the memory map of `pid` now, whatever the rate limit (it is about to end).
+    pub(super) fn refresh_symbols(&mut self, pid: u32) {
+        let Some(&i) = self.by_pid.get(&pid) else { return };
+        let space = self.procs[i].space;
+        if let Some(symbols) = self.spaces.get_mut(space as usize).and_then(|s| s.symbols.as_mut())
+            && let Err(e) = symbols.refresh_maps()
+        {
+            debug!("re-read the memory map of process {pid}: {e}");
+        }
+    }
+
     /// Reads what the processes' perf maps gained (JIT code).
     pub(super) fn refresh_perf_maps(&mut self) {
         let live: Vec<u32> = self.by_pid.values().map(|&i| self.procs[i].space).collect();
@@ -384,7 +431,7 @@ impl Processes {
     }
 
     pub(super) fn apply(&mut self, proc: ProcIndex, op: MemOp, stack: StackId, ts_ns: u64) {
-        if let Some(p) = self.procs.get_mut(proc.0 as usize) {
+        if let Some(p) = self.procs.get_mut(proc.0 as usize).filter(|p| !p.awaiting_exec) {
             p.model.apply(op, stack, ts_ns);
         }
     }
@@ -513,6 +560,7 @@ mod tests {
             model: LiveModel::new(),
             space,
             read_ns: 0,
+            awaiting_exec: false,
         })
     }
 
@@ -574,6 +622,29 @@ mod tests {
         map(&mut procs, 5_000_000, 0x1000_0000, MIB, 1, 110);
         procs.on_exec(5_000_000, "again".into(), 90);
         assert_eq!(procs.outstanding_bytes(), MIB);
+    }
+
+    /// `memtrace run`: the waiting shell's events before the exec are not the command's,
+    /// and the command's break is counted from its image's start (the bug: "allocated
+    /// 205.2 GiB, freed 205.2 GiB" for a 132 KiB heap, or no heap at all).
+    #[test]
+    fn run_models_the_command_from_its_exec() {
+        let mut procs = Processes::new();
+        let me = std::process::id();
+        let p = procs.add_running(me, None, None);
+        procs.await_exec(me);
+        // The shell's heap, far above the command's, grows and is mapped into.
+        procs.apply(p, MemOp::Brk { new_brk: 0x7000_0000_0000 }, StackId(1), 1);
+        map(&mut procs, me, 0x7100_0000_0000, MIB, 1, 2);
+        assert_eq!(procs.totals().allocated_bytes, 0, "the shell's image is not traced");
+        procs.on_exec(me, "cmd".into(), 3);
+        let start = start_brk(me).expect("start_brk of this process");
+        procs.apply(p, MemOp::Brk { new_brk: start + 132 * 1024 }, StackId(2), 4);
+        let totals = procs.totals();
+        assert_eq!(totals.allocated_bytes, 132 * 1024, "{totals:?}");
+        assert_eq!(totals.freed_bytes, 0, "{totals:?}");
+        let heap: Vec<_> = procs.by_stack().iter().map(|a| (a.stack, a.bytes)).collect();
+        assert_eq!(heap, vec![(StackId(2), 132 * 1024)], "the whole heap, from its start");
     }
 
     /// A kernel record's first bytes: its kind and tgid.

@@ -46,6 +46,8 @@ pub(super) struct Session {
     pub(super) target_oom_killed: bool,
     /// How the target ended, if it did while traced.
     pub(super) exit: Option<crate::report::Exit>,
+    /// When the (first) target ended (or called `_exit`): the report's ages end there.
+    pub(super) ended_ns: Option<u64>,
     pub(super) last_mem: procfs::MemStatus,
     pub(super) heap: Option<crate::heap::HeapTracker>,
     pub(super) comm: String,
@@ -181,6 +183,7 @@ impl Session {
                 self.procs.on_fork(tgid, event.parent_tgid, comm, ts_ns);
                 log::info!("following process {tgid}, forked by {}", event.parent_tgid);
             }
+            tracer_common::kind::EXITING => self.held_at_exit(tgid, ts_ns, event.parent_tgid),
             tracer_common::kind::EXEC => {
                 // Stacks of the old image are named with its symbols before they go.
                 self.symbolize_new();
@@ -200,9 +203,50 @@ impl Session {
             }
             _ => {
                 self.symbolize_new();
+                if tgid == self.pid {
+                    self.ended_ns.get_or_insert(ts_ns);
+                }
                 self.procs.on_exit(tgid, ts_ns);
                 self.all_exited = self.procs.live() == 0 && self.cgroup.is_none();
             }
+        }
+    }
+
+    /// `memtrace run`'s command called `_exit` and is stopped there (see `uprobe_exit`):
+    /// everything it allocated is in the tables and its memory map is still readable, so
+    /// its stacks are named now; then it may go on and end.
+    fn held_at_exit(&mut self, tgid: u32, ts_ns: u64, status: u32) {
+        log::debug!("process {tgid} called _exit({status}); reading its modules before it ends");
+        if tgid == self.pid {
+            self.ended_ns.get_or_insert(ts_ns);
+        }
+        self.procs.refresh_symbols(tgid);
+        if let Some(heap) = self.heap.as_mut() {
+            heap.refresh_addresses(tgid);
+            heap.poll_new_stacks(&mut self.stacks);
+        }
+        self.symbolize_new();
+        self.resymbolize_unknown();
+        super::os::resume(tgid);
+    }
+
+    /// Names again the stacks that have unknown frames: they were symbolized while the
+    /// modules were still being mapped (right after the exec), and the memory map is
+    /// complete now.
+    fn resymbolize_unknown(&mut self) {
+        let stale: Vec<StackId> = self
+            .frames
+            .iter()
+            .filter(|(_, frames)| frames.iter().any(|f| f.kind == crate::report::FrameKind::Unknown))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            if self.stacks.frames(id).is_some() {
+                continue;
+            }
+            let addrs = self.stacks.get(id).to_vec();
+            let frames = self.procs.symbolize(self.stacks.space(id), &addrs);
+            self.frames.insert(id, frames);
         }
     }
 

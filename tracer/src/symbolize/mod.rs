@@ -188,7 +188,9 @@ impl ProcessSymbols {
 
     /// Symbolizes addresses as returned by [`Self::unwind`]: index 0 is an exact ip, the others
     /// are return addresses (looked up at `addr - 1`). Returns, per address, its frames
-    /// innermost first (inlined functions expanded); never an empty `Vec`.
+    /// innermost first (inlined functions expanded). A return address outside every
+    /// executable mapping and the perf map is not code (a frame-pointer walk through a
+    /// function that uses `rbp` for data) and gets no frame: an empty `Vec`.
     pub fn symbolize(&mut self, addrs: &[u64]) -> Vec<Vec<Frame>> {
         let generation = self.perf_map.map().generation();
         let mut out: Vec<Option<Vec<Frame>>> = addrs
@@ -237,9 +239,12 @@ impl ProcessSymbols {
         for (module, items) in by_module {
             let offsets: Vec<u64> = items.iter().map(|&(_, offset)| offset).collect();
             let results = self.symbolize_native(module, &offsets);
-            for ((i, _), frames) in items.into_iter().zip(results) {
-                let frames =
-                    frames.unwrap_or_else(|| vec![unknown_frame(addrs[i], &self.modules[module].name)]);
+            for ((i, offset), frames) in items.into_iter().zip(results) {
+                let frames = frames.unwrap_or_else(|| {
+                    // The address's own offset (a return address is looked up at addr - 1).
+                    let offset = offset + (addrs[i] - lookup(i, addrs[i]));
+                    vec![unknown_in_module(&self.modules[module].name, offset)]
+                });
                 self.remember((addrs[i], i > 0), frames.clone(), None);
                 out[i] = Some(frames);
             }
@@ -257,11 +262,15 @@ impl ProcessSymbols {
                 self.remember((addrs[i], i > 0), frames.clone(), Some(generation));
                 out[i] = Some(frames);
             } else {
-                let module = match self.region_at(addr) {
-                    Some(Region { kind: RegionKind::Anon { name }, .. }) => name.as_str(),
-                    _ => "",
-                };
-                out[i] = Some(vec![unknown_frame(addrs[i], module)]);
+                out[i] = Some(match self.region_at(addr) {
+                    Some(Region { kind: RegionKind::Anon { name }, .. }) => {
+                        vec![unknown_frame(addrs[i], name)]
+                    }
+                    // The exact ip of the event is kept whatever it is; a return address
+                    // that points at no code is not a frame.
+                    _ if i == 0 => vec![unknown_frame(addrs[i], "")],
+                    _ => Vec::new(),
+                });
             }
         }
         out.into_iter().flatten().collect()
@@ -406,6 +415,19 @@ pub(crate) fn io_error(path: PathBuf, source: std::io::Error) -> SymbolizeError 
 
 fn read_start_time(pid: u32) -> Option<u64> {
     maps::parse_start_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// A frame in a module that has no symbol for it: `libfoo.so+0x1234` (the file offset),
+/// which `addr2line -e` or `objdump --start-address` can take.
+fn unknown_in_module(module: &str, file_offset: u64) -> Frame {
+    let name = module.strip_suffix(" (deleted)").unwrap_or(module);
+    let name = name.rsplit('/').next().unwrap_or(name);
+    Frame {
+        function: format!("{name}+{file_offset:#x}"),
+        module: module.to_string(),
+        kind: FrameKind::Unknown,
+        ..Frame::default()
+    }
 }
 
 fn unknown_frame(addr: u64, module: &str) -> Frame {

@@ -111,7 +111,7 @@ fn symbolizes_own_function() {
 }
 
 #[test]
-fn unknown_addresses_get_a_frame() {
+fn unknown_ips_get_a_frame_and_return_addresses_that_are_not_code_none() {
     let mut symbols = own_symbols();
     let frames = symbols.symbolize(&[0x10, 0x20]);
     assert_eq!(frames.len(), 2);
@@ -119,8 +119,16 @@ fn unknown_addresses_get_a_frame() {
         frames[0],
         vec![Frame { function: "0x10".into(), kind: FrameKind::Unknown, ..Frame::default() }]
     );
-    assert_eq!(frames[1][0].function, "0x20");
+    assert!(frames[1].is_empty(), "0x20 is in no executable mapping: not a frame, {:?}", frames[1]);
     assert!(symbols.symbolize(&[]).is_empty());
+}
+
+#[test]
+fn frames_without_a_symbol_are_named_by_module_and_offset() {
+    let frame = super::unknown_in_module("/usr/lib/libfoo.so.1 (deleted)", 0x1234);
+    assert_eq!(frame.function, "libfoo.so.1+0x1234");
+    assert_eq!(frame.module, "/usr/lib/libfoo.so.1 (deleted)");
+    assert_eq!(frame.kind, FrameKind::Unknown);
 }
 
 #[test]
