@@ -13,6 +13,8 @@ pub mod cli;
 pub mod duration;
 pub mod events;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heap;
 pub mod jsheap;
 pub mod launch;

@@ -1,11 +1,13 @@
-//! memtrace's development tasks: `cargo xtask setup | test | demo | bench overhead`.
+//! memtrace's development tasks: `cargo xtask setup | test | demo | bench overhead | bench soak`.
 
 mod bench;
 mod bench_malloc;
 mod demo;
+mod fuzz;
 mod proc;
 mod service;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -23,7 +25,8 @@ struct Cli {
 enum Command {
     /// Install what a fresh machine lacks (idempotent; run as root).
     Setup,
-    /// Build, run the unit tests, then the integration tests (those need root).
+    /// Build, run the unit tests, fuzz each parser briefly, then the integration tests
+    /// (those need root).
     Test(test::Args),
     /// Trace the bundled leaky Express service under load and print memtrace's report.
     Demo(demo::Args),
@@ -38,6 +41,9 @@ enum Bench {
     Overhead(bench::Args),
     /// ns per malloc+free pair, untraced and under each `--track malloc` mode.
     Malloc(bench_malloc::Args),
+    /// memtrace attached to the example service under wrk for a long run: its CPU and RSS
+    /// sampled over time.
+    Soak(soak::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +54,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(Bench::Overhead(args)) => bench::run(&args),
         Command::Bench(Bench::Malloc(args)) => bench_malloc::run(&args),
+        Command::Bench(Bench::Soak(args)) => soak::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

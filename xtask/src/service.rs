@@ -68,6 +68,11 @@ impl Service {
     /// Starts `examples/leaky-service` on a free port, as people run it: with no flag
     /// (memtrace names its JS frames from V8's heap). `work_dir` is its working directory.
     pub fn start(work_dir: &Path) -> Result<Self> {
+        Self::start_with_env(work_dir, &[])
+    }
+
+    /// As [`Service::start`], with more environment variables (e.g. `LEAK_CAP_MB`).
+    pub fn start_with_env(work_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let dir = example_dir();
         if !dir.join("node_modules").is_dir() {
             bail!("{}/node_modules is missing: run `cargo xtask setup`", dir.display());
@@ -76,6 +81,7 @@ impl Service {
         cmd.arg(dir.join("server.js"))
             .env("PORT", "0")
             .env("HOST", HOST)
+            .envs(env.iter().copied())
             .current_dir(work_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -153,24 +159,16 @@ pub struct WrkResult {
 
 /// Runs wrk with the example's traffic mix (`load.lua`) against `url`.
 pub fn wrk(url: &str, load: &Load) -> Result<WrkResult> {
-    let script = example_dir().join("load.lua");
-    let mut cmd = Command::new("wrk");
-    cmd.arg(format!("-t{}", load.threads))
-        .arg(format!("-c{}", load.connections))
-        .arg(format!("-d{}s", load.duration_s))
-        .arg("-s")
-        .arg(&script)
-        .arg(url);
-    let out = cmd.stdin(Stdio::null()).output().context("run wrk (install it with `cargo xtask setup`)")?;
+    let out = wrk_command(url, load)
+        .stdin(Stdio::null())
+        .output()
+        .context("run wrk (install it with `cargo xtask setup`)")?;
     let output = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         bail!("wrk failed ({}):\n{output}{}", out.status, String::from_utf8_lossy(&out.stderr));
     }
-    let requests_per_s = output
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("Requests/sec:"))
-        .and_then(|value| value.trim().parse().ok())
-        .with_context(|| format!("no `Requests/sec:` in wrk's output:\n{output}"))?;
+    let requests_per_s =
+        parse_rps(&output).with_context(|| format!("no `Requests/sec:` in wrk's output:\n{output}"))?;
     for line in output.lines() {
         let line = line.trim();
         if line.starts_with("Socket errors") || line.starts_with("Non-2xx") {
@@ -178,6 +176,26 @@ pub fn wrk(url: &str, load: &Load) -> Result<WrkResult> {
         }
     }
     Ok(WrkResult { requests_per_s, output })
+}
+
+/// The wrk command line for the example's traffic mix (`load.lua`) against `url`.
+pub fn wrk_command(url: &str, load: &Load) -> Command {
+    let mut cmd = Command::new("wrk");
+    cmd.arg(format!("-t{}", load.threads))
+        .arg(format!("-c{}", load.connections))
+        .arg(format!("-d{}s", load.duration_s))
+        .arg("-s")
+        .arg(example_dir().join("load.lua"))
+        .arg(url);
+    cmd
+}
+
+/// `Requests/sec:` of wrk's output.
+pub fn parse_rps(output: &str) -> Option<f64> {
+    output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// A running `memtrace attach`, its status lines echoed to stderr.

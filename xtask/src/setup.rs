@@ -33,6 +33,7 @@ const TRACEFS: &str = "/sys/kernel/tracing";
 pub fn run() -> Result<()> {
     apt_packages()?;
     nightly()?;
+    cargo_fuzz()?;
     bpf_linker()?;
     tracefs()?;
     example_deps()?;
@@ -106,6 +107,30 @@ fn nightly() -> Result<()> {
     }
     proc::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
         .context("add rust-src to the nightly toolchain")
+}
+
+/// The cargo-fuzz release `cargo xtask test` fuzzes with (pinned, like bpf-linker).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// `cargo +nightly`, through rustup's proxy (`$CARGO` is the stable toolchain's cargo).
+pub fn cargo_nightly() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.arg("+nightly").env_remove("CARGO").env_remove("RUSTUP_TOOLCHAIN");
+    cmd
+}
+
+fn cargo_fuzz() -> Result<()> {
+    step("setup: cargo-fuzz (fuzzes the parsers, with nightly)");
+    if let Some(version) = proc::output(cargo_nightly().args(["fuzz", "--version"])) {
+        note(&format!("present: {}", version.trim()));
+        return Ok(());
+    }
+    proc::run(proc::cargo().args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))
+        .context("cargo install cargo-fuzz")?;
+    if !proc::succeeds(cargo_nightly().args(["fuzz", "--version"])) {
+        bail!("cargo-fuzz was installed but `cargo +nightly fuzz` does not run: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
 }
 
 fn bpf_linker() -> Result<()> {

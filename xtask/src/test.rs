@@ -1,10 +1,11 @@
-//! `cargo xtask test`: build, unit tests, integration tests.
+//! `cargo xtask test`: build, unit tests, a short fuzz run of each parser, integration tests.
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::proc::{self, step};
 
 #[derive(clap::Args)]
+#[allow(clippy::struct_excessive_bools, reason = "each is one command-line flag")]
 pub struct Args {
     /// Run only the unit tests (no root needed).
     #[arg(long, conflicts_with = "integration_only")]
@@ -12,12 +13,24 @@ pub struct Args {
     /// Run only the integration tests.
     #[arg(long)]
     integration_only: bool,
+    /// Skip the short fuzz run (each target of tracer/fuzz for `--fuzz-seconds`).
+    #[arg(long, conflicts_with = "fuzz_only")]
+    no_fuzz: bool,
+    /// Run only the short fuzz run.
+    #[arg(long, conflicts_with_all = ["unit_only", "integration_only"])]
+    fuzz_only: bool,
+    /// Seconds each fuzz target runs.
+    #[arg(long, default_value_t = 10)]
+    fuzz_seconds: u32,
     /// Passed to the integration test harness, e.g. a test name or `--nocapture`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "HARNESS_ARGS")]
     passthrough: Vec<String>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if args.fuzz_only {
+        return crate::fuzz::run(args.fuzz_seconds);
+    }
     // The default members: everything but tracer-ebpf, which cannot build for the host;
     // tracer's build.rs compiles it for bpfel-unknown-none.
     step("test: build the workspace (tracer's build.rs builds the eBPF object)");
@@ -39,6 +52,12 @@ pub fn run(args: &Args) -> Result<()> {
         if let Err(err) = unit {
             eprintln!("xtask: {err:#}");
             failed.push("unit tests");
+        }
+        if !args.no_fuzz
+            && let Err(err) = crate::fuzz::run(args.fuzz_seconds)
+        {
+            eprintln!("xtask: {err:#}");
+            failed.push("fuzzing");
         }
     }
 

@@ -106,7 +106,14 @@ impl OomFormat {
         let get = |n: &'static str| fields.get(n).copied().ok_or(FormatError::MissingField(n));
         // The fixed part ends at the last field, padded to the record's 8-byte
         // alignment; `__data_loc` payloads follow it.
-        let fixed_end = fields.values().map(|f| f.offset + f.size).max().unwrap_or(0).next_multiple_of(8);
+        // Saturating: the text is the kernel's, but a nonsense offset must not panic.
+        let fixed_end = fields
+            .values()
+            .map(|f| f.offset.saturating_add(f.size))
+            .max()
+            .unwrap_or(0)
+            .min(OOM_RECORD_MAX)
+            .next_multiple_of(8);
         let strings = fields.values().filter(|f| f.data_loc).count() * DATA_LOC_MAX;
         let record_len = (fixed_end + strings).min(OOM_RECORD_MAX);
         Ok(Self {
@@ -136,7 +143,7 @@ impl OomFormat {
         let len = (event.record_len as usize).min(OOM_RECORD_MAX);
         let record = &event.record[..len];
         let int = |f: Field| -> i64 {
-            let Some(b) = record.get(f.offset..f.offset + f.size) else {
+            let Some(b) = record.get(f.offset..f.offset.saturating_add(f.size)) else {
                 return 0;
             };
             match f.size {
@@ -147,8 +154,12 @@ impl OomFormat {
                 _ => 0,
             }
         };
+        // Sizes other than 1, 2, 4 and 8 read as 0 (`int`); only the narrow ones are masked.
         let unsigned = |f: Field| -> u64 {
-            if f.size == 8 { int(f) as u64 } else { (int(f) as u64) & ((1u64 << (f.size * 8)) - 1) }
+            match f.size {
+                1 | 2 | 4 => (int(f) as u64) & ((1u64 << (f.size * 8)) - 1),
+                _ => int(f) as u64,
+            }
         };
         let kib = |f: Field| unsigned(f).saturating_mul(1024);
         let comm = if self.comm.data_loc {
@@ -157,7 +168,10 @@ impl OomFormat {
             let (off, n) = ((loc & 0xffff) as usize, (loc >> 16) as usize);
             record.get(off..off + n).map(c_string).unwrap_or_default()
         } else {
-            record.get(self.comm.offset..self.comm.offset + self.comm.size).map(c_string).unwrap_or_default()
+            record
+                .get(self.comm.offset..self.comm.offset.saturating_add(self.comm.size))
+                .map(c_string)
+                .unwrap_or_default()
         };
         Ok(OomRecord {
             ts_ns: event.header.ts_ns,
@@ -272,6 +286,33 @@ format:
             core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())
         };
         assert_eq!(format.decode(bytes).expect("decodes").comm, "");
+    }
+
+    /// Found by `cargo fuzz run oom_format`: a field of 9 bytes shifted a u64 by 72 bits
+    /// (a panic in debug builds); an offset near `usize::MAX` overflowed the same way.
+    #[test]
+    fn odd_field_sizes_and_offsets_read_as_zero() {
+        let odd = FORMAT
+            .replace("anon_rss;\toffset:24;\tsize:8", "anon_rss;\toffset:24;\tsize:9")
+            .replace("pgtables;\toffset:56;\tsize:8", &format!("pgtables;\toffset:{};\tsize:8", usize::MAX));
+        assert_ne!(odd, FORMAT, "the format was changed");
+        let format = OomFormat::parse(&odd).expect("format parses");
+        assert!(format.record_len() as usize <= OOM_RECORD_MAX);
+        let event = OomEvent {
+            header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 1, tid: 1, has_stack: 0, ts_ns: 1 },
+            record_len: OOM_RECORD_MAX as u32,
+            _pad: 0,
+            current_comm: [0; 16],
+            record: [0xff; OOM_RECORD_MAX],
+        };
+        // SAFETY: test-only byte view of a POD struct.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())
+        };
+        let rec = format.decode(bytes).expect("decodes");
+        assert_eq!(rec.anon_rss_bytes, 0, "a 9-byte field is not a number");
+        assert_eq!(rec.pgtables_bytes, Some(0), "a field past the record reads as 0");
+        assert_eq!(rec.pid, u32::MAX, "the other fields still decode");
     }
 
     #[test]

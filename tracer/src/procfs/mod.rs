@@ -35,7 +35,7 @@ pub fn parse_status(text: &str) -> Status {
         };
         let mut words = value.split_whitespace();
         let num: u64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
-        let bytes = if words.next() == Some("kB") { num * 1024 } else { num };
+        let bytes = if words.next() == Some("kB") { num.saturating_mul(1024) } else { num };
         match key {
             "Tgid" => s.tgid = num as u32,
             "VmRSS" => s.mem.rss = bytes,
@@ -222,6 +222,13 @@ mod tests {
                 rss_shmem: 24 * 1024
             }
         );
+    }
+
+    /// Found by `cargo fuzz run proc_status`: a kB count past `u64::MAX / 1024` overflowed.
+    #[test]
+    fn huge_kb_counts_saturate() {
+        let s = parse_status("VmRSS:\t18446744073709551 kB\n");
+        assert_eq!(s.mem.rss, u64::MAX);
     }
 
     #[test]

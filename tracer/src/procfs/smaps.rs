@@ -39,14 +39,15 @@ pub fn parse_smaps(text: &str, node: bool) -> MemoryParts {
         } else if let Some(rest) = line.strip_prefix("Rss:") {
             let kb: u64 = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
             if let Some(m) = maps.last_mut() {
-                m.rss = kb * 1024;
+                m.rss = kb.saturating_mul(1024);
             }
         }
     }
     for (i, m) in maps.iter().enumerate() {
         let prev = i.checked_sub(1).and_then(|p| maps.get(p));
         let part = classify(m, prev, node);
-        *part_of(&mut parts, part) += m.rss;
+        let bytes = part_of(&mut parts, part);
+        *bytes = bytes.saturating_add(m.rss);
     }
     parts
 }
@@ -106,6 +107,10 @@ fn header(line: &str) -> Option<Mapping<'_>> {
     let (start, end) = range.split_once('-')?;
     let start = u64::from_str_radix(start, 16).ok()?;
     let end = u64::from_str_radix(end, 16).ok()?;
+    // The kernel never writes an end below the start; such a line is not a mapping.
+    if end < start {
+        return None;
+    }
     let perms = words.next()?;
     if perms.len() != 4 {
         return None;
@@ -178,5 +183,16 @@ Rss:                   8 kB
         let not_node = parse_smaps(SMAPS, false);
         assert_eq!(not_node.v8_heap_bytes, 0);
         assert_eq!(not_node.anon_mapping_bytes, (1028 + 1024) << 10);
+    }
+
+    /// Found by `cargo fuzz run smaps`: a range ending below its start underflowed the
+    /// mapping's length; huge `Rss` values overflowed.
+    #[test]
+    fn nonsense_ranges_and_sizes() {
+        let text = "7f0000001000-7f0000000000 rw-p 00000000 00:00 0\nRss: 4 kB\n\
+                    7f1000001000-7f1000002000 rw-p 00000000 00:00 0\nRss: 18446744073709551 kB\n\
+                    7f2000001000-7f2000002000 rw-p 00000000 00:00 0\nRss: 18446744073709551 kB\n";
+        let p = parse_smaps(text, true);
+        assert_eq!(p.anon_mapping_bytes, u64::MAX, "saturated, and the backwards range skipped");
     }
 }

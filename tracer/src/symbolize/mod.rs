@@ -11,11 +11,11 @@ mod module;
 mod native;
 #[cfg(test)]
 mod node_test;
-mod perfmap;
+pub(crate) mod perfmap;
 #[cfg(test)]
 mod tests;
 mod unwind;
-mod v8;
+pub(crate) mod v8;
 
 use std::collections::HashMap;
 use std::io::ErrorKind;

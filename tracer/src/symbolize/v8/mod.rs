@@ -9,15 +9,15 @@
 
 mod cache;
 mod code;
-mod constants;
+pub(crate) mod constants;
 mod elf;
 mod frames;
-mod heap;
+pub(crate) mod heap;
 mod maps;
-mod positions;
-mod remote;
-mod scopeinfo;
-mod strings;
+pub(crate) mod positions;
+pub(crate) mod remote;
+pub(crate) mod scopeinfo;
+pub(crate) mod strings;
 
 use std::fs::File;
 use std::ops::Range;

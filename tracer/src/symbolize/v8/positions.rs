@@ -59,8 +59,10 @@ pub(crate) fn decode_table(bytes: &[u8]) -> Option<Vec<PositionEntry>> {
     let mut at = 0;
     while at < bytes.len() {
         let code_delta = read_vlq(bytes, &mut at)?;
-        code_offset += if code_delta >= 0 { code_delta } else { -(code_delta + 1) };
-        position += read_vlq(bytes, &mut at)?;
+        // Offsets past i64 are no table V8 writes: the bytes are not one.
+        code_offset =
+            code_offset.checked_add(if code_delta >= 0 { code_delta } else { -(code_delta + 1) })?;
+        position = position.checked_add(read_vlq(bytes, &mut at)?)?;
         entries.push(PositionEntry { code_offset, position });
     }
     Some(entries)
@@ -182,6 +184,12 @@ mod tests {
         assert_eq!(decode_table(&[0x80]), None, "a VLQ cut short");
         assert_eq!(decode_table(&[0x02]), None, "a code delta without its position");
         assert_eq!(decode_table(&[0xff; 12]), None, "more than 64 bits");
+        // Found by `cargo fuzz run v8_positions`: deltas that add past i64::MAX.
+        let overflowing = [
+            0x0d, 0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x61, 0x64, 0x0d, 0xff, 0xff,
+            0xff, 0x0a,
+        ];
+        assert_eq!(decode_table(&overflowing), None, "offsets past i64");
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! ingested, and everything read is checked (instance types, cross-references) before a
 //! name is believed.
 
-#[cfg(test)]
 use std::collections::BTreeMap;
 
 /// Reads another address space.
@@ -93,20 +92,19 @@ impl Memory for ProcessMemory {
     }
 }
 
-/// An address space made of byte ranges: captured heap objects, in tests.
-#[cfg(test)]
+/// An address space made of byte ranges: captured heap objects, in tests and fuzzing.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FakeMemory {
     regions: BTreeMap<u64, Vec<u8>>,
 }
 
-#[cfg(test)]
 impl FakeMemory {
     pub fn insert(&mut self, addr: u64, bytes: Vec<u8>) {
         self.regions.insert(addr, bytes);
     }
 
     /// Parses `ADDR HEX` lines (`#` starts a comment), as the testdata captures are written.
+    #[cfg(test)]
     pub fn parse(text: &str) -> Self {
         let mut memory = Self::default();
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
@@ -129,7 +127,6 @@ impl FakeMemory {
     }
 }
 
-#[cfg(test)]
 impl Memory for FakeMemory {
     fn read_many(&mut self, requests: &[(u64, usize)]) -> Vec<Option<Vec<u8>>> {
         requests.iter().map(|&(addr, len)| self.read_one(addr, len)).collect()
