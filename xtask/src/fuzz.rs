@@ -37,9 +37,9 @@ fn cargo_fuzz(subcommand: &str) -> Command {
 pub fn run(seconds: u32) -> Result<()> {
     let started = Instant::now();
     step("test: build the fuzz targets (cargo +nightly fuzz build --dev --sanitizer none)");
-    proc::run(cargo_fuzz("build")).context("cargo +nightly fuzz build (run `cargo xtask setup`)")?;
+    proc::run(&mut cargo_fuzz("build")).context("cargo +nightly fuzz build (run `cargo xtask setup`)")?;
     let built = started.elapsed().as_secs_f64();
-    let list = proc::output(cargo_fuzz("list")).context("cargo +nightly fuzz list")?;
+    let list = proc::output(&mut cargo_fuzz("list")).context("cargo +nightly fuzz list")?;
     let targets: Vec<&str> = list.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     if targets.is_empty() {
         bail!("cargo fuzz list names no targets in {}/fuzz", tracer_dir().display());
