@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["unit_only", "integration_only"])]
     fuzz_only: bool,
     /// Seconds each fuzz target runs.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     fuzz_seconds: u32,
     /// Passed to the integration test harness, e.g. a test name or `--nocapture`.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "HARNESS_ARGS")]
