@@ -35,13 +35,16 @@ pub fn write_text<W: Write>(report: &Report, top: usize, mut out: W) -> Result<(
     Ok(())
 }
 
-/// `rememberOrder (server.js:30)`, and ` ← caller` when the report has that culprit under
-/// more than one caller.
+/// `rememberOrder (server.js:30)`, and ` ← caller` when the report has that culprit as
+/// more than one suspect (under more than one caller). The stacks that extended a segment
+/// are not suspects: a culprit seen there too keeps its plain name.
 fn culprit_name(report: &Report, leak: &Leak) -> String {
     let name = culprit_only(leak);
     let Some(caller) = &leak.caller else { return name };
     let same = report
-        .all_suspects()
+        .leaks
+        .iter()
+        .chain(&report.other_suspects)
         .filter(|l| l.culprit.function == leak.culprit.function && l.culprit.file == leak.culprit.file)
         .count();
     if same > 1 { format!("{name} ← {}", caller.function) } else { name }
@@ -491,6 +494,35 @@ mod tests {
         let mut out = Vec::new();
         write_text(report, top, &mut out).expect("render text report");
         String::from_utf8(out).expect("text report is UTF-8")
+    }
+
+    #[test]
+    fn the_caller_is_named_only_for_a_culprit_that_is_several_suspects() {
+        let mut report = sample_report();
+        let mut leak = report.leaks[0].clone();
+        leak.caller = Some(crate::export::fixture::frame(
+            "placeOrder",
+            "",
+            "/srv/server.js",
+            46,
+            crate::report::FrameKind::Js,
+        ));
+        report.leaks[0] = leak.clone();
+        // The same culprit among the stacks that extended a segment: still one suspect.
+        report.segments.first_mut().expect("the sample report has a segment").extended_by.push(leak.clone());
+        report.other_suspects.retain(|l| l.culprit.function != leak.culprit.function);
+        assert_eq!(culprit_name(&report, &leak), culprit_only(&leak));
+        // Under a second caller it is two suspects: each says which caller.
+        let mut other = leak.clone();
+        other.caller = Some(crate::export::fixture::frame(
+            "refund",
+            "",
+            "/srv/server.js",
+            80,
+            crate::report::FrameKind::Js,
+        ));
+        report.other_suspects.push(other);
+        assert_eq!(culprit_name(&report, &leak), format!("{} ← placeOrder", culprit_only(&leak)));
     }
 
     #[test]
