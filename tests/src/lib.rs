@@ -289,14 +289,28 @@ impl MemoryCgroup {
         } else {
             return None;
         };
-        let dir = parent.join(format!("memtrace-test-{name}-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+        let cgroup = Self::under(&parent, name);
+        let dir = &cgroup.dir;
         fs::write(dir.join(limit_file), limit.to_string())
             .unwrap_or_else(|e| panic!("set {limit_file} in {}: {e}", dir.display()));
         // No swap: the limit is reached by resident memory, fast and deterministically.
         let _ = fs::write(dir.join("memory.swappiness"), "0");
         let _ = fs::write(dir.join("memory.swap.max"), "0");
-        Some(Self { dir })
+        Some(cgroup)
+    }
+
+    /// A cgroup for one test under `root` (any hierarchy), with no limit set.
+    #[must_use]
+    pub fn under(root: &Path, name: &str) -> Self {
+        let dir = root.join(format!("memtrace-test-{name}-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+        Self { dir }
+    }
+
+    /// Its directory.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.dir
     }
 
     pub fn add(&self, pid: u32) {

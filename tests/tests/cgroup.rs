@@ -4,7 +4,6 @@
 //! hierarchy and on cgroup v2.
 
 use std::{
-    fs,
     io::{Read as _, Write as _},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
@@ -12,37 +11,9 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{MIB, Memtrace, Report, StartGate, TestProcess, build_c_fixture, require_root};
-
-/// A cgroup made for one test under `root`; removed on drop (after its processes ended).
-struct TestCgroup {
-    dir: PathBuf,
-}
-
-impl TestCgroup {
-    fn new(root: &Path, name: &str) -> Self {
-        let dir = root.join(format!("memtrace-test-{name}-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
-        Self { dir }
-    }
-
-    fn add(&self, pid: u32) {
-        fs::write(self.dir.join("cgroup.procs"), pid.to_string())
-            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", self.dir.display()));
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("could not remove cgroup {}", self.dir.display());
-    }
-}
+use integration_tests::{
+    MIB, MemoryCgroup, Memtrace, Report, StartGate, TestProcess, build_c_fixture, require_root,
+};
 
 /// The v1 memory hierarchy, or where cgroup v2 is mounted (`unified` on hybrid systems).
 fn cgroup_root(v2: bool) -> Option<PathBuf> {
@@ -120,7 +91,7 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
     let dir = tempfile::tempdir().expect("create temp dir");
     let bin = build_c_fixture("tree_leak", dir.path());
     let gate = StartGate::new(dir.path());
-    let cgroup = TestCgroup::new(&root, if v2 { "cgroup-v2" } else { "cgroup-v1" });
+    let cgroup = MemoryCgroup::under(&root, if v2 { "cgroup-v2" } else { "cgroup-v1" });
     let mut member = leaker(&bin, "a", 20, &gate);
     cgroup.add(member.pid());
     let mut joiner = leaker(&bin, "b", 12, &gate);
@@ -136,7 +107,7 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
         "--metrics".as_ref(),
         metrics.as_ref(),
         "--cgroup".as_ref(),
-        cgroup.dir.as_os_str(),
+        cgroup.path().as_os_str(),
         "--duration".as_ref(),
         "6s".as_ref(),
         "--json".as_ref(),
@@ -171,7 +142,7 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
     check_report(
         &Report::read(&json),
         [member.pid(), joiner.pid(), outsider.pid()],
-        &cgroup.dir,
+        cgroup.path(),
         &out.combined(),
     );
     drop((member, joiner, outsider));
