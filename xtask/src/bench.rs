@@ -20,7 +20,6 @@ use serde_json::Value;
 use crate::{
     proc::{self, note, step},
     service::{self, Load, Service, Tracer},
-    setup,
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -81,13 +80,7 @@ pub fn run(args: &Args) -> Result<()> {
     if args.runs == 0 || args.duration == 0 {
         bail!("--runs and --duration must be at least 1");
     }
-    service::require_root("the overhead benchmark")?;
-    if !args.no_setup {
-        setup::run()?;
-    }
-    let bin = service::build_memtrace()?;
-    let out = service::out_dir()?.join("bench");
-    fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let (bin, out) = service::prepare("the overhead benchmark", args.no_setup, "bench")?;
     // Reports of an earlier, longer benchmark would read as this one's.
     for entry in fs::read_dir(&out).with_context(|| format!("list {}", out.display()))?.flatten() {
         if entry.file_name().to_string_lossy().starts_with("traced-") {

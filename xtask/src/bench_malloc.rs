@@ -70,10 +70,8 @@ pub fn run(args: &Args) -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    service::require_root("the malloc benchmark")?;
-    let memtrace = service::build_memtrace()?;
-    let out = service::out_dir()?.join("bench-malloc");
-    fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    // No setup step here, as before this helper existed.
+    let (memtrace, out) = service::prepare("the malloc benchmark", true, "bench-malloc")?;
     let bench = build_bench(&out)?;
     step(&format!(
         "malloc_pair: {} runs per mode, {} B allocations; kernel {}, {} CPUs",

@@ -8,7 +8,6 @@ use anyhow::{Result, bail};
 use crate::{
     proc::{note, step},
     service::{self, Load, Service, Tracer},
-    setup,
 };
 
 #[derive(clap::Args)]
@@ -28,12 +27,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    service::require_root("the demo")?;
-    if !args.no_setup {
-        setup::run()?;
-    }
-    let bin = service::build_memtrace()?;
-    let out = service::out_dir()?;
+    let (bin, out) = service::prepare("the demo", args.no_setup, "")?;
     let json = out.join("demo-report.json");
     let svg = out.join("demo-flamegraph.svg");
     for stale in [&json, &svg] {

@@ -28,6 +28,20 @@ pub fn out_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// What every task that traces the example service does first: refuse without root, run
+/// `cargo xtask setup` (unless `no_setup`), build memtrace, and make `out/<subdir>` (`out/`
+/// itself when `subdir` is empty). Returns memtrace's path and that directory.
+pub fn prepare(task: &str, no_setup: bool, subdir: &str) -> Result<(PathBuf, PathBuf)> {
+    require_root(task)?;
+    if !no_setup {
+        crate::setup::run()?;
+    }
+    let bin = build_memtrace()?;
+    let out = out_dir()?.join(subdir);
+    fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    Ok((bin, out))
+}
+
 pub fn require_root(task: &str) -> Result<()> {
     if proc::is_root() {
         Ok(())

@@ -20,7 +20,6 @@ use serde_json::Value;
 use crate::{
     proc::{self, Owned, note, step},
     service::{self, Load, Service},
-    setup,
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -130,13 +129,7 @@ pub fn run(args: &Args) -> Result<()> {
     if args.minutes == 0 || args.interval == 0 {
         bail!("--minutes and --interval must be at least 1");
     }
-    service::require_root("the soak")?;
-    if !args.no_setup {
-        setup::run()?;
-    }
-    let bin = service::build_memtrace()?;
-    let out = service::out_dir()?.join("soak");
-    fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let (bin, out) = service::prepare("the soak", args.no_setup, "soak")?;
     let json = out.join("report.json");
     let log = out.join("memtrace.log");
     let csv = out.join("samples.csv");
