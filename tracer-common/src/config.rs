@@ -83,5 +83,19 @@ pub const COUNTER_TRACED_FULL: u32 = 5;
 pub const COUNTER_PROBE_FAILED: u32 = 6;
 /// OOM records dropped because their ring buffer was full.
 pub const COUNTER_OOM_LOST: u32 = 7;
+/// mmap-family calls dropped because their arguments or result could not be read from
+/// the syscall tracepoint's record.
+pub const COUNTER_SYSCALL_UNREADABLE: u32 = 8;
+/// mmap-family calls whose exit was never seen: their saved entry was replaced by the
+/// thread's next call, or was still there when the thread exited (the call is lost).
+pub const COUNTER_PENDING_STALE: u32 = 9;
+/// Allocator calls still in progress when their thread exited (the thread called `exit`
+/// inside them, e.g. from a `new_handler`): their saved entry is removed, nothing is
+/// recorded for them.
+pub const COUNTER_MALLOC_EXITED_INSIDE: u32 = 10;
+/// Stacks not taken because the per-CPU scratch buffer was held by another program that
+/// was preempted on the same CPU (uprobe programs run preemptibly): the event is kept,
+/// without its stack, rather than built in a buffer another task is writing.
+pub const COUNTER_SCRATCH_BUSY: u32 = 11;
 /// Number of counters.
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 12;

@@ -2,11 +2,12 @@
 //!
 //! Every type is `#[repr(C)]`, `Copy`, made of fixed-width integers with its padding
 //! written out, and its size is asserted at compile time so that both sides agree.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod config;
 pub mod event;
 pub mod malloc;
+pub mod syscall;
 
 pub use config::*;
 pub use event::*;

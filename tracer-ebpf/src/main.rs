@@ -1,5 +1,9 @@
 #![no_std]
 #![no_main]
+// Atomic exchange and add on map values (`maps::claim_scratch`, `maps::count`): the BPF
+// target has no compare-and-swap, so core offers no atomic read-modify-write types.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core::intrinsics atomics, see above")]
 
 mod maps;
 mod probes;

@@ -1,8 +1,10 @@
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{CGROUPS_MAX, COUNTER_COUNT, MemEventWithStack, TRACED_MAX};
+use tracer_common::{
+    CGROUPS_MAX, COUNTER_COUNT, COUNTER_SCRATCH_BUSY, MallocLive, MemEventWithStack, TRACED_MAX,
+};
 
 /// Set by userspace before load (see `tracer_common::config`).
 #[unsafe(no_mangle)]
@@ -29,6 +31,11 @@ pub static ATTACH_ROOT_OFFSET: u32 = 0;
 pub static ATTACH_ID_OFFSET: u32 = 0;
 #[unsafe(no_mangle)]
 pub static ATTACH_PID_OFFSET: u32 = 0;
+
+/// 1 under `memtrace run`: the malloc probes wait for the command's exec (see
+/// `probes::common::armed`).
+#[unsafe(no_mangle)]
+pub static MALLOC_WAIT_EXEC: u32 = 0;
 
 /// The traced cgroups (`--cgroup`: the cgroup and its descendants), cgroup id → 1.
 #[map(name = "CGROUPS")]
@@ -119,18 +126,15 @@ pub static OOM_EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 #[map(name = "COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 
-/// Syscall arguments saved at entry, by thread id, until the syscall's exit.
+/// Syscall arguments saved at entry, by thread id, until the syscall's exit (see
+/// `probes::mmap`); a thread that exits leaves its entry to `probes::process`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Pending {
+    /// The syscall (`tracer_common::kind`).
     pub kind: u32,
-    pub prot: u32,
-    pub addr: u64,
-    pub len: u64,
-    pub old_addr: u64,
-    pub old_len: u64,
-    pub flags: u64,
-    pub fd: u64,
+    pub _pad: u32,
+    pub args: tracer_common::syscall::Args,
 }
 
 #[map(name = "PENDING")]
@@ -139,6 +143,88 @@ pub static PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
 /// Scratch space to assemble an event with its stack copy (too large for the BPF stack).
 #[map(name = "SCRATCH")]
 pub static SCRATCH: PerCpuArray<MemEventWithStack> = PerCpuArray::with_max_entries(1, 0);
+
+/// A malloc-family call in progress, by thread id (see `probes::malloc`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MallocPending {
+    pub kind: u32,
+    /// 1 when the allocation is to be recorded (sampled and not filtered out).
+    pub track: u32,
+    pub size: u64,
+    pub stack_id: u64,
+    pub ts_ns: u64,
+    /// Stack pointer at entry.
+    pub sp: u64,
+    /// realloc: the block passed in, and whether it was in the table (then `old` holds
+    /// its entry, taken out at entry so that no other thread's new block at the same
+    /// address can be confused with it).
+    pub old_ptr: u64,
+    pub has_old: u64,
+    pub old: MallocLive,
+    /// posix_memalign: where the pointer is written (a backing store's reallocation:
+    /// the backing store).
+    pub memptr: u64,
+}
+
+/// Sized by userspace (`tracer_common::MAP_MALLOC_PENDING`).
+#[map(name = "MALLOC_PENDING")]
+pub static MALLOC_PENDING: HashMap<u32, MallocPending> = HashMap::with_max_entries(16384, 0);
+
+/// Slot 0: 1 once a `memtrace run` command has exec'd (see `probes::common::armed`).
+#[map(name = "MALLOC_STATE")]
+pub static MALLOC_STATE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Per-CPU scratch buffers, by their slot in [`SCRATCH_BUSY`].
+pub const SCRATCH_EVENT: u32 = 0;
+pub const SCRATCH_MALLOC_STACK: u32 = 1;
+
+/// Per CPU, 1 while a program assembles something in the scratch buffer of that slot.
+///
+/// What the kernel guarantees (6.18, read in its source): tracepoint programs run with
+/// preemption disabled (`__DO_TRACE`; the faultable syscall tracepoints take
+/// `guard(preempt_notrace)` in `perf_syscall_enter`/`perf_syscall_exit` before
+/// `trace_call_bpf`), and `trace_call_bpf` refuses to start a second perf-attached program
+/// on a CPU where one runs (`bpf_prog_active`, counted in the program's
+/// `recursion_misses`), so [`SCRATCH`] is never shared. Uprobe programs do not:
+/// `bpf_prog_run_array_uprobe` only disables migration (`migrate_disable` under RCU), and
+/// with a preemptible kernel (`preempt=full`/`lazy`, selectable at run time under
+/// `PREEMPT_DYNAMIC`) a task preempted inside `uprobe_malloc` can be followed on the same
+/// CPU by another task's `uprobe_malloc`, which would overwrite the stack the first one is
+/// hashing. The flag is taken with an atomic exchange (one instruction, which preemption
+/// cannot split); a program that finds it taken skips the scratch and counts
+/// `COUNTER_SCRATCH_BUSY`.
+#[map(name = "SCRATCH_BUSY")]
+pub static SCRATCH_BUSY: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// The scratch buffer of one slot, held until dropped.
+pub struct ScratchClaim(*mut u64);
+
+impl Drop for ScratchClaim {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // The buffer's last use comes before the release (a plain store: the BPF target
+        // has no atomic store, and a single aligned store cannot be split by preemption).
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::Release);
+        // SAFETY: a valid pointer to this CPU's flag, which this claim set.
+        unsafe { core::ptr::write_volatile(self.0, 0) };
+    }
+}
+
+/// Takes the scratch buffer of `slot` on this CPU, or counts `COUNTER_SCRATCH_BUSY`.
+#[inline(always)]
+pub fn claim_scratch(slot: u32) -> Option<ScratchClaim> {
+    let flag = SCRATCH_BUSY.get_ptr_mut(slot)?;
+    // SAFETY: a valid pointer to this CPU's flag; the exchange is atomic (BPF_XCHG).
+    let was = unsafe {
+        core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::SeqCst }>(flag, 1)
+    };
+    if was != 0 {
+        count(COUNTER_SCRATCH_BUSY);
+        return None;
+    }
+    Some(ScratchClaim(flag))
+}
 
 /// Ring buffer data beyond which a send wakes the reader at once. Below it the reader is
 /// not woken (it drains on its own timer every 100 ms): a wakeup per event costs the
@@ -155,10 +241,14 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
+/// Adds one to a counter. The add is atomic (BPF_XADD), so that a uprobe program
+/// preempted between load and store cannot lose another task's count.
 #[inline(always)]
 pub fn count(counter: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter) {
-        // SAFETY: per-CPU slot, no concurrent writer on this CPU while we run.
-        unsafe { *slot += 1 };
+        // SAFETY: a valid pointer to this CPU's slot.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, 1)
+        };
     }
 }

@@ -17,9 +17,12 @@ use aya_ebpf::{
 };
 use tracer_common::{MCOUNTER_CALLS, MCOUNTER_FAILED, MCOUNTER_FREES_UNKNOWN, MCOUNTER_SKIPPED, MallocLive};
 
-use crate::probes::malloc::{
-    MALLOC_LIVE, MALLOC_PENDING, Pending, account_free, capture_stack, count, keep, kind, record_block, regs,
-    release, take_live, target_tid,
+use crate::{
+    maps::{MALLOC_PENDING, MallocPending as Pending},
+    probes::malloc::{
+        MALLOC_LIVE, account_free, capture_stack, count, keep, kind, record_block, regs, release, take_live,
+        target_tid,
+    },
 };
 
 /// Offsets in `v8::internal::BackingStore`.

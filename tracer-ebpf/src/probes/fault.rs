@@ -6,11 +6,11 @@
 //! to a few hundred stack copies per second.
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::tracepoint, programs::TracePointContext};
-use tracer_common::{COUNTER_FAULTS, MemEvent, TRACK_FAULTS, kind};
+use tracer_common::{COUNTER_FAULTS, COUNTER_PROBE_FAILED, MemEvent, TRACK_FAULTS, kind};
 
 use crate::{
     maps::{count, fault_sample_period},
-    probes::mmap::{header, send_with_stack, target_tid},
+    probes::common::{Failure, field, header, run, send_with_stack, target_tid},
 };
 
 /// Offsets in the record (see the tracepoint's `format` file).
@@ -22,20 +22,23 @@ const PAGE_SIZE: u64 = 4096;
 
 #[tracepoint]
 pub fn tp_page_fault_user(ctx: TracePointContext) -> u32 {
-    let Some(tid) = target_tid(TRACK_FAULTS) else { return 0 };
-    // SAFETY: fixed offsets of the page_fault_user record, read through the helper.
-    let error_code = unsafe { ctx.read_at::<u64>(ERROR_CODE_OFFSET) }.unwrap_or(PF_PROT);
+    run(try_page_fault_user(&ctx))
+}
+
+#[inline(always)]
+fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, Failure> {
+    let Some(tid) = target_tid(TRACK_FAULTS) else { return Ok(0) };
+    let error_code = field::<u64>(ctx, ERROR_CODE_OFFSET, COUNTER_PROBE_FAILED)?;
     if error_code & PF_PROT != 0 {
-        return 0;
+        return Ok(0);
     }
     count(COUNTER_FAULTS);
     let period = fault_sample_period();
     // SAFETY: no preconditions.
     if period > 1 && unsafe { bpf_get_prandom_u32() } % period != 0 {
-        return 0;
+        return Ok(0);
     }
-    // SAFETY: as above.
-    let address = unsafe { ctx.read_at::<u64>(ADDRESS_OFFSET) }.unwrap_or(0);
+    let address = field::<u64>(ctx, ADDRESS_OFFSET, COUNTER_PROBE_FAILED)?;
     let event = MemEvent {
         header: header(kind::FAULT, tid, 1),
         addr: address & !(PAGE_SIZE - 1),
@@ -47,6 +50,5 @@ pub fn tp_page_fault_user(ctx: TracePointContext) -> u32 {
         fd: -1,
         advice: 0,
     };
-    send_with_stack(&ctx, event);
-    0
+    send_with_stack(ctx, event)
 }

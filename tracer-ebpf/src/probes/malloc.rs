@@ -17,7 +17,7 @@ use aya_ebpf::{
         generated::bpf_get_stack,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
@@ -28,15 +28,18 @@ use tracer_common::{
     MCOUNTER_TRACKED, MallocLive, MallocStack, MallocStackTotals, TRACK_MALLOC, sampling,
 };
 
-use crate::maps::{traced, track_flags};
+use crate::{
+    maps::{
+        MALLOC_PENDING, MallocPending as Pending, SCRATCH_MALLOC_STACK, claim_scratch, traced, track_flags,
+    },
+    probes::common::{EEXIST, armed},
+};
 
 /// Set by userspace before load (see `tracer_common::malloc`).
 #[unsafe(no_mangle)]
 pub static MALLOC_SAMPLE_BYTES: u64 = 0;
 #[unsafe(no_mangle)]
 pub static MALLOC_MIN_SIZE: u64 = 0;
-#[unsafe(no_mangle)]
-pub static MALLOC_WAIT_EXEC: u32 = 0;
 
 #[inline(always)]
 fn sample_bytes() -> u64 {
@@ -67,12 +70,6 @@ static MALLOC_STACKS: HashMap<u64, MallocStack> = HashMap::with_max_entries(1 <<
 static MALLOC_TOTALS: PerCpuHashMap<u64, MallocStackTotals> =
     PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
 
-#[map(name = "MALLOC_STATE")]
-static MALLOC_STATE: Array<u32> = Array::with_max_entries(1, 0);
-
-#[map(name = "MALLOC_PENDING")]
-pub(crate) static MALLOC_PENDING: HashMap<u32, Pending> = HashMap::with_max_entries(16384, 0);
-
 #[map(name = "MALLOC_NEW_STACKS")]
 static MALLOC_NEW_STACKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
@@ -95,29 +92,6 @@ pub(crate) mod kind {
     pub const OPERATOR_NEW: u32 = 6;
     /// `v8::internal::BackingStore::Reallocate` (see `probes::backing_store`).
     pub const BACKING_REALLOC: u32 = 7;
-}
-
-/// A call in progress, by thread id.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub(crate) struct Pending {
-    pub(crate) kind: u32,
-    /// 1 when the allocation is to be recorded (sampled and not filtered out).
-    pub(crate) track: u32,
-    pub(crate) size: u64,
-    pub(crate) stack_id: u64,
-    pub(crate) ts_ns: u64,
-    /// Stack pointer at entry.
-    pub(crate) sp: u64,
-    /// realloc: the block passed in, and whether it was in the table (then `old` holds
-    /// its entry, taken out at entry so that no other thread's new block at the same
-    /// address can be confused with it).
-    pub(crate) old_ptr: u64,
-    pub(crate) has_old: u64,
-    pub(crate) old: MallocLive,
-    /// posix_memalign: where the pointer is written (a backing store's reallocation:
-    /// the backing store).
-    pub(crate) memptr: u64,
 }
 
 #[inline(always)]
@@ -152,25 +126,6 @@ pub(crate) fn target_tid() -> Option<u32> {
     Some(pid_tgid as u32)
 }
 
-/// Whether the traced process is the one to follow: always, except under `memtrace run`
-/// before the waiting shell has exec'd the command (`MALLOC_WAIT_EXEC`).
-#[inline(always)]
-pub(crate) fn armed() -> bool {
-    // SAFETY: as in `sample_bytes`.
-    let wait_exec = unsafe { core::ptr::read_volatile(&raw const MALLOC_WAIT_EXEC) };
-    wait_exec == 0 || MALLOC_STATE.get(0).is_some_and(|exec_seen| *exec_seen != 0)
-}
-
-/// Called at `sched:sched_process_exec` of a traced process (see `probes::process`): the
-/// probes are armed from its first instruction on (with `MALLOC_WAIT_EXEC`).
-#[inline(always)]
-pub(crate) fn arm_after_exec() {
-    if let Some(state) = MALLOC_STATE.get_ptr_mut(0) {
-        // SAFETY: a valid pointer to the array's only value.
-        unsafe { *state = 1 };
-    }
-}
-
 #[inline(always)]
 pub(crate) fn regs(regs: *mut pt_regs) -> (u64, u64) {
     // SAFETY: the context of a uprobe is the user registers saved by the kernel.
@@ -197,10 +152,15 @@ fn mix(h: u64, word: u64) -> u64 {
 /// Walks the user stack by frame pointers and stores it; returns its id.
 #[inline(always)]
 pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
+    // Uprobe programs are preemptible: another task's may hold this CPU's scratch (see
+    // `maps::SCRATCH_BUSY`).
+    let Some(_claim) = claim_scratch(SCRATCH_MALLOC_STACK) else {
+        return MALLOC_UNKNOWN_STACK;
+    };
     let Some(stack) = MALLOC_STACK_SCRATCH.get_ptr_mut(0) else {
         return MALLOC_UNKNOWN_STACK;
     };
-    // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
+    // SAFETY: the per-CPU scratch slot is ours while `_claim` lives.
     let stack = unsafe { &mut *stack };
     // SAFETY: the buffer is `ips`, of exactly the size passed.
     let got = unsafe {
@@ -241,7 +201,7 @@ pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
             h
         }
         // Stored meanwhile by another CPU.
-        Err(e) if e == -17 => h,
+        Err(e) if e == EEXIST => h,
         Err(_) => {
             count(MCOUNTER_STACKS_FULL);
             MALLOC_UNKNOWN_STACK
@@ -257,7 +217,7 @@ fn totals_for(stack_id: u64, ts_ns: u64) -> Option<*mut MallocStackTotals> {
     let init = MallocStackTotals { first_ts_ns: ts_ns, ..MallocStackTotals::default() };
     match MALLOC_TOTALS.insert(stack_id, &init, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
-        Err(e) if e == -17 => {}
+        Err(e) if e == EEXIST => {}
         Err(_) => {
             count(MCOUNTER_TOTALS_FULL);
             return None;

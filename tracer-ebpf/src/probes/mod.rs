@@ -1,5 +1,6 @@
 mod backing_store;
 mod cgroup;
+mod common;
 mod fault;
 pub(crate) mod malloc;
 mod mmap;

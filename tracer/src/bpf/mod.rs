@@ -1,5 +1,6 @@
 //! Loading the eBPF object, attaching its programs, and kernel feature checks.
 
+pub mod counters;
 pub mod features;
 pub mod teardown;
 pub mod uprobe;
@@ -302,7 +303,7 @@ impl Tracer {
 
     /// Kernel-side counters summed over CPUs, indexed by `COUNTER_*`.
     #[must_use]
-    pub fn counters(&self) -> [u64; COUNTER_COUNT as usize] {
+    pub fn counters(&self) -> counters::Counters {
         let mut out = [0; COUNTER_COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             if let Ok(values) = self.counters.get(&(i as u32), 0) {

@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{debug, warn};
 use tokio::{io::unix::AsyncFd, net::TcpListener};
-use tracer_common::{COUNTER_STACK_READ_FAILED, TRACK_MALLOC, TRACK_OOM};
+use tracer_common::{TRACK_MALLOC, TRACK_OOM};
 
 pub use os::{StopSignals, monotonic_ns, readable_fd, resolve_target, track_bits};
 
@@ -584,10 +584,6 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
         heap.finish(cutoff, &mut s.stacks)
     });
     s.symbolize_new();
-    let stack_failures = s.tracer.counters()[COUNTER_STACK_READ_FAILED as usize];
-    if stack_failures > 0 {
-        warn!("{stack_failures} stack copies failed; those allocations have partial stacks");
-    }
     if s.stacks.overflowed() > 0 {
         warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
     }
@@ -601,6 +597,10 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
     let mut stacks = stacks;
     stacks.extend_from_slice(s.js_heap.aggs());
     let mut report = s.report(stacks, end_ns, exited, started);
+    for message in crate::bpf::counters::warnings(&s.tracer.counters()) {
+        eprintln!("memtrace: WARNING: {message}");
+        report.warnings.push(crate::report::Warning { t_s: started.elapsed().as_secs_f64(), message });
+    }
     if let Some(heap) = &s.heap {
         let t_s = started.elapsed().as_secs_f64();
         eprintln!("memtrace: {}", heap.summary());

@@ -4,7 +4,6 @@ use std::{collections::HashMap, time::Instant};
 
 use aya::maps::{MapData, RingBuf};
 use log::warn;
-use tracer_common::{COUNTER_OOM_LOST, COUNTER_PENDING_FULL, COUNTER_RINGBUF_FULL};
 
 use super::os::monotonic_ns;
 use super::procs::Processes;
@@ -407,13 +406,8 @@ impl Session {
     }
 
     pub(super) fn lost_events(&self) -> u64 {
-        let c = self.tracer.counters();
         let heap_lost = self.heap.as_ref().map_or(0, |h| h.counters().lost());
-        c[COUNTER_RINGBUF_FULL as usize]
-            + c[COUNTER_OOM_LOST as usize]
-            + c[COUNTER_PENDING_FULL as usize]
-            + self.decode_errors
-            + heap_lost
+        crate::bpf::counters::lost(&self.tracer.counters()) + self.decode_errors + heap_lost
     }
 
     pub(super) fn status_line(&self, started: Instant) -> String {
