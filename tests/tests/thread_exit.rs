@@ -1,6 +1,6 @@
 //! Per-thread tables are cleaned when a thread ends, and what was left is counted: a
 //! thread that ends inside an allocator call (the fixture `exit_inside_new.cpp` ends each
-//! of its threads from `operator new`'s new_handler) is named in the report's warnings,
+//! of its threads from the `new_handler` of `operator new`) is named in the report's warnings,
 //! once per call.
 
 use std::{path::Path, process::Command, time::Duration};
@@ -46,8 +46,8 @@ fn threads_ending_inside_new_are_counted_in_the_report() {
         Memtrace::spawn(["attach", &pid, "--track", "malloc", "--json", json.to_str().expect("utf-8 path")]),
         &mut fixture,
         &gate,
-        Duration::from_secs(60),
-        Duration::from_secs(60),
+        Duration::from_mins(1),
+        Duration::from_mins(1),
     );
     let report = Report::read(&json);
     let warnings: Vec<&str> = report.json["warnings"]
