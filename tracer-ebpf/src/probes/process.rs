@@ -18,7 +18,10 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{MALLOC_PENDING, PENDING, TRACED, count, exit_group_dead_offset, follow_children, traced},
+    maps::{
+        CGROUP_MODE, MALLOC_PENDING, PENDING, TRACED, count, exit_group_dead_offset, follow_children, global,
+        traced,
+    },
     probes::common::{
         Failure, arm_after_exec, armed, current_tgid, field, joins_at_exec, run, send_proc, trace,
     },
@@ -81,13 +84,13 @@ fn try_sched_process_exec() -> Result<u32, Failure> {
 
 #[tracepoint]
 pub fn tp_sched_process_exit(ctx: TracePointContext) -> u32 {
-    forget_thread(bpf_get_current_pid_tgid() as u32);
     run(try_sched_process_exit(&ctx))
 }
 
 /// Removes what the exiting thread `tid` left in the per-thread tables: a call it entered
-/// and will never return from. Done for every thread (a lookup in two tables), traced or
-/// not, so that a process that left the traced set leaves nothing behind either.
+/// and will never return from. Only threads of traced processes have entries, and under
+/// `--cgroup` those of processes that left the traced set (so every thread is looked at
+/// there: two lookups, measured at ~0.6 µs per thread exit on this loaded VM).
 #[inline(always)]
 fn forget_thread(tid: u32) {
     // An address-space syscall cannot be interrupted by the thread's end (its exit
@@ -107,7 +110,11 @@ fn forget_thread(tid: u32) {
 fn try_sched_process_exit(ctx: &TracePointContext) -> Result<u32, Failure> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !traced(tgid) {
+    let traced = traced(tgid);
+    if traced || global(&CGROUP_MODE) != 0 {
+        forget_thread(pid_tgid as u32);
+    }
+    if !traced {
         return Ok(0);
     }
     let offset = exit_group_dead_offset();
