@@ -1,9 +1,11 @@
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    CGROUPS_MAX, COUNTER_COUNT, COUNTER_SCRATCH_BUSY, MallocLive, MemEventWithStack, TRACED_MAX,
+    CGROUPS_MAX, COUNTER_COUNT, COUNTER_SCRATCH_BUSY, MCOUNTER_COUNT, MallocLive, MallocStack,
+    MallocStackTotals, MemEventWithStack, TRACED_MAX,
 };
 
 /// Set by userspace before load (see `tracer_common::config`).
@@ -175,6 +177,51 @@ pub static MALLOC_PENDING: HashMap<u32, MallocPending> = HashMap::with_max_entri
 #[map(name = "MALLOC_STATE")]
 pub static MALLOC_STATE: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Set by userspace before load (see `tracer_common::malloc`).
+#[unsafe(no_mangle)]
+pub static MALLOC_SAMPLE_BYTES: u64 = 0;
+#[unsafe(no_mangle)]
+pub static MALLOC_MIN_SIZE: u64 = 0;
+
+#[inline(always)]
+pub fn sample_bytes() -> u64 {
+    // SAFETY: as in `track_flags`.
+    unsafe { core::ptr::read_volatile(&raw const MALLOC_SAMPLE_BYTES) }
+}
+
+#[inline(always)]
+pub fn min_size() -> u64 {
+    // SAFETY: as in `track_flags`.
+    unsafe { core::ptr::read_volatile(&raw const MALLOC_MIN_SIZE) }
+}
+
+/// The malloc family's tables (see `probes::malloc`). Sizes are defaults; userspace sets
+/// them (`--malloc-max-live`, `--malloc-max-stacks`) and shrinks them to almost nothing
+/// when malloc is not tracked. Tables that fill slowly are not preallocated, so they cost
+/// what they hold.
+#[map(name = "MALLOC_LIVE")]
+pub static MALLOC_LIVE: HashMap<u64, MallocLive> = HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
+
+#[map(name = "MALLOC_STACKS")]
+pub static MALLOC_STACKS: HashMap<u64, MallocStack> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+/// Per CPU, so that updates touch no other CPU's cache line; userspace sums the CPUs'
+/// values. Updated with atomic adds ([`add`]): uprobe programs are preemptible.
+#[map(name = "MALLOC_TOTALS")]
+pub static MALLOC_TOTALS: PerCpuHashMap<u64, MallocStackTotals> =
+    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
+
+#[map(name = "MALLOC_NEW_STACKS")]
+pub static MALLOC_NEW_STACKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+#[map(name = "MALLOC_COUNTERS")]
+pub static MALLOC_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MCOUNTER_COUNT, 0);
+
+/// Where a stack is assembled (too large for the BPF stack); taken with
+/// [`claim_scratch`]`(`[`SCRATCH_MALLOC_STACK`]`)`.
+#[map(name = "MALLOC_STACK_SCRATCH")]
+pub static MALLOC_STACK_SCRATCH: PerCpuArray<MallocStack> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch buffers, by their slot in [`SCRATCH_BUSY`].
 pub const SCRATCH_EVENT: u32 = 0;
 pub const SCRATCH_MALLOC_STACK: u32 = 1;
@@ -241,14 +288,25 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
-/// Adds one to a counter. The add is atomic (BPF_XADD), so that a uprobe program
-/// preempted between load and store cannot lose another task's count.
+/// Adds `n` to the counter at `slot` with one atomic instruction (BPF_XADD), so that a
+/// uprobe program preempted between load and store cannot lose another task's add on the
+/// same CPU.
+///
+/// # Safety
+/// `slot` must point into a map value (or other memory) valid for the program's run.
+#[inline(always)]
+pub unsafe fn add(slot: *mut u64, n: u64) {
+    // SAFETY: per the caller.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, n)
+    };
+}
+
+/// Adds one to a `COUNTER_*`.
 #[inline(always)]
 pub fn count(counter: u32) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter) {
         // SAFETY: a valid pointer to this CPU's slot.
-        unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, 1)
-        };
+        unsafe { add(slot, 1) };
     }
 }

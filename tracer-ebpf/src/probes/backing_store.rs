@@ -15,13 +15,15 @@ use aya_ebpf::{
     macros::uprobe,
     programs::ProbeContext,
 };
-use tracer_common::{MCOUNTER_CALLS, MCOUNTER_FAILED, MCOUNTER_FREES_UNKNOWN, MCOUNTER_SKIPPED, MallocLive};
+use tracer_common::{
+    MCOUNTER_CALLS, MCOUNTER_FAILED, MCOUNTER_FREES_UNKNOWN, MCOUNTER_PENDING_FULL, MCOUNTER_SKIPPED,
+    MallocLive,
+};
 
 use crate::{
-    maps::{MALLOC_PENDING, MallocPending as Pending},
+    maps::{MALLOC_LIVE, MALLOC_PENDING, MallocPending as Pending},
     probes::malloc::{
-        MALLOC_LIVE, account_free, capture_stack, count, keep, kind, record_block, regs, release, take_live,
-        target_tid,
+        account_free, capture_stack, count, keep, kind, record_block, regs, release, take_live, target_tid,
     },
 };
 
@@ -128,6 +130,7 @@ pub fn uprobe_backing_store_realloc(ctx: ProbeContext) -> u32 {
         memptr: store,
     };
     if MALLOC_PENDING.insert(tid, &pending, 0).is_err() {
+        count(MCOUNTER_PENDING_FULL);
         let _ = MALLOC_LIVE.insert(start, &old, u64::from(BPF_NOEXIST));
     }
     0

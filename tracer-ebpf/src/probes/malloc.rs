@@ -11,74 +11,30 @@
 //! outer call, whose single return both see.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_NO_PREALLOC, BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
+    bindings::{BPF_ANY, BPF_F_USER_STACK, BPF_NOEXIST, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_get_stack,
     },
-    macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
     MALLOC_STACK_DEPTH, MALLOC_UNKNOWN_STACK, MCOUNTER_ALLOC_BYTES, MCOUNTER_ANNOUNCE_FULL, MCOUNTER_CALLS,
-    MCOUNTER_COUNT, MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN,
-    MCOUNTER_LIVE_FULL, MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL, MCOUNTER_PENDING_STALE,
-    MCOUNTER_REUSED, MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL, MCOUNTER_TOTALS_FULL,
-    MCOUNTER_TRACKED, MallocLive, MallocStack, MallocStackTotals, TRACK_MALLOC, sampling,
+    MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN, MCOUNTER_LIVE_FULL,
+    MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL, MCOUNTER_PENDING_STALE, MCOUNTER_REUSED,
+    MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL, MCOUNTER_TOTALS_FULL, MCOUNTER_TRACKED,
+    MallocLive, MallocStackTotals, TRACK_MALLOC, sampling,
 };
 
 use crate::{
     maps::{
-        MALLOC_PENDING, MallocPending as Pending, SCRATCH_MALLOC_STACK, claim_scratch, traced, track_flags,
+        MALLOC_COUNTERS, MALLOC_LIVE, MALLOC_NEW_STACKS, MALLOC_PENDING, MALLOC_STACK_SCRATCH, MALLOC_STACKS,
+        MALLOC_TOTALS, MallocPending as Pending, SCRATCH_MALLOC_STACK, add, claim_scratch, min_size,
+        sample_bytes, traced, track_flags,
     },
     probes::common::{EEXIST, armed},
 };
-
-/// Set by userspace before load (see `tracer_common::malloc`).
-#[unsafe(no_mangle)]
-pub static MALLOC_SAMPLE_BYTES: u64 = 0;
-#[unsafe(no_mangle)]
-pub static MALLOC_MIN_SIZE: u64 = 0;
-
-#[inline(always)]
-fn sample_bytes() -> u64 {
-    // SAFETY: a plain read of a global that userspace writes before load; volatile so
-    // that the compiler does not fold the initial value.
-    unsafe { core::ptr::read_volatile(&raw const MALLOC_SAMPLE_BYTES) }
-}
-
-#[inline(always)]
-fn min_size() -> u64 {
-    // SAFETY: as in `sample_bytes`.
-    unsafe { core::ptr::read_volatile(&raw const MALLOC_MIN_SIZE) }
-}
-
-/// Sizes are defaults; userspace sets them (`--malloc-max-live`, `--malloc-max-stacks`)
-/// and shrinks them to almost nothing when malloc is not tracked. Tables that fill slowly
-/// are not preallocated, so they cost what they hold.
-#[map(name = "MALLOC_LIVE")]
-pub(crate) static MALLOC_LIVE: HashMap<u64, MallocLive> =
-    HashMap::with_max_entries(1 << 20, BPF_F_NO_PREALLOC);
-
-#[map(name = "MALLOC_STACKS")]
-static MALLOC_STACKS: HashMap<u64, MallocStack> = HashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
-
-/// Per CPU, so that updates need no atomics (which the BPF target of core lacks);
-/// userspace sums the CPUs' values.
-#[map(name = "MALLOC_TOTALS")]
-static MALLOC_TOTALS: PerCpuHashMap<u64, MallocStackTotals> =
-    PerCpuHashMap::with_max_entries(1 << 16, BPF_F_NO_PREALLOC);
-
-#[map(name = "MALLOC_NEW_STACKS")]
-static MALLOC_NEW_STACKS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
-
-#[map(name = "MALLOC_COUNTERS")]
-static MALLOC_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MCOUNTER_COUNT, 0);
-
-/// Where a stack is assembled (too large for the BPF stack).
-#[map(name = "MALLOC_STACK_SCRATCH")]
-static MALLOC_STACK_SCRATCH: PerCpuArray<MallocStack> = PerCpuArray::with_max_entries(1, 0);
 
 /// What an entry probe saw.
 pub(crate) mod kind {
@@ -97,10 +53,8 @@ pub(crate) mod kind {
 #[inline(always)]
 fn count_n(counter: u32, n: u64) {
     if let Some(slot) = MALLOC_COUNTERS.get_ptr_mut(counter) {
-        // SAFETY: a valid per-CPU slot. Programs run with migration disabled; another
-        // task's program could preempt this one between load and store on this CPU, which
-        // at worst loses one count (the model in `maps::count`).
-        unsafe { *slot += n };
+        // SAFETY: a valid pointer to this CPU's slot.
+        unsafe { add(slot, n) };
     }
 }
 
@@ -233,8 +187,11 @@ fn account_alloc(live: &MallocLive) {
     if let Some(t) = totals_for(live.stack_id, live.ts_ns) {
         // SAFETY: a valid pointer to this CPU's value (see `count_n`).
         let t = unsafe { &mut *t };
-        t.alloc_bytes += live.weight;
-        t.alloc_count += sampling::weight_count(live.size, sample_bytes());
+        // SAFETY: pointers to fields of this CPU's value (see `maps::add`).
+        unsafe {
+            add(&raw mut t.alloc_bytes, live.weight);
+            add(&raw mut t.alloc_count, sampling::weight_count(live.size, sample_bytes()));
+        }
         t.last_ts_ns = live.ts_ns;
         if t.first_ts_ns == 0 {
             t.first_ts_ns = live.ts_ns;
@@ -249,8 +206,11 @@ pub(crate) fn account_free(live: &MallocLive) {
     if let Some(t) = MALLOC_TOTALS.get_ptr_mut(live.stack_id) {
         // SAFETY: a valid pointer to this CPU's value (see `count_n`).
         let t = unsafe { &mut *t };
-        t.free_bytes += live.weight;
-        t.free_count += sampling::weight_count(live.size, sample_bytes());
+        // SAFETY: as in `account_alloc`.
+        unsafe {
+            add(&raw mut t.free_bytes, live.weight);
+            add(&raw mut t.free_count, sampling::weight_count(live.size, sample_bytes()));
+        }
     }
 }
 
