@@ -25,7 +25,7 @@ const ROUNDS: u64 = 150;
 const KEPT_PER_ROUND: u64 = 40;
 const BUFFER_BYTES: u64 = 8 * 1024;
 
-/// node's flags for the fixture: a perf map, and no TurboFan inlining (which would fold
+/// node's flags for the fixture: a perf map, and no `TurboFan` inlining (which would fold
 /// some of keepSmall's calls into its caller's frame).
 const PERF_MAP_FLAGS: [&str; 3] =
     ["--perf-basic-prof", "--interpreted-frames-native-stack", "--no-turbo-inlining"];
