@@ -225,6 +225,7 @@ pub static MALLOC_STACK_SCRATCH: PerCpuArray<MallocStack> = PerCpuArray::with_ma
 /// Per-CPU scratch buffers, by their slot in [`SCRATCH_BUSY`].
 pub const SCRATCH_EVENT: u32 = 0;
 pub const SCRATCH_MALLOC_STACK: u32 = 1;
+pub const SCRATCH_JS_STACK: u32 = 2;
 
 /// Per CPU, 1 while a program assembles something in the scratch buffer of that slot.
 ///
@@ -242,7 +243,7 @@ pub const SCRATCH_MALLOC_STACK: u32 = 1;
 /// cannot split); a program that finds it taken skips the scratch and counts
 /// `COUNTER_SCRATCH_BUSY`.
 #[map(name = "SCRATCH_BUSY")]
-pub static SCRATCH_BUSY: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+pub static SCRATCH_BUSY: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 /// The scratch buffer of one slot, held until dropped.
 pub struct ScratchClaim(*mut u64);

@@ -22,8 +22,9 @@ use tracer_common::{
 
 use crate::{
     maps::{MALLOC_LIVE, MALLOC_PENDING, MallocPending as Pending},
-    probes::malloc::{
-        account_free, capture_stack, count, keep, kind, record_block, regs, release, take_live, target_tid,
+    probes::{
+        js_stack,
+        malloc::{account_free, count, keep, kind, record_block, regs, release, take_live, target_tid},
     },
 };
 
@@ -58,10 +59,9 @@ fn allocated(ctx: &ProbeContext, start: u64, length: u64) -> u32 {
         count(MCOUNTER_SKIPPED);
         return 0;
     }
-    let (sp, _) = regs(ctx.regs);
     // SAFETY: no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    let stack_id = capture_stack(ctx.regs.cast(), sp);
+    let stack_id = js_stack::capture(ctx.regs);
     record_block(start, length, stack_id, ts_ns);
     0
 }

@@ -24,7 +24,7 @@ use tracer_common::{
     MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN, MCOUNTER_LIVE_FULL,
     MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL, MCOUNTER_PENDING_STALE, MCOUNTER_REUSED,
     MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL, MCOUNTER_TOTALS_FULL, MCOUNTER_TRACKED,
-    MallocLive, MallocStackTotals, TRACK_MALLOC, sampling,
+    MallocLive, MallocStack, MallocStackTotals, TRACK_MALLOC, sampling,
 };
 
 use crate::{
@@ -98,7 +98,7 @@ fn nested(tid: u32, sp: u64) -> bool {
 }
 
 #[inline(always)]
-fn mix(h: u64, word: u64) -> u64 {
+pub(crate) fn mix(h: u64, word: u64) -> u64 {
     let h = (h ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     h ^ (h >> 32)
 }
@@ -144,21 +144,41 @@ pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
     if h == MALLOC_UNKNOWN_STACK {
         h = 1;
     }
-    if MALLOC_STACKS.get_ptr(h).is_some() {
-        return h;
+    match store_stack(h, stack) {
+        Stored::New | Stored::Known => h,
+        Stored::Lost => MALLOC_UNKNOWN_STACK,
     }
-    match MALLOC_STACKS.insert(h, &*stack, u64::from(BPF_NOEXIST)) {
+}
+
+/// What became of a stack given to [`store_stack`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// Stored by this call, and announced to userspace.
+    New,
+    /// Already there (or stored meanwhile by another CPU).
+    Known,
+    /// The table is full (counted).
+    Lost,
+}
+
+/// Stores `stack` under `h` unless it is there.
+#[inline(always)]
+pub(crate) fn store_stack(h: u64, stack: &MallocStack) -> Stored {
+    if MALLOC_STACKS.get_ptr(h).is_some() {
+        return Stored::Known;
+    }
+    match MALLOC_STACKS.insert(h, stack, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             if MALLOC_NEW_STACKS.output::<u64>(&h, 0).is_err() {
                 count(MCOUNTER_ANNOUNCE_FULL);
             }
-            h
+            Stored::New
         }
         // Stored meanwhile by another CPU.
-        Err(e) if e == EEXIST => h,
+        Err(e) if e == EEXIST => Stored::Known,
         Err(_) => {
             count(MCOUNTER_STACKS_FULL);
-            MALLOC_UNKNOWN_STACK
+            Stored::Lost
         }
     }
 }

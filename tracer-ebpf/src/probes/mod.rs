@@ -2,6 +2,7 @@ mod backing_store;
 mod cgroup;
 mod common;
 mod fault;
+mod js_stack;
 pub(crate) mod malloc;
 mod mmap;
 mod oom;
