@@ -61,6 +61,11 @@ fn threads_ending_inside_new_are_counted_in_the_report() {
         out.combined()
     );
     assert!(out.stderr.contains(&expected), "the warning is not on stderr\n{}", out.combined());
+    assert!(
+        out.stdout.contains(&format!("  lost events:  0\n  warning:      {expected}")),
+        "the warning is not under the text report's lost events\n{}",
+        out.combined()
+    );
     // Nothing was lost: the calls failed, and their entries were cleaned, not dropped.
     assert_eq!(report.json["lost_events"], 0, "{}", out.combined());
 }

@@ -179,7 +179,12 @@ fn write_header(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
     if let Some(ttl) = &report.time_to_limit {
         writeln!(out, "  time to limit: {}", time_to_limit(ttl))?;
     }
-    writeln!(out, "  lost events:  {}", report.lost_events)
+    writeln!(out, "  lost events:  {}", report.lost_events)?;
+    // What was lost or degraded, by name (kernel counters, full tables, failed pushes).
+    for warning in &report.warnings {
+        writeln!(out, "  warning:      {}", warning.message)?;
+    }
+    Ok(())
 }
 
 /// "at this rate the cgroup limit (512.0 MiB) is reached in 3h 10m 0s (...)", or why not.
@@ -647,6 +652,19 @@ Timeline (3 samples from 0.0s to 30.0s):
             render(&report, 1)
                 .contains("  time to limit: no limit (rss 230.0 MiB, 0 B/s over the last 5m 0s)\n")
         );
+    }
+
+    #[test]
+    fn warnings_follow_the_lost_events() {
+        let message = "kernel: 6 allocator calls never returned: their thread exited inside them".to_string();
+        let report = Report {
+            lost_events: 2,
+            warnings: vec![crate::report::Warning { t_s: 1.0, message }],
+            ..Report::default()
+        };
+        assert!(render(&report, 10).contains(
+            "  lost events:  2\n  warning:      kernel: 6 allocator calls never returned: their thread exited inside them\n"
+        ));
     }
 
     #[test]
