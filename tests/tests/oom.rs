@@ -210,5 +210,20 @@ fn oom_kill_survives_an_event_storm() {
         "the storm did not overflow the 1 MiB ring buffer, so the test proves nothing\n{}",
         out.combined()
     );
+    // The loss is named, with its count, among the report's warnings.
+    let warnings: Vec<&str> = report["warnings"]
+        .as_array()
+        .map_or_else(Vec::new, |w| w.iter().filter_map(|w| w["message"].as_str()).collect());
+    let dropped = warnings
+        .iter()
+        .find_map(|w| {
+            w.strip_prefix("kernel: ")?
+                .strip_suffix(" events were dropped because the ring buffer was full (raise --ring-buffer-mib)")
+        })
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(
+        dropped.is_some_and(|n| n > 0 && n <= lost),
+        "no warning naming the {lost} events the full ring buffer dropped: {warnings:?}"
+    );
     eprintln!("storm: {lost} events lost, the OOM record kept");
 }
