@@ -117,7 +117,7 @@ pub fn stack_copy_bytes() -> u32 {
     unsafe { core::ptr::read_volatile(&raw const STACK_COPY_BYTES) }
 }
 
-/// Size is overridden by userspace (`--ring-buffer`); this is the default.
+/// Size is overridden by userspace (`--ring-buffer-mib`); this is the default.
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 
