@@ -217,8 +217,9 @@ fn oom_kill_survives_an_event_storm() {
     let dropped = warnings
         .iter()
         .find_map(|w| {
-            w.strip_prefix("kernel: ")?
-                .strip_suffix(" events were dropped because the ring buffer was full (raise --ring-buffer-mib)")
+            w.strip_prefix("kernel: ")?.strip_suffix(
+                " events were dropped because the ring buffer was full (raise --ring-buffer-mib)",
+            )
         })
         .and_then(|n| n.parse::<u64>().ok());
     assert!(

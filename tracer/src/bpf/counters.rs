@@ -31,7 +31,10 @@ pub fn lost(c: &Counters) -> u64 {
 #[must_use]
 pub fn warnings(c: &Counters) -> Vec<String> {
     let lines: [(u32, &str); 10] = [
-        (COUNTER_RINGBUF_FULL, "events were dropped because the ring buffer was full (raise --ring-buffer-mib)"),
+        (
+            COUNTER_RINGBUF_FULL,
+            "events were dropped because the ring buffer was full (raise --ring-buffer-mib)",
+        ),
         (COUNTER_OOM_LOST, "OOM records were dropped because their ring buffer was full"),
         (
             COUNTER_PENDING_FULL,
