@@ -90,19 +90,22 @@ const fn tp(program: &'static str, category: &'static str, name: &'static str, f
     Attachment { program, category, name, family }
 }
 
+/// In attach order. Each syscall's exit is attached before its entry, so that an entry
+/// saved by the kernel always has its exit program there to take it (otherwise a call
+/// made between the two attaches would be counted as one whose exit was never seen).
 const ATTACHMENTS: &[Attachment] = &[
-    tp("tp_sys_enter_mmap", "syscalls", "sys_enter_mmap", TRACK_MMAP),
     tp("tp_sys_exit_mmap", "syscalls", "sys_exit_mmap", TRACK_MMAP),
-    tp("tp_sys_enter_munmap", "syscalls", "sys_enter_munmap", TRACK_MMAP),
+    tp("tp_sys_enter_mmap", "syscalls", "sys_enter_mmap", TRACK_MMAP),
     tp("tp_sys_exit_munmap", "syscalls", "sys_exit_munmap", TRACK_MMAP),
-    tp("tp_sys_enter_mremap", "syscalls", "sys_enter_mremap", TRACK_MMAP),
+    tp("tp_sys_enter_munmap", "syscalls", "sys_enter_munmap", TRACK_MMAP),
     tp("tp_sys_exit_mremap", "syscalls", "sys_exit_mremap", TRACK_MMAP),
-    tp("tp_sys_enter_mprotect", "syscalls", "sys_enter_mprotect", TRACK_MMAP),
+    tp("tp_sys_enter_mremap", "syscalls", "sys_enter_mremap", TRACK_MMAP),
     tp("tp_sys_exit_mprotect", "syscalls", "sys_exit_mprotect", TRACK_MMAP),
-    tp("tp_sys_enter_madvise", "syscalls", "sys_enter_madvise", TRACK_MMAP),
+    tp("tp_sys_enter_mprotect", "syscalls", "sys_enter_mprotect", TRACK_MMAP),
     tp("tp_sys_exit_madvise", "syscalls", "sys_exit_madvise", TRACK_MMAP),
-    tp("tp_sys_enter_brk", "syscalls", "sys_enter_brk", TRACK_BRK),
+    tp("tp_sys_enter_madvise", "syscalls", "sys_enter_madvise", TRACK_MMAP),
     tp("tp_sys_exit_brk", "syscalls", "sys_exit_brk", TRACK_BRK),
+    tp("tp_sys_enter_brk", "syscalls", "sys_enter_brk", TRACK_BRK),
     tp("tp_page_fault_user", "exceptions", "page_fault_user", TRACK_FAULTS),
     tp("tp_oom_mark_victim", "oom", "mark_victim", TRACK_OOM),
 ];
