@@ -401,3 +401,23 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::ATTACHMENTS;
+
+    #[test]
+    fn every_syscall_exit_is_attached_before_its_entry() {
+        let position = |program: &str| ATTACHMENTS.iter().position(|a| a.program == program);
+        let entries: Vec<&str> =
+            ATTACHMENTS.iter().map(|a| a.program).filter(|p| p.starts_with("tp_sys_enter_")).collect();
+        assert_eq!(entries.len(), 6, "{entries:?}");
+        for entry in entries {
+            let exit = entry.replace("tp_sys_enter_", "tp_sys_exit_");
+            let (Some(e), Some(x)) = (position(entry), position(&exit)) else {
+                panic!("{entry} has no {exit}");
+            };
+            assert!(x < e, "{exit} is attached after {entry}");
+        }
+    }
+}
