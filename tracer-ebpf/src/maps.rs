@@ -234,7 +234,9 @@ pub const SCRATCH_JS_STACK: u32 = 2;
 /// `guard(preempt_notrace)` in `perf_syscall_enter`/`perf_syscall_exit` before
 /// `trace_call_bpf`), and `trace_call_bpf` refuses to start a second perf-attached program
 /// on a CPU where one runs (`bpf_prog_active`, counted in the program's
-/// `recursion_misses`), so [`SCRATCH`] is never shared. Uprobe programs do not:
+/// `recursion_misses`), so [`SCRATCH`] is never shared (it is claimed all the same, so
+/// that a kernel that ran them preemptibly would lose stacks, counted, rather than mix
+/// them). Uprobe programs do not:
 /// `bpf_prog_run_array_uprobe` only disables migration (`migrate_disable` under RCU), and
 /// with a preemptible kernel (`preempt=full`/`lazy`, selectable at run time under
 /// `PREEMPT_DYNAMIC`) a task preempted inside `uprobe_malloc` can be followed on the same
