@@ -332,6 +332,11 @@ impl HeapTracker {
         }
     }
 
+    /// The session's stack ids this view refers to (the session's stack table keeps them).
+    pub fn stack_ids(&self) -> impl Iterator<Item = StackId> + '_ {
+        self.ids.values().copied()
+    }
+
     /// The session's id for kernel stack `kernel_stack`, interning it on first sight.
     fn stack_id(&mut self, kernel_stack: u64, table: &mut StackTable) -> StackId {
         if kernel_stack == MALLOC_UNKNOWN_STACK {

@@ -10,7 +10,6 @@ mod procs;
 mod state;
 
 use std::{
-    collections::HashMap,
     io::{IsTerminal as _, Write as _},
     os::fd::OwnedFd,
     time::{Duration, Instant},
@@ -41,8 +40,6 @@ use crate::{
     symbolize::ProcessSymbols,
 };
 
-/// Unique stacks kept at most; later new stacks are counted as unknown.
-const STACK_TABLE_CAPACITY: usize = 200_000;
 /// Snapshots of per-stack held bytes kept for the growth verdict (resolution halves
 /// beyond it), and stacks followed at most.
 const HISTORY_POINTS: usize = 512;
@@ -250,9 +247,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         tracer,
         procs,
         all_exited: false,
-        stacks: StackTable::new(STACK_TABLE_CAPACITY),
-        frames: HashMap::new(),
-        symbolized_upto: 0,
+        stacks: StackTable::new(usize::try_from(args.stack_table_mib << 20).unwrap_or(usize::MAX)),
         oom_format,
         ooms: Vec::new(),
         warnings: Vec::new(),
@@ -450,7 +445,7 @@ async fn event_loop(
                 if next_snapshot.is_some_and(|at| Instant::now() >= at) {
                     s.js_heap.refresh(&mut s.stacks).await;
                 }
-                s.symbolize_new();
+                s.symbolize_and_bound_stacks();
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
                 }
@@ -589,7 +584,11 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
         warn!("{stack_failures} stack copies failed; those allocations have partial stacks");
     }
     if s.stacks.overflowed() > 0 {
-        warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
+        warn!(
+            "{} new stacks found the stack table full (--stack-table-mib {}) and are reported as unknown",
+            s.stacks.overflowed(),
+            args.stack_table_mib
+        );
     }
     let stacks = {
         let mapped = s.procs.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(args.min_age)));
