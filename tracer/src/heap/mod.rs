@@ -158,25 +158,16 @@ pub struct HeapTracker {
     from_files: bool,
 }
 
-/// Attaches the allocator of `pid`, waiting up to half a second for it to be mapped (right
-/// after an exec the C library comes a moment later), except in the modules (inodes)
-/// `probed` already.
+/// Attaches the allocator of `pid`, except in the modules (inodes) `probed` already. Right
+/// after an exec the C library comes a moment later: the session waits for it first
+/// (`session::os::wait_for_allocator`, without blocking the runtime).
 fn attach_when_mapped(
     ebpf: &mut Ebpf,
     pid: u32,
     node_buffers: bool,
     probed: &[u64],
 ) -> Result<AttachedAllocator, HeapError> {
-    let mut tries = 0;
-    let resolved = loop {
-        match uprobe::resolve(pid, node_buffers) {
-            Err(UprobeError::NoAllocator { .. }) if tries < 25 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            other => break other.map_err(Box::new)?,
-        }
-    };
+    let resolved = uprobe::resolve(pid, node_buffers).map_err(Box::new)?;
     let allocator = uprobe::attach_resolved(ebpf, pid, &resolved, probed).map_err(Box::new)?;
     info!("malloc: probing {} functions of {} in process {pid}", allocator.functions.len(), allocator.module);
     Ok(allocator)

@@ -259,6 +259,12 @@ impl StackTable {
         ids
     }
 
+    /// Puts back, first in line, stacks [`Self::take_unsymbolized`] gave that were not
+    /// symbolized yet.
+    pub fn requeue_unsymbolized(&mut self, ids: &[StackId]) {
+        self.pending.splice(0..0, ids.iter().copied());
+    }
+
     /// Address stacks whose frames have an unknown one (symbolized before their module
     /// was read).
     #[must_use]

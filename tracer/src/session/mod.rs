@@ -40,6 +40,8 @@ use crate::{
     symbolize::ProcessSymbols,
 };
 
+/// How long the ring buffers are read once tracing stopped.
+const FINAL_DRAIN: Duration = Duration::from_millis(200);
 /// Snapshots of per-stack held bytes kept for the growth verdict (resolution halves
 /// beyond it), and stacks followed at most.
 const HISTORY_POINTS: usize = 512;
@@ -106,18 +108,30 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let reason =
         event_loop(&mut s, [&mut events, &mut oom_events], pidfd, signals, args, started, &mut watchers)
             .await?;
+    let stopping = Instant::now();
     if let Some(view) = watchers.live.take() {
         view.finish();
     }
-    // Whatever is still in the ring buffers belongs to the run.
-    s.drain(oom_events.get_mut());
-    s.drain(events.get_mut());
-    s.settle_symbols();
+    // Whatever is still in the ring buffers belongs to the run; in a storm records keep
+    // coming, and those not read within FINAL_DRAIN came after the stop.
+    let deadline = Instant::now() + FINAL_DRAIN;
+    s.drain_until(oom_events.get_mut(), deadline);
+    if s.drain_until(events.get_mut(), deadline) {
+        warn!("events still arriving {FINAL_DRAIN:?} after the stop; the report ends there");
+    }
+    // Stopped by a person: the report comes within a second, with what is named by then.
+    s.settle_symbols(if reason == StopReason::Signal {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(5)
+    });
     if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
         s.js_heap.refresh(&mut s.stacks).await;
     }
     s.js_heap.close().await;
+    debug!("stopping: ring buffers read and symbols settled in {:.1?}", stopping.elapsed());
     let (mut report, reason) = finish(s, reason, args, started);
+    debug!("stopping: report made in {:.1?}", stopping.elapsed());
     for pusher in &mut watchers.pushers {
         pusher.push_final(&report).await;
         let status = pusher.status();
@@ -198,6 +212,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let oom_events = readable_fd(tracer.take_oom_events().context("OOM ring buffer already taken")?)
         .context("poll the OOM ring buffer")?;
     let files = target.program.as_deref().and_then(|program| hold_at_exit(&mut tracer, pid, program));
+    if track & TRACK_MALLOC != 0 && files.is_none() {
+        os::wait_for_allocator(pid, malloc.node_buffers).await;
+    }
     let mut heap = (track & TRACK_MALLOC != 0)
         .then(|| crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc, files.as_ref()))
         .transpose()
@@ -207,6 +224,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         release()?;
         wait_for_exec(pid, before).await;
         if let Some(heap) = heap.as_mut() {
+            if files.is_none() {
+                os::wait_for_allocator(pid, malloc.node_buffers).await;
+            }
             heap.after_exec(tracer.ebpf_mut(), pid)
                 .with_context(|| format!("attach the malloc probes to process {pid}"))?;
         }
@@ -377,24 +397,21 @@ async fn event_loop(
     let reason = loop {
         tokio::select! {
             guard = events.readable_mut() => {
-                let mut guard = guard.context("wait for events")?;
-                s.drain(guard.get_inner_mut());
-                guard.clear_ready();
+                read_ready(s, guard, "events").await?;
                 if let Some(reason) = ended(s) {
                     break reason;
                 }
             }
             guard = oom_events.readable_mut() => {
-                let mut guard = guard.context("wait for OOM records")?;
-                s.drain(guard.get_inner_mut());
-                guard.clear_ready();
+                read_ready(s, guard, "OOM records").await?;
                 if let Some(reason) = ended(s) {
                     break reason;
                 }
             }
             _ = drain.tick() => {
-                s.drain(oom_events.get_mut());
-                s.drain(events.get_mut());
+                if s.drain(oom_events.get_mut()) | s.drain(events.get_mut()) {
+                    tokio::task::yield_now().await;
+                }
                 if let Some(reason) = ended(s) {
                     break reason;
                 }
@@ -465,6 +482,24 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
+}
+
+/// Reads a ring buffer that polled readable. Records left (a storm): it stays ready and
+/// the loop comes back at once, after a yield that lets the runtime poll its drivers
+/// (signals, timers, the pidfd), which a task that never waits would starve.
+async fn read_ready(
+    s: &mut Session,
+    guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut guard = guard.with_context(|| format!("wait for {what}"))?;
+    if s.drain(guard.get_inner_mut()) {
+        drop(guard);
+        tokio::task::yield_now().await;
+    } else {
+        guard.clear_ready();
+    }
+    Ok(())
 }
 
 /// Whether what was drained ended the trace: the target OOM-killed, or every traced

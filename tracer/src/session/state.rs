@@ -19,6 +19,14 @@ use crate::{
     units::human_bytes,
 };
 
+/// The longest the event loop spends handling records before it looks at its other
+/// sources (signals, the target's exit, timers).
+const DRAIN_SLICE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The longest the once-a-second symbolization of new stacks runs; the rest waits for the
+/// next second.
+const SYMBOLIZE_SLICE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Ticks (seconds) a stack is kept after it was last seen, even when it holds nothing.
 const STACK_RECENT_S: u64 = 60;
 
@@ -66,12 +74,29 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// Handles every record waiting in the ring buffer.
-    pub(super) fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+    /// Handles the records waiting in the ring buffer, for at most [`DRAIN_SLICE`]: in a
+    /// storm the buffer never empties, and between slices the event loop sees signals,
+    /// the target's exit and its timers. Returns whether records may still wait.
+    pub(super) fn drain(&mut self, rb: &mut RingBuf<MapData>) -> bool {
+        self.drain_until(rb, Instant::now() + DRAIN_SLICE)
+    }
+
+    /// Handles the records waiting in the ring buffer until it is empty or `deadline`
+    /// passes; returns whether it stopped at the deadline.
+    pub(super) fn drain_until(&mut self, rb: &mut RingBuf<MapData>, deadline: Instant) -> bool {
+        let mut handled = 0u32;
+        let mut more = false;
         while let Some(item) = rb.next() {
             self.handle(&item);
+            handled += 1;
+            // The clock is read once per 64 records (a record takes about a microsecond).
+            if handled.is_multiple_of(64) && Instant::now() >= deadline {
+                more = true;
+                break;
+            }
         }
         self.replay(None);
+        more
     }
 
     /// Handles again the records held while their process's symbols were opened, once
@@ -85,14 +110,14 @@ impl Session {
         any
     }
 
-    /// At the end: waits (up to 5 s) for symbols still being opened and handles what was
-    /// held for them; after that, without them.
-    pub(super) fn settle_symbols(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    /// At the end: waits (up to `wait`) for symbols still being opened and handles what
+    /// was held for them; after that, without them.
+    pub(super) fn settle_symbols(&mut self, wait: std::time::Duration) {
+        let deadline = std::time::Instant::now() + wait;
         while self.procs.opening() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                warn!("symbols still being opened after 5 s; those processes keep addresses");
+                warn!("symbols still being opened after {wait:.1?}; those processes keep addresses");
                 for record in self.procs.abandon_opening() {
                     self.handle(&record);
                 }
@@ -245,12 +270,27 @@ impl Session {
     /// Symbolizes stacks seen since the last call, while the target still lives (JIT code
     /// moves and the process may exit).
     pub(super) fn symbolize_new(&mut self) {
+        self.symbolize_for(None);
+    }
+
+    /// [`Self::symbolize_new`] for at most `budget`, leaving the rest for the next call.
+    fn symbolize_for(&mut self, budget: Option<std::time::Duration>) {
         let fresh = self.stacks.take_unsymbolized();
         if fresh.is_empty() {
             return;
         }
+        let started = Instant::now();
         self.procs.refresh_perf_maps();
-        for id in fresh {
+        for (i, &id) in fresh.iter().enumerate() {
+            if budget.is_some_and(|b| started.elapsed() >= b) {
+                log::debug!(
+                    "symbolized {i} of {} new stacks in {:.1?}; the rest next",
+                    fresh.len(),
+                    started.elapsed()
+                );
+                self.stacks.requeue_unsymbolized(&fresh[i..]);
+                return;
+            }
             let addrs = self.stacks.get(id).to_vec();
             let frames = self.procs.symbolize(self.stacks.space(id), &addrs);
             self.stacks.set_frames(id, &frames);
@@ -261,7 +301,8 @@ impl Session {
     /// forgets the stacks that hold nothing in any view and were not seen in the last
     /// [`STACK_RECENT_S`] seconds (a stack is forgotten only once its frames are known).
     pub(super) fn symbolize_and_bound_stacks(&mut self) {
-        self.symbolize_new();
+        // A share of each second: the event loop goes on reading events meanwhile.
+        self.symbolize_for(Some(SYMBOLIZE_SLICE));
         self.stacks.tick();
         if self.stacks.ticks().is_multiple_of(60) {
             log::debug!(
