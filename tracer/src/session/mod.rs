@@ -1,6 +1,6 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
-mod cgroup;
+pub(crate) mod cgroup;
 mod jsheap;
 mod live;
 mod metrics;

@@ -7,14 +7,14 @@
 //! else, for node, V8's own heap ([`v8`]).
 
 mod js;
-mod module;
+pub(crate) mod module;
 mod native;
 #[cfg(test)]
 mod node_test;
 pub(crate) mod perfmap;
 #[cfg(test)]
 mod tests;
-mod unwind;
+pub(crate) mod unwind;
 pub(crate) mod v8;
 
 use std::collections::HashMap;
