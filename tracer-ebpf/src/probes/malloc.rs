@@ -189,7 +189,7 @@ fn nested(tid: u32, sp: u64) -> bool {
 }
 
 #[inline(always)]
-fn mix(h: u64, word: u64) -> u64 {
+pub(crate) fn mix(h: u64, word: u64) -> u64 {
     let h = (h ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     h ^ (h >> 32)
 }
@@ -230,21 +230,40 @@ pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
     if h == MALLOC_UNKNOWN_STACK {
         h = 1;
     }
-    if MALLOC_STACKS.get_ptr(h).is_some() {
-        return h;
+    match store_stack(h, stack) {
+        Stored::New | Stored::Known => h,
+        Stored::Lost => MALLOC_UNKNOWN_STACK,
     }
-    match MALLOC_STACKS.insert(h, &*stack, u64::from(BPF_NOEXIST)) {
+}
+
+/// What became of a stack given to [`store_stack`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// Stored by this call, and announced to userspace.
+    New,
+    /// Already there (or stored meanwhile by another CPU).
+    Known,
+    /// The table is full (counted).
+    Lost,
+}
+
+/// Stores `stack` under `h` unless it is there.
+#[inline(always)]
+pub(crate) fn store_stack(h: u64, stack: &MallocStack) -> Stored {
+    if MALLOC_STACKS.get_ptr(h).is_some() {
+        return Stored::Known;
+    }
+    match MALLOC_STACKS.insert(h, stack, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             if MALLOC_NEW_STACKS.output::<u64>(&h, 0).is_err() {
                 count(MCOUNTER_ANNOUNCE_FULL);
             }
-            h
+            Stored::New
         }
-        // Stored meanwhile by another CPU.
-        Err(e) if e == -17 => h,
+        Err(e) if e == -17 => Stored::Known,
         Err(_) => {
             count(MCOUNTER_STACKS_FULL);
-            MALLOC_UNKNOWN_STACK
+            Stored::Lost
         }
     }
 }

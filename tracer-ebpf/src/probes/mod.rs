@@ -1,6 +1,7 @@
 mod backing_store;
 mod cgroup;
 mod fault;
+mod js_stack;
 pub(crate) mod malloc;
 mod mmap;
 mod oom;

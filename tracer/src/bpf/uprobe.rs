@@ -23,8 +23,8 @@ use aya::{
 use log::debug;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use tracer_common::{
-    GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, GLOBAL_MALLOC_WAIT_EXEC, MAP_MALLOC_LIVE,
-    MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
+    GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, GLOBAL_MALLOC_WAIT_EXEC, MAP_MALLOC_JS_SLOTS,
+    MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
 };
 
 use crate::procfs::maps::MapEntry;
@@ -88,13 +88,18 @@ pub fn configure_loader<'a>(loader: &mut EbpfLoader<'a>, settings: &'a MallocSet
             .map_max_entries(MAP_MALLOC_LIVE, settings.max_live.max(1))
             .map_max_entries(MAP_MALLOC_STACKS, settings.max_stacks.max(1))
             .map_max_entries(MAP_MALLOC_TOTALS, settings.max_stacks.saturating_add(1))
-            .map_max_entries(MAP_MALLOC_PENDING, MAX_THREADS);
+            .map_max_entries(MAP_MALLOC_PENDING, MAX_THREADS)
+            .map_max_entries(
+                MAP_MALLOC_JS_SLOTS,
+                if settings.node_buffers { settings.max_stacks.max(1) } else { 1 },
+            );
     } else {
         loader
             .map_max_entries(MAP_MALLOC_LIVE, 1)
             .map_max_entries(MAP_MALLOC_STACKS, 1)
             .map_max_entries(MAP_MALLOC_TOTALS, 1)
             .map_max_entries(MAP_MALLOC_PENDING, 1)
+            .map_max_entries(MAP_MALLOC_JS_SLOTS, 1)
             .map_max_entries(MAP_MALLOC_NEW_STACKS, 4096);
     }
 }

@@ -17,6 +17,8 @@ mod tests;
 pub(crate) mod unwind;
 pub(crate) mod v8;
 
+pub use js::V8Code;
+
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::path::PathBuf;
