@@ -114,6 +114,15 @@ fn symbol_table<'data, R: object::ReadRef<'data>>(
         let Some((offset, size)) = object.section_by_name(section).and_then(|s| s.file_range()) else {
             return Ok(Vec::new());
         };
+        // The header's size is the file's to state: past the file's end it is refused
+        // before anything is allocated for it.
+        let len = file.metadata()?.len();
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{section} ({size} bytes at {offset:#x}) runs past the end of the file ({len} bytes)"),
+            ));
+        }
         let mut bytes = vec![0u8; usize::try_from(size).map_err(std::io::Error::other)?];
         file.read_exact_at(&mut bytes, offset)?;
         Ok(bytes)
@@ -199,6 +208,21 @@ mod tests {
         assert_eq!(find_version_string(b"\x0010.2.154-node.37"), Some((10, 2, 154)));
         assert_eq!(find_version_string(b"abc-node.1"), None);
     }
+    #[test]
+    /// Found by `cargo fuzz run elf`: a `.symtab` whose header states more bytes than the
+    /// file holds made memtrace allocate them (and abort when they could not be had).
+    #[test]
+    fn a_symbol_table_past_the_end_of_the_file_is_refused() {
+        let seed = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/elf/crash-a4c3dbc9d63b"))
+            .expect("the crash input");
+        let mut file = tempfile::tempfile().expect("a temp file");
+        std::io::Write::write_all(&mut file, &seed).expect("write it");
+        match read_elf(&file, "crash") {
+            Err(Refusal::Unreadable { why, .. }) => assert!(why.contains("past the end"), "{why}"),
+            other => panic!("a clear refusal, not {other:?}"),
+        }
+    }
+
     #[test]
     fn refuses_files_without_metadata() {
         let exe = std::env::current_exe().expect("own executable");
