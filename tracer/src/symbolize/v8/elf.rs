@@ -71,7 +71,7 @@ pub(crate) fn read_elf(file: &File, name: &str) -> Result<ElfMetadata, Refusal> 
     if let (Some(&(start, _)), Some(size)) = (wanted.get(BLOB_START), word(BLOB_SIZE, 4))
         && size > 0
     {
-        meta.builtins = Some(start..start + size as u64);
+        meta.builtins = Some(start..start.saturating_add(size as u64));
     }
     Ok(meta)
 }
@@ -157,7 +157,7 @@ impl Sections {
                 .sections()
                 .filter(|s| s.address() != 0)
                 .map(|s| {
-                    let range = s.address()..s.address() + s.size();
+                    let range = s.address()..s.address().saturating_add(s.size());
                     let offset = (s.kind() != SectionKind::UninitializedData)
                         .then(|| s.file_range().map(|(offset, _)| offset))
                         .flatten();
@@ -171,11 +171,12 @@ impl Sections {
     /// read from the file (one small read: sections are tens of megabytes).
     fn read_int(&self, file: &File, addr: u64, size: u64) -> Option<i64> {
         use std::os::unix::fs::FileExt;
-        let (range, offset) = self.0.iter().find(|(r, _)| r.start <= addr && addr + size <= r.end)?;
+        let (range, offset) =
+            self.0.iter().find(|(r, _)| r.start <= addr && addr.checked_add(size).is_some_and(|end| end <= r.end))?;
         let Some(offset) = offset else { return Some(0) };
         let mut buf = [0u8; 8];
         let len = usize::try_from(size).ok().filter(|&n| n <= 8)?;
-        file.read_exact_at(&mut buf[..len], offset + (addr - range.start)).ok()?;
+        file.read_exact_at(&mut buf[..len], offset.checked_add(addr - range.start)?).ok()?;
         let value = i64::from_le_bytes(buf);
         let shift = 64 - 8 * len as u32;
         Some((value << shift) >> shift)
