@@ -244,6 +244,9 @@ impl StackTable {
 
     /// Stores the frames symbolization gave an address stack.
     pub fn set_frames(&mut self, id: StackId, frames: &[Frame]) {
+        if self.entries.get(&id).is_none_or(|e| e.named) {
+            return;
+        }
         let ids: Box<[FrameId]> = frames.iter().map(|f| self.frames.intern(f)).collect();
         if let Some(e) = self.entries.get_mut(&id).filter(|e| !e.named) {
             self.entry_bytes -= e.heap_bytes();

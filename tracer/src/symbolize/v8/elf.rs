@@ -120,7 +120,9 @@ fn symbol_table<'data, R: object::ReadRef<'data>>(
         if offset.checked_add(size).is_none_or(|end| end > len) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("{section} ({size} bytes at {offset:#x}) runs past the end of the file ({len} bytes)"),
+                format!(
+                    "{section} ({size} bytes at {offset:#x}) runs past the end of the file ({len} bytes)"
+                ),
             ));
         }
         let mut bytes = vec![0u8; usize::try_from(size).map_err(std::io::Error::other)?];
@@ -171,8 +173,10 @@ impl Sections {
     /// read from the file (one small read: sections are tens of megabytes).
     fn read_int(&self, file: &File, addr: u64, size: u64) -> Option<i64> {
         use std::os::unix::fs::FileExt;
-        let (range, offset) =
-            self.0.iter().find(|(r, _)| r.start <= addr && addr.checked_add(size).is_some_and(|end| end <= r.end))?;
+        let (range, offset) = self
+            .0
+            .iter()
+            .find(|(r, _)| r.start <= addr && addr.checked_add(size).is_some_and(|end| end <= r.end))?;
         let Some(offset) = offset else { return Some(0) };
         let mut buf = [0u8; 8];
         let len = usize::try_from(size).ok().filter(|&n| n <= 8)?;
@@ -209,7 +213,7 @@ mod tests {
         assert_eq!(find_version_string(b"\x0010.2.154-node.37"), Some((10, 2, 154)));
         assert_eq!(find_version_string(b"abc-node.1"), None);
     }
-    #[test]
+
     /// Found by `cargo fuzz run elf`: a `.symtab` whose header states more bytes than the
     /// file holds made memtrace allocate them (and abort when they could not be had).
     #[test]
