@@ -83,8 +83,18 @@ pub const MCOUNTER_ANNOUNCE_FULL: u32 = 14;
 pub const MCOUNTER_ALLOC_BYTES: u32 = 15;
 /// Estimated bytes freed (weighted), all stacks.
 pub const MCOUNTER_FREE_BYTES: u32 = 16;
+/// Stacks whose CFI walk (through a module without frame pointers) met an address with
+/// no usable unwind row: the stack ends there.
+pub const MCOUNTER_CFI_NO_ROW: u32 = 17;
+/// Stacks whose walk could not read the user stack (a fault, or a frame that does not
+/// move up): the stack ends there.
+pub const MCOUNTER_CFI_READ_FAILED: u32 = 18;
+/// Stacks walked through CFI that were cut at [`MALLOC_STACK_DEPTH`] frames.
+pub const MCOUNTER_CFI_DEPTH: u32 = 19;
+/// Allocations whose stack was walked through CFI (their leaf is in a tabled module).
+pub const MCOUNTER_CFI_WALKS: u32 = 20;
 /// Number of counters.
-pub const MCOUNTER_COUNT: u32 = 17;
+pub const MCOUNTER_COUNT: u32 = 21;
 
 /// One outstanding allocation.
 #[repr(C)]
