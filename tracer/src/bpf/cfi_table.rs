@@ -68,6 +68,9 @@ fn convert(
     ra: Option<RegisterRule<usize>>,
     rbp: Option<RegisterRule<usize>>,
 ) -> CfiRow {
+    if matches!(ra, Some(RegisterRule::Undefined)) {
+        return CfiRow { pc: 0, cfa_offset: 0, cfa_reg: cfa::END, rbp_offset: 0 };
+    }
     let (reg, offset) = match *cfa_rule {
         CfaRule::RegisterAndOffset { register, offset } => (register, offset),
         CfaRule::Expression(_) => return UNSUPPORTED,
@@ -78,12 +81,8 @@ fn convert(
         _ => return UNSUPPORTED,
     };
     let Ok(cfa_offset) = u16::try_from(offset) else { return UNSUPPORTED };
-    match ra {
-        Some(RegisterRule::Offset(-8)) => {}
-        Some(RegisterRule::Undefined) => {
-            return CfiRow { pc: 0, cfa_offset: 0, cfa_reg: cfa::END, rbp_offset: 0 };
-        }
-        _ => return UNSUPPORTED,
+    if !matches!(ra, Some(RegisterRule::Offset(-8))) {
+        return UNSUPPORTED;
     }
     let rbp_offset = match rbp {
         None | Some(RegisterRule::SameValue | RegisterRule::Undefined) => 0,
