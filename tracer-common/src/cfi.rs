@@ -74,6 +74,10 @@ pub struct CfiBiases {
 /// The attach cookie of a probe in a module with a table: its slot and the module address
 /// (vaddr) of the probed instruction, from which a hit learns the module's load bias
 /// (`bias = ip − vaddr`; a uprobe's handler sees the probed address as its ip).
+#[allow(
+    clippy::inline_always,
+    reason = "called from the eBPF probes, whose hot path must not depend on the optimiser's inlining choices"
+)]
 pub mod cookie {
     const SLOT_SHIFT: u32 = 56;
     const VADDR_MASK: u64 = (1 << 48) - 1;

@@ -86,7 +86,7 @@ fn convert(
     }
     let rbp_offset = match rbp {
         None | Some(RegisterRule::SameValue | RegisterRule::Undefined) => 0,
-        Some(RegisterRule::Offset(n)) if n < 0 && n % 8 == 0 => match i8::try_from(n / 8) {
+        Some(&RegisterRule::Offset(n)) if n < 0 && n % 8 == 0 => match i8::try_from(n / 8) {
             Ok(words) => words,
             Err(_) => return UNSUPPORTED,
         },
@@ -129,25 +129,44 @@ pub fn build(data: &[u8]) -> Result<ModuleTable, CfiTableError> {
     let mut entries = eh_frame.entries(&bases);
     while let Some(entry) = entries.next()? {
         let CieOrFde::Fde(partial) = entry else { continue };
-        let Ok(fde) = partial.parse(|section, bases, offset| section.cie_from_offset(bases, offset)) else {
+        let Ok(fde) = partial.parse(gimli::UnwindSection::cie_from_offset) else {
             continue;
         };
         let mut table = fde.rows(&eh_frame, &bases, &mut ctx)?;
         while let Some(row) = table.next_row()? {
-            let converted = convert(row.cfa(), row.register(X86_64::RA), row.register(X86_64::RBP));
+            let converted =
+                convert(row.cfa(), row.register(X86_64::RA).as_ref(), row.register(X86_64::RBP).as_ref());
             spans.push((row.start_address(), row.end_address(), converted));
         }
     }
     spans.sort_by_key(|&(start, end, _)| (start, end));
+    // The entry point's code, when no FDE covers it (ld.so's `_start` and
+    // `_dl_start_user`, below every library constructor), is the outermost frame.
+    let entry = file.entry();
+    let gap = |from: u64, to: u64| {
+        let pc = from as u32;
+        if (from..to).contains(&entry) {
+            CfiRow { pc, cfa_reg: cfa::END, ..UNSUPPORTED }
+        } else {
+            CfiRow { pc, ..UNSUPPORTED }
+        }
+    };
     let mut rows: Vec<CfiRow> = Vec::with_capacity(spans.len());
     let mut covered_to = 0;
+    if let Some(&(first, _, _)) = spans.first()
+        && entry >= text_lo
+        && entry < first
+    {
+        push(&mut rows, gap(entry, first));
+        covered_to = first;
+    }
     for (start, end, row) in spans {
         if start >= end || start < covered_to {
             // Empty, or overlapping an earlier FDE (kept as the first says).
             continue;
         }
         if start > covered_to && covered_to != 0 {
-            push(&mut rows, CfiRow { pc: covered_to as u32, ..UNSUPPORTED });
+            push(&mut rows, gap(covered_to, start));
         }
         let Ok(pc) = u32::try_from(start) else { return Err(CfiTableError::TooLarge) };
         push(&mut rows, CfiRow { pc, ..row });

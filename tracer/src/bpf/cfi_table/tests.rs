@@ -28,7 +28,11 @@ fn libc_table_is_sorted_and_covers_its_text() {
     let data = libc();
     let table = build(&data).expect("build libc's table");
     assert!(table.rows.len() > 1000, "only {} rows", table.rows.len());
-    assert!(table.rows.len() < CFI_ROWS_MAX as usize / 2, "{} rows leave no room for libstdc++", table.rows.len());
+    assert!(
+        table.rows.len() < CFI_ROWS_MAX as usize / 2,
+        "{} rows leave no room for libstdc++",
+        table.rows.len()
+    );
     assert!(table.rows.windows(2).all(|w| w[0].pc < w[1].pc), "rows are not strictly sorted");
     let malloc = symbol(&data, "malloc");
     assert!(table.text_lo <= malloc && malloc < table.text_hi, "malloc outside the text range");
@@ -72,7 +76,8 @@ fn rows_agree_with_framehop_over_libc() {
     let table = build(&data).expect("build libc's table");
     let file = object::File::parse(&*data).expect("parse libc");
     let section = |name: &str| {
-        file.section_by_name(name).map(|s| (s.address()..s.address() + s.size(), Arc::<[u8]>::from(s.data().unwrap_or_default())))
+        file.section_by_name(name)
+            .map(|s| (s.address()..s.address() + s.size(), Arc::<[u8]>::from(s.data().unwrap_or_default())))
     };
     let eh_frame = section(".eh_frame").expect(".eh_frame");
     let eh_frame_hdr = section(".eh_frame_hdr").expect(".eh_frame_hdr");
@@ -103,11 +108,20 @@ fn rows_agree_with_framehop_over_libc() {
         let ours = (
             word(cfa - 8),
             cfa,
-            if row.rbp_offset == 0 { bp } else { word(cfa.wrapping_add((i64::from(row.rbp_offset) * 8) as u64)) },
+            if row.rbp_offset == 0 {
+                bp
+            } else {
+                word(cfa.wrapping_add((i64::from(row.rbp_offset) * 8) as u64))
+            },
         );
         let mut regs = UnwindRegsX86_64::new(bias + pc, sp, bp);
         let mut read = |addr: u64| Ok(word(addr));
-        let theirs = unwinder.unwind_frame(FrameAddress::InstructionPointer(bias + pc), &mut regs, &mut cache, &mut read);
+        let theirs = unwinder.unwind_frame(
+            FrameAddress::InstructionPointer(bias + pc),
+            &mut regs,
+            &mut cache,
+            &mut read,
+        );
         match theirs {
             Ok(Some(ra)) => {
                 assert_eq!(ours, (ra, regs.sp(), regs.bp()), "at libc+{pc:#x} (row {row:?})");
@@ -142,3 +156,17 @@ fn cookies_round_trip() {
     assert_eq!(cookie::decode(0), None, "a probe without a cookie is in no tabled module");
 }
 
+/// ld.so's entry code has no FDE and is below every library constructor: the end of the
+/// stack, not a table miss (which would be counted and reported).
+#[test]
+fn the_loaders_entry_is_the_outermost_frame() {
+    const LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
+    let data = std::fs::read(LOADER).unwrap_or_else(|e| panic!("read {LOADER}: {e}"));
+    let table = build(&data).expect("build ld.so's table");
+    let entry = object::File::parse(&*data).expect("parse ld.so").entry();
+    for pc in [entry, entry + 8] {
+        assert_eq!(table.lookup(pc).map(|r| r.cfa_reg), Some(cfa::END), "at ld.so+{pc:#x}");
+    }
+    let debug_state = symbol(&data, "_dl_debug_state");
+    assert_eq!(table.lookup(debug_state).map(|r| (r.cfa_reg, r.cfa_offset)), Some((cfa::RSP, 8)));
+}
