@@ -65,8 +65,8 @@ const UNSUPPORTED: CfiRow = CfiRow { pc: 0, cfa_offset: 0, cfa_reg: cfa::UNSUPPO
 /// The row for one CFI table row, or `UNSUPPORTED`.
 fn convert(
     cfa_rule: &CfaRule<usize>,
-    ra: Option<RegisterRule<usize>>,
-    rbp: Option<RegisterRule<usize>>,
+    ra: Option<&RegisterRule<usize>>,
+    rbp: Option<&RegisterRule<usize>>,
 ) -> CfiRow {
     if matches!(ra, Some(RegisterRule::Undefined)) {
         return CfiRow { pc: 0, cfa_offset: 0, cfa_reg: cfa::END, rbp_offset: 0 };
