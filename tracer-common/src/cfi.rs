@@ -12,10 +12,14 @@
 pub const CFI_MODULES_MAX: usize = 4;
 /// Rows of all tables together, at most (8 bytes each).
 pub const CFI_ROWS_MAX: u32 = 1 << 18;
+/// Rows per entry of [`MAP_CFI_ROWS`]: userspace writes a table in few syscalls.
+pub const CFI_CHUNK_ROWS: usize = 64;
+/// Entries of [`MAP_CFI_ROWS`].
+pub const CFI_CHUNKS_MAX: u32 = CFI_ROWS_MAX / CFI_CHUNK_ROWS as u32;
 /// Halvings of a binary search over a module's rows: enough for [`CFI_ROWS_MAX`].
 pub const CFI_SEARCH_STEPS: u32 = 18;
 
-/// Rows of the unwind tables, indexed from 0 (`CfiModule::row_lo` ..).
+/// Rows of the unwind tables in [`CfiChunk`]s: row `i` is `rows[i % 64]` of entry `i / 64`.
 pub const MAP_CFI_ROWS: &str = "CFI_ROWS";
 /// The modules with a table, by slot.
 pub const MAP_CFI_MODULES: &str = "CFI_MODULES";
@@ -48,6 +52,19 @@ pub struct CfiRow {
     /// Where the caller's rbp was saved, in 8-byte words from the CFA (`CFA + 8·n`, always
     /// negative); 0 when rbp is not saved (it still holds the caller's value).
     pub rbp_offset: i8,
+}
+
+/// [`CFI_CHUNK_ROWS`] consecutive rows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CfiChunk {
+    pub rows: [CfiRow; CFI_CHUNK_ROWS],
+}
+
+impl Default for CfiChunk {
+    fn default() -> Self {
+        Self { rows: [CfiRow::default(); CFI_CHUNK_ROWS] }
+    }
 }
 
 /// A module with a table.
@@ -102,6 +119,8 @@ pub mod cookie {
 
 const _: () = assert!(core::mem::size_of::<CfiRow>() == 8);
 const _: () = assert!(core::mem::size_of::<CfiModule>() == 32);
+const _: () = assert!(core::mem::size_of::<CfiChunk>() == 8 * CFI_CHUNK_ROWS);
+const _: () = assert!(CFI_CHUNK_ROWS.is_power_of_two());
 const _: () = assert!(core::mem::size_of::<CfiBiases>() == 8 * CFI_MODULES_MAX);
 const _: () = assert!(1 << CFI_SEARCH_STEPS >= CFI_ROWS_MAX);
 
@@ -112,6 +131,8 @@ mod pod {
     unsafe impl aya::Pod for super::CfiRow {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::CfiModule {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::CfiChunk {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::CfiBiases {}
 }

@@ -9,7 +9,7 @@ pub mod config;
 pub mod event;
 pub mod malloc;
 
-pub use cfi::{CfiBiases, CfiModule, CfiRow};
+pub use cfi::{CfiBiases, CfiChunk, CfiModule, CfiRow};
 pub use config::*;
 pub use event::*;
 pub use malloc::*;

@@ -17,16 +17,23 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use tracer_common::{
-    CfiBiases, CfiModule, CfiRow, MALLOC_STACK_DEPTH, MCOUNTER_CFI_DEPTH, MCOUNTER_CFI_NO_ROW,
+    CfiBiases, CfiChunk, CfiModule, CfiRow, MALLOC_STACK_DEPTH, MCOUNTER_CFI_DEPTH, MCOUNTER_CFI_NO_ROW,
     MCOUNTER_CFI_READ_FAILED, MCOUNTER_CFI_WALKS,
-    cfi::{CFI_MODULES_MAX, CFI_ROWS_MAX, CFI_SEARCH_STEPS, cfa, cookie},
+    cfi::{CFI_CHUNK_ROWS, CFI_CHUNKS_MAX, CFI_MODULES_MAX, CFI_SEARCH_STEPS, cfa, cookie},
 };
 
 use crate::probes::malloc::{count, stack_scratch, target_tid};
 
 /// Sizes are overridden by userspace (1 row when malloc is not tracked).
 #[map(name = "CFI_ROWS")]
-static CFI_ROWS: Array<CfiRow> = Array::with_max_entries(CFI_ROWS_MAX, 0);
+static CFI_ROWS: Array<CfiChunk> = Array::with_max_entries(CFI_CHUNKS_MAX, 0);
+
+/// Row `index` of the tables.
+#[inline(always)]
+fn row_at(index: u32) -> Option<CfiRow> {
+    let chunk = CFI_ROWS.get(index / CFI_CHUNK_ROWS as u32)?;
+    chunk.rows.get(index as usize & (CFI_CHUNK_ROWS - 1)).copied()
+}
 
 #[map(name = "CFI_MODULES")]
 static CFI_MODULES: Array<CfiModule> = Array::with_max_entries(CFI_MODULES_MAX as u32, 0);
@@ -116,7 +123,7 @@ pub extern "C" fn memtrace_cfi_find_row(row_lo: u32, rows: u32, addr: u64) -> u6
         }
         let half = n / 2;
         let mid = lo + half;
-        let Some(row) = CFI_ROWS.get(mid) else { return 0 };
+        let Some(row) = row_at(mid) else { return 0 };
         if u64::from(row.pc) <= addr {
             lo = mid;
             n -= half;
@@ -124,7 +131,7 @@ pub extern "C" fn memtrace_cfi_find_row(row_lo: u32, rows: u32, addr: u64) -> u6
             n = half;
         }
     }
-    match CFI_ROWS.get(lo) {
+    match row_at(lo) {
         Some(row) if u64::from(row.pc) <= addr => {
             u64::from(row.pc)
                 | (u64::from(row.cfa_offset) << 32)

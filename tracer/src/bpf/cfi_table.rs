@@ -23,8 +23,10 @@ use gimli::{
 use log::{debug, warn};
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, SegmentFlags};
 use tracer_common::{
-    CfiBiases, CfiModule, CfiRow,
-    cfi::{CFI_MODULES_MAX, CFI_ROWS_MAX, MAP_CFI_BIASES, MAP_CFI_MODULES, MAP_CFI_ROWS, cfa},
+    CfiBiases, CfiChunk, CfiModule, CfiRow,
+    cfi::{
+        CFI_CHUNK_ROWS, CFI_MODULES_MAX, CFI_ROWS_MAX, MAP_CFI_BIASES, MAP_CFI_MODULES, MAP_CFI_ROWS, cfa,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -201,7 +203,7 @@ pub fn vaddr_of_offset(data: &[u8], offset: u64) -> Option<u64> {
 
 /// The tables in the kernel's maps, one slot per module (by inode).
 pub struct CfiMaps {
-    rows: Array<MapData, CfiRow>,
+    rows: Array<MapData, CfiChunk>,
     modules: Array<MapData, CfiModule>,
     biases: BpfHashMap<MapData, u32, CfiBiases>,
 }
@@ -231,7 +233,8 @@ impl CfiMaps {
             if module.inode == inode {
                 return Some(slot);
             }
-            used = used.max(module.row_lo + module.rows);
+            // Each table starts a chunk of its own.
+            used = used.max((module.row_lo + module.rows).next_multiple_of(CFI_CHUNK_ROWS as u32));
         }
         let Some(slot) = free else {
             warn!(
@@ -240,6 +243,7 @@ impl CfiMaps {
             );
             return None;
         };
+        let started = std::time::Instant::now();
         let table = match build(data) {
             Ok(table) if !table.rows.is_empty() => table,
             Ok(_) => {
@@ -254,7 +258,7 @@ impl CfiMaps {
                 return None;
             }
         };
-        let capacity = self.rows.len().min(CFI_ROWS_MAX);
+        let capacity = (self.rows.len() * CFI_CHUNK_ROWS as u32).min(CFI_ROWS_MAX);
         let Ok(count) = u32::try_from(table.rows.len()) else { return None };
         if u64::from(used) + u64::from(count) > u64::from(capacity) {
             warn!(
@@ -263,8 +267,11 @@ impl CfiMaps {
             );
             return None;
         }
-        for (i, row) in table.rows.iter().enumerate() {
-            if let Err(e) = self.rows.set(used + i as u32, row, 0) {
+        let first_chunk = used / CFI_CHUNK_ROWS as u32;
+        for (i, rows) in table.rows.chunks(CFI_CHUNK_ROWS).enumerate() {
+            let mut chunk = CfiChunk::default();
+            chunk.rows[..rows.len()].copy_from_slice(rows);
+            if let Err(e) = self.rows.set(first_chunk + i as u32, chunk, 0) {
                 warn!("malloc: write the unwind table of {}: {e}", path.display());
                 return None;
             }
@@ -275,7 +282,11 @@ impl CfiMaps {
             warn!("malloc: write the unwind table of {}: {e}", path.display());
             return None;
         }
-        debug!("malloc: unwind table of {} in slot {slot}: {count} rows", path.display());
+        debug!(
+            "malloc: unwind table of {} in slot {slot}: {count} rows in {:.0?}",
+            path.display(),
+            started.elapsed()
+        );
         Some(slot)
     }
 

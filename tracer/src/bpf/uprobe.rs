@@ -25,7 +25,7 @@ use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use tracer_common::{
     GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, GLOBAL_MALLOC_WAIT_EXEC, MAP_MALLOC_LIVE,
     MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
-    cfi::{CFI_ROWS_MAX, MAP_CFI_BIASES, MAP_CFI_ROWS, cookie},
+    cfi::{CFI_CHUNKS_MAX, MAP_CFI_BIASES, MAP_CFI_ROWS, cookie},
 };
 
 use crate::{bpf::cfi_table::CfiMaps, procfs::maps::MapEntry};
@@ -90,7 +90,7 @@ pub fn configure_loader<'a>(loader: &mut EbpfLoader<'a>, settings: &'a MallocSet
             .map_max_entries(MAP_MALLOC_STACKS, settings.max_stacks.max(1))
             .map_max_entries(MAP_MALLOC_TOTALS, settings.max_stacks.saturating_add(1))
             .map_max_entries(MAP_MALLOC_PENDING, MAX_THREADS)
-            .map_max_entries(MAP_CFI_ROWS, CFI_ROWS_MAX);
+            .map_max_entries(MAP_CFI_ROWS, CFI_CHUNKS_MAX);
     } else {
         loader
             .map_max_entries(MAP_MALLOC_LIVE, 1)
