@@ -25,13 +25,27 @@ const ROUNDS: u64 = 150;
 const KEPT_PER_ROUND: u64 = 40;
 const BUFFER_BYTES: u64 = 8 * 1024;
 
+/// node's flags for the fixture: a perf map, and no `TurboFan` inlining (which would fold
+/// some of keepSmall's calls into its caller's frame).
+const PERF_MAP_FLAGS: [&str; 3] =
+    ["--perf-basic-prof", "--interpreted-frames-native-stack", "--no-turbo-inlining"];
+
 /// Runs `small_buffers.js rounds` under `memtrace attach <mode> --duration duration`;
 /// returns the report and keepSmall's Buffer memory (bytes, blocks).
 fn trace_small_buffers(rounds: u64, duration: &str, mode: &[&str]) -> (Report, (u64, u64)) {
+    trace_small_buffers_with(&PERF_MAP_FLAGS, rounds, duration, mode)
+}
+
+fn trace_small_buffers_with(
+    node_flags: &[&str],
+    rounds: u64,
+    duration: &str,
+    mode: &[&str],
+) -> (Report, (u64, u64)) {
     let dir = tempfile::tempdir().expect("create temp dir");
     let gate = StartGate::new(dir.path());
     let mut cmd = Command::new(node_bin());
-    cmd.args(["--perf-basic-prof", "--interpreted-frames-native-stack", "--no-turbo-inlining"])
+    cmd.args(node_flags)
         .arg(fixtures_dir().join("small_buffers.js"))
         .arg(rounds.to_string())
         .arg(gate.path())
@@ -66,6 +80,12 @@ fn trace_small_buffers(rounds: u64, duration: &str, mode: &[&str]) -> (Report, (
     let report = Report::read(&json);
     let summary = report.summary();
     eprintln!("{summary}");
+    if node_flags.is_empty() {
+        assert!(
+            !perf_map_path(fixture.pid()).exists(),
+            "node wrote a perf map unasked: the test would not show what it claims"
+        );
+    }
 
     let suspects = report.suspects();
     let keeping: Vec<_> = suspects.iter().filter(|s| s.culprit() == "keepSmall").collect();
@@ -75,7 +95,11 @@ fn trace_small_buffers(rounds: u64, duration: &str, mode: &[&str]) -> (Report, (
 }
 
 fn exact_bytes(mode: &[&str]) {
-    let (report, memory) = trace_small_buffers(ROUNDS, "12s", mode);
+    exact_bytes_with(&PERF_MAP_FLAGS, mode);
+}
+
+fn exact_bytes_with(node_flags: &[&str], mode: &[&str]) -> Report {
+    let (report, memory) = trace_small_buffers_with(node_flags, ROUNDS, "12s", mode);
     let summary = report.summary();
     let expected_count = ROUNDS * KEPT_PER_ROUND;
     assert_eq!(
@@ -87,6 +111,7 @@ fn exact_bytes(mode: &[&str]) {
         !report.leaks().iter().any(|l| l.culprit() == "churnLarge"),
         "the transient handler is flagged\n{summary}"
     );
+    report
 }
 
 /// Bytes and blocks of a suspect's allocator-view stacks that allocate a Buffer's memory.
@@ -114,6 +139,28 @@ fn node_buffers_mode_is_exact() {
         return;
     }
     exact_bytes(&["--track", "malloc", "--malloc-probes", "node-buffers"]);
+}
+
+/// node started with no flag at all: no perf map names the JS frames, V8's heap does
+/// (the kernel keeps the words below each V8 frame's frame pointer with every new stack).
+/// The leak is named at its JS line, exactly as with a perf map.
+#[test]
+fn node_buffers_mode_names_js_without_a_perf_map() {
+    if !require_root("node_buffers_mode_names_js_without_a_perf_map") {
+        return;
+    }
+    let report = exact_bytes_with(&[], &["--track", "malloc", "--malloc-probes", "node-buffers"]);
+    let summary = report.summary();
+    // The fixture leaks for 3 s and then holds still: a suspect, not yet a `leak` verdict.
+    let suspects = report.suspects();
+    let first = suspects.first().unwrap_or_else(|| panic!("no suspect\n{summary}"));
+    assert_eq!(first.culprit(), "keepSmall", "the first suspect\n{summary}");
+    let culprit = first.json.get("culprit").expect("culprit");
+    assert!(
+        culprit.get("file").and_then(Value::as_str).is_some_and(|f| f.ends_with("small_buffers.js")),
+        "keepSmall's file\n{culprit}"
+    );
+    assert_eq!(culprit.get("line").and_then(Value::as_u64), Some(26), "keepSmall's line\n{culprit}");
 }
 
 #[test]

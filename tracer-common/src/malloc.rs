@@ -46,6 +46,36 @@ pub const MAP_MALLOC_NEW_STACKS: &str = "MALLOC_NEW_STACKS";
 /// Per-CPU counters, indexed by the `MCOUNTER_*` constants.
 pub const MAP_MALLOC_COUNTERS: &str = "MALLOC_COUNTERS";
 
+/// The V8 frames of node-buffers stacks (`--malloc-probes node-buffers`): stack id →
+/// [`MallocJsSlots`], stored with the stack the first time it is seen, so that userspace
+/// names JS frames from V8's heap without a perf map.
+pub const MAP_MALLOC_JS_SLOTS: &str = "MALLOC_JS_SLOTS";
+/// Where V8's code is in the traced process, as [`V8CodeRange`]s at the `V8CODE_*` slots
+/// (written by userspace once it has read the node module; all zero until then).
+pub const MAP_MALLOC_V8_CODE: &str = "MALLOC_V8_CODE";
+/// Slot of [`MAP_MALLOC_V8_CODE`]: the node module's native code (V8's C++ and node's):
+/// frames there are not JS, except in the builtins ranges.
+pub const V8CODE_NATIVE: u32 = 0;
+/// First of the slots holding V8's embedded builtins (where the interpreter runs: every
+/// interpreted frame returns there, so its bytecode tells it apart).
+pub const V8CODE_BUILTINS: u32 = 1;
+/// Builtins ranges at most (the executable's own and V8's remapped copy).
+pub const V8CODE_BUILTINS_MAX: u32 = 2;
+/// Slot holding, as `start`/`end`, the byte offsets below the frame pointer of an
+/// interpreted frame's `BytecodeArray` and bytecode offset (positive: `fp - start`).
+pub const V8CODE_OFFSETS: u32 = V8CODE_BUILTINS + V8CODE_BUILTINS_MAX;
+pub const V8CODE_SLOTS: u32 = V8CODE_OFFSETS + 1;
+
+/// Bytes kept below a V8 frame's frame pointer: its context or frame-type marker, the
+/// `JSFunction`, the argument count and, for interpreted frames, the bytecode array and
+/// offset (V8 8.x to 12.x use at most 40).
+pub const MALLOC_JS_SLOT_BYTES: usize = 48;
+/// Frames of a stack whose slots may be kept: [`MallocJsSlots::frames`]`[i]` is the frame
+/// of `MallocStack::ips[i]`, except `frames[0]`, which is the caller's (the frame of
+/// `MallocStack::ret_addr`; `ips[0]` is the probed function itself). Frames deeper than
+/// this are not named from the heap.
+pub const MALLOC_JS_FRAMES: usize = 32;
+
 /// Allocator calls seen (entries of malloc, calloc, ..., not free).
 pub const MCOUNTER_CALLS: u32 = 0;
 /// Allocations recorded in the live table.
@@ -83,18 +113,24 @@ pub const MCOUNTER_ANNOUNCE_FULL: u32 = 14;
 pub const MCOUNTER_ALLOC_BYTES: u32 = 15;
 /// Estimated bytes freed (weighted), all stacks.
 pub const MCOUNTER_FREE_BYTES: u32 = 16;
+/// node-buffers: Buffers allocated before userspace said where V8's code is (the first
+/// moments of a trace); recorded under the unknown stack.
+pub const MCOUNTER_V8_UNKNOWN: u32 = 17;
+/// node-buffers: new stacks whose V8 frames could not be kept (table full): their JS
+/// frames stay unnamed.
+pub const MCOUNTER_JS_SLOTS_FULL: u32 = 18;
 /// Stacks whose CFI walk (through a module without frame pointers) met an address with
 /// no usable unwind row: the stack ends there.
-pub const MCOUNTER_CFI_NO_ROW: u32 = 17;
+pub const MCOUNTER_CFI_NO_ROW: u32 = 19;
 /// Stacks whose walk could not read the user stack (a fault, or a frame that does not
 /// move up): the stack ends there.
-pub const MCOUNTER_CFI_READ_FAILED: u32 = 18;
+pub const MCOUNTER_CFI_READ_FAILED: u32 = 20;
 /// Stacks walked through CFI that were cut at [`MALLOC_STACK_DEPTH`] frames.
-pub const MCOUNTER_CFI_DEPTH: u32 = 19;
+pub const MCOUNTER_CFI_DEPTH: u32 = 21;
 /// Allocations whose stack was walked through CFI (their leaf is in a tabled module).
-pub const MCOUNTER_CFI_WALKS: u32 = 20;
+pub const MCOUNTER_CFI_WALKS: u32 = 22;
 /// Number of counters.
-pub const MCOUNTER_COUNT: u32 = 21;
+pub const MCOUNTER_COUNT: u32 = 23;
 
 /// One outstanding allocation.
 #[repr(C)]
@@ -127,6 +163,36 @@ pub struct MallocStack {
     pub _pad: u32,
     /// Leaf first: `ips[0]` is the allocator's entry address.
     pub ips: [u64; MALLOC_STACK_DEPTH],
+}
+
+/// A range of process addresses, `[start, end)`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct V8CodeRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// One frame of a node-buffers stack that may be V8's, with the words below its frame
+/// pointer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MallocJsFrame {
+    /// The frame's frame pointer.
+    pub fp: u64,
+    /// The words at `[fp - MALLOC_JS_SLOT_BYTES, fp)`, lowest address first.
+    pub slots: [u64; MALLOC_JS_SLOT_BYTES / 8],
+}
+
+/// The V8 frames of one stack (see [`MAP_MALLOC_JS_SLOTS`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MallocJsSlots {
+    /// Bit `i` set: `frames[i]` holds a frame.
+    pub mask: u64,
+    /// The stack pointer at the probe.
+    pub sp: u64,
+    pub frames: [MallocJsFrame; MALLOC_JS_FRAMES],
 }
 
 /// Totals of one stack since tracing began. Monotonic: outstanding = alloc − free.
@@ -246,6 +312,10 @@ pub mod sampling {
 const _: () = assert!(core::mem::size_of::<MallocLive>() == 32);
 const _: () = assert!(core::mem::size_of::<MallocStack>() == 16 + 8 * MALLOC_STACK_DEPTH);
 const _: () = assert!(core::mem::size_of::<MallocStackTotals>() == 48);
+const _: () = assert!(core::mem::size_of::<MallocJsFrame>() == 8 + MALLOC_JS_SLOT_BYTES);
+const _: () =
+    assert!(core::mem::size_of::<MallocJsSlots>() == 16 + (8 + MALLOC_JS_SLOT_BYTES) * MALLOC_JS_FRAMES);
+const _: () = assert!(MALLOC_JS_FRAMES <= 64 && MALLOC_JS_FRAMES <= MALLOC_STACK_DEPTH);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -256,4 +326,8 @@ mod pod {
     unsafe impl aya::Pod for super::MallocStack {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::MallocStackTotals {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::V8CodeRange {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::MallocJsSlots {}
 }

@@ -17,9 +17,10 @@ use aya_ebpf::{
 };
 use tracer_common::{MCOUNTER_CALLS, MCOUNTER_FAILED, MCOUNTER_FREES_UNKNOWN, MCOUNTER_SKIPPED, MallocLive};
 
+use crate::probes::js_stack;
 use crate::probes::malloc::{
-    MALLOC_LIVE, MALLOC_PENDING, Pending, account_free, capture_stack, count, keep, kind, record_block, regs,
-    release, take_live, target_tid,
+    MALLOC_LIVE, MALLOC_PENDING, Pending, account_free, count, keep, kind, record_block, regs, release,
+    take_live, target_tid,
 };
 
 /// Offsets in `v8::internal::BackingStore`.
@@ -53,10 +54,9 @@ fn allocated(ctx: &ProbeContext, start: u64, length: u64) -> u32 {
         count(MCOUNTER_SKIPPED);
         return 0;
     }
-    let (sp, _) = regs(ctx.regs);
     // SAFETY: no preconditions.
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    let stack_id = capture_stack(ctx.regs.cast(), sp);
+    let stack_id = js_stack::capture(ctx.regs);
     record_block(start, length, stack_id, ts_ns);
     0
 }

@@ -189,7 +189,7 @@ fn nested(tid: u32, sp: u64) -> bool {
 }
 
 #[inline(always)]
-fn mix(h: u64, word: u64) -> u64 {
+pub(crate) fn mix(h: u64, word: u64) -> u64 {
     let h = (h ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     h ^ (h >> 32)
 }
@@ -198,20 +198,6 @@ fn mix(h: u64, word: u64) -> u64 {
 #[inline(always)]
 pub(crate) fn stack_scratch() -> Option<*mut MallocStack> {
     MALLOC_STACK_SCRATCH.get_ptr_mut(0)
-}
-
-/// Walks the user stack by frame pointers and stores it; returns its id.
-#[inline(always)]
-pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
-    let Some(stack) = MALLOC_STACK_SCRATCH.get_ptr_mut(0) else {
-        return MALLOC_UNKNOWN_STACK;
-    };
-    // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
-    let stack = unsafe { &mut *stack };
-    if !walk_by_frame_pointers(ctx, sp, stack) {
-        return MALLOC_UNKNOWN_STACK;
-    }
-    store_stack(stack)
 }
 
 /// The stack at an allocator's entry: through CFI when the allocator is in a module
@@ -227,7 +213,7 @@ fn capture_allocator_stack(ctx: &ProbeContext, sp: u64) -> u64 {
     if !walked && !walk_by_frame_pointers(ctx.regs.cast(), sp, stack) {
         return MALLOC_UNKNOWN_STACK;
     }
-    store_stack(stack)
+    hash_and_store(stack)
 }
 
 /// The kernel's frame-pointer walk, plus the return address it skips at a function's
@@ -254,9 +240,9 @@ fn walk_by_frame_pointers(ctx: *mut core::ffi::c_void, sp: u64, stack: &mut Mall
     true
 }
 
-/// Stores `stack` under the hash of its addresses, announcing it when new; returns its id.
+/// Stores `stack` under the hash of its addresses (see [`store_stack`]); returns its id.
 #[inline(always)]
-fn store_stack(stack: &MallocStack) -> u64 {
+fn hash_and_store(stack: &MallocStack) -> u64 {
     let depth = stack.depth as usize;
     let mut h = mix(0x6d61_6c6c_6f63_0001, stack.ret_addr);
     for i in 0..MALLOC_STACK_DEPTH {
@@ -268,21 +254,40 @@ fn store_stack(stack: &MallocStack) -> u64 {
     if h == MALLOC_UNKNOWN_STACK {
         h = 1;
     }
+    match store_stack(h, stack) {
+        Stored::New | Stored::Known => h,
+        Stored::Lost => MALLOC_UNKNOWN_STACK,
+    }
+}
+
+/// What became of a stack given to [`store_stack`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// Stored by this call, and announced to userspace.
+    New,
+    /// Already there (or stored meanwhile by another CPU).
+    Known,
+    /// The table is full (counted).
+    Lost,
+}
+
+/// Stores `stack` under `h` unless it is there.
+#[inline(always)]
+pub(crate) fn store_stack(h: u64, stack: &MallocStack) -> Stored {
     if MALLOC_STACKS.get_ptr(h).is_some() {
-        return h;
+        return Stored::Known;
     }
     match MALLOC_STACKS.insert(h, stack, u64::from(BPF_NOEXIST)) {
         Ok(()) => {
             if MALLOC_NEW_STACKS.output::<u64>(&h, 0).is_err() {
                 count(MCOUNTER_ANNOUNCE_FULL);
             }
-            h
+            Stored::New
         }
-        // Stored meanwhile by another CPU.
-        Err(e) if e == -17 => h,
+        Err(e) if e == -17 => Stored::Known,
         Err(_) => {
             count(MCOUNTER_STACKS_FULL);
-            MALLOC_UNKNOWN_STACK
+            Stored::Lost
         }
     }
 }

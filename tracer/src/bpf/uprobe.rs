@@ -23,8 +23,8 @@ use aya::{
 use log::debug;
 use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use tracer_common::{
-    GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, GLOBAL_MALLOC_WAIT_EXEC, MAP_MALLOC_LIVE,
-    MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
+    GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, GLOBAL_MALLOC_WAIT_EXEC, MAP_MALLOC_JS_SLOTS,
+    MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
     cfi::{CFI_CHUNKS_MAX, MAP_CFI_BIASES, MAP_CFI_ROWS, cookie},
 };
 
@@ -90,7 +90,12 @@ pub fn configure_loader<'a>(loader: &mut EbpfLoader<'a>, settings: &'a MallocSet
             .map_max_entries(MAP_MALLOC_STACKS, settings.max_stacks.max(1))
             .map_max_entries(MAP_MALLOC_TOTALS, settings.max_stacks.saturating_add(1))
             .map_max_entries(MAP_MALLOC_PENDING, MAX_THREADS)
-            .map_max_entries(MAP_CFI_ROWS, CFI_CHUNKS_MAX);
+            // Node's BackingStore probes keep the kernel's frame-pointer walk.
+            .map_max_entries(MAP_CFI_ROWS, if settings.node_buffers { 1 } else { CFI_CHUNKS_MAX })
+            .map_max_entries(
+                MAP_MALLOC_JS_SLOTS,
+                if settings.node_buffers { settings.max_stacks.max(1) } else { 1 },
+            );
     } else {
         loader
             .map_max_entries(MAP_MALLOC_LIVE, 1)
@@ -99,6 +104,7 @@ pub fn configure_loader<'a>(loader: &mut EbpfLoader<'a>, settings: &'a MallocSet
             .map_max_entries(MAP_MALLOC_PENDING, 1)
             .map_max_entries(MAP_CFI_ROWS, 1)
             .map_max_entries(MAP_CFI_BIASES, 1)
+            .map_max_entries(MAP_MALLOC_JS_SLOTS, 1)
             .map_max_entries(MAP_MALLOC_NEW_STACKS, 4096);
     }
 }
@@ -483,6 +489,26 @@ fn plan(
     module: &str,
     table: &'static [(&'static str, &'static str, bool)],
 ) -> Result<Plan, UprobeError> {
+    plan_keeping(pid, maps, module, table, false)
+}
+
+/// [`plan`] for a module without frame pointers: its frames are unwound by CFI.
+fn cfi_plan(
+    pid: u32,
+    maps: &[Mapping],
+    module: &str,
+    table: &'static [(&'static str, &'static str, bool)],
+) -> Result<Plan, UprobeError> {
+    plan_keeping(pid, maps, module, table, true)
+}
+
+fn plan_keeping(
+    pid: u32,
+    maps: &[Mapping],
+    module: &str,
+    table: &'static [(&'static str, &'static str, bool)],
+    keep_file: bool,
+) -> Result<Plan, UprobeError> {
     let mapping = maps
         .iter()
         .find(|m| m.path == module)
@@ -499,19 +525,7 @@ fn plan(
     {
         locations.insert(DT_INIT, location);
     }
-    Ok(Plan { mapping, path, locations, table, cfi: None })
-}
-
-/// [`plan`] for a module without frame pointers: its frames are unwound by CFI.
-fn cfi_plan(
-    pid: u32,
-    maps: &[Mapping],
-    module: &str,
-    table: &'static [(&'static str, &'static str, bool)],
-) -> Result<Plan, UprobeError> {
-    let mut p = plan(pid, maps, module, table)?;
-    p.cfi = std::fs::read(&p.path).ok();
-    Ok(p)
+    Ok(Plan { mapping, path, locations, table, cfi: keep_file.then_some(data) })
 }
 
 /// Where a module's `DT_INIT` function is, as a probe location.

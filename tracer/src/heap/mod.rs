@@ -8,6 +8,7 @@
 pub mod aggregate;
 pub mod args;
 pub mod duty;
+mod js;
 
 use std::{collections::HashMap, time::Instant};
 
@@ -20,15 +21,17 @@ use tracer_common::{
     MALLOC_STACK_DEPTH, MALLOC_UNKNOWN_STACK, MAP_MALLOC_COUNTERS, MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS,
     MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS, MCOUNTER_ALLOC_BYTES, MCOUNTER_ANNOUNCE_FULL, MCOUNTER_CALLS,
     MCOUNTER_CFI_DEPTH, MCOUNTER_CFI_NO_ROW, MCOUNTER_CFI_READ_FAILED, MCOUNTER_CFI_WALKS, MCOUNTER_COUNT,
-    MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN, MCOUNTER_LIVE_FULL,
-    MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL, MCOUNTER_PENDING_STALE, MCOUNTER_REUSED,
-    MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL, MCOUNTER_TOTALS_FULL, MCOUNTER_TRACKED,
-    MallocLive, MallocStack, MallocStackTotals,
+    MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN, MCOUNTER_JS_SLOTS_FULL,
+    MCOUNTER_LIVE_FULL, MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL, MCOUNTER_PENDING_STALE,
+    MCOUNTER_REUSED, MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL, MCOUNTER_TOTALS_FULL,
+    MCOUNTER_TRACKED, MCOUNTER_V8_UNKNOWN, MallocLive, MallocStack, MallocStackTotals,
 };
 
 pub use aggregate::{HeapAgg, aggregate_live, aggregate_totals};
 pub use args::MallocArgs;
 use duty::{DutyCycle, Switch};
+use js::HeapJs;
+pub(crate) use js::JsNamer;
 
 use crate::{
     bpf::{
@@ -67,6 +70,8 @@ pub struct MallocCounters {
     pub announce_full: u64,
     pub alloc_bytes: u64,
     pub free_bytes: u64,
+    pub v8_unknown: u64,
+    pub js_slots_full: u64,
     /// Stacks walked through CFI, and those cut short (see `MCOUNTER_CFI_*`).
     pub cfi_walks: u64,
     pub cfi_no_row: u64,
@@ -95,6 +100,8 @@ impl MallocCounters {
             announce_full: at(MCOUNTER_ANNOUNCE_FULL),
             alloc_bytes: at(MCOUNTER_ALLOC_BYTES),
             free_bytes: at(MCOUNTER_FREE_BYTES),
+            v8_unknown: at(MCOUNTER_V8_UNKNOWN),
+            js_slots_full: at(MCOUNTER_JS_SLOTS_FULL),
             cfi_walks: at(MCOUNTER_CFI_WALKS),
             cfi_no_row: at(MCOUNTER_CFI_NO_ROW),
             cfi_read_failed: at(MCOUNTER_CFI_READ_FAILED),
@@ -144,6 +151,18 @@ impl MallocCounters {
                 self.stack_failed
             ));
         }
+        if self.v8_unknown > 0 {
+            out.push(format!(
+                "malloc: {} Buffers allocated before memtrace knew where V8's code is (the first moments of the trace) have no stack",
+                self.v8_unknown
+            ));
+        }
+        if self.js_slots_full > 0 {
+            out.push(format!(
+                "malloc: the JS frames of {} Buffer stacks are unnamed (their table, --malloc-max-stacks entries, was full)",
+                self.js_slots_full
+            ));
+        }
         let cut = self.cfi_no_row + self.cfi_read_failed + self.cfi_depth;
         if cut > 0 {
             out.push(format!(
@@ -178,6 +197,8 @@ pub struct HeapTracker {
     duty: Option<DutyCycle>,
     /// The probes were set from the command's files before it ran (`memtrace run`).
     from_files: bool,
+    /// node-buffers: the V8 frames the kernel keeps with each stack.
+    js: Option<HeapJs>,
 }
 
 /// Attaches the allocator of `pid`, waiting up to half a second for it to be mapped (right
@@ -234,6 +255,7 @@ impl HeapTracker {
         let counters = take(ebpf, MAP_MALLOC_COUNTERS)?;
         let new_stacks = take(ebpf, MAP_MALLOC_NEW_STACKS)?;
         let mut cfi = CfiMaps::take(ebpf)?;
+        let js = if settings.node_buffers { Some(HeapJs::take(ebpf)?) } else { None };
         let from_files = files.filter(|_| settings.wait_exec).map(|files| {
             let resolved = uprobe::resolve_command(pid, files, settings.node_buffers)?;
             uprobe::attach_resolved(ebpf, &mut cfi, pid, &resolved, &[])
@@ -273,14 +295,35 @@ impl HeapTracker {
             ids: HashMap::new(),
             duty,
             from_files,
+            js,
         })
     }
 
     /// Once a second: switches the duty-cycled probes ([`Self::tick`]) and interns the
     /// new stacks ([`Self::poll_new_stacks`]).
-    pub fn poll(&mut self, ebpf: &mut Ebpf, table: &mut StackTable) {
+    pub(crate) fn poll(&mut self, ebpf: &mut Ebpf, table: &mut StackTable, namer: &mut dyn JsNamer) {
         self.tick(ebpf);
-        self.poll_new_stacks(table);
+        if let Some(js) = self.js.as_mut() {
+            js.set_code(namer);
+        }
+        self.poll_new_stacks(table, namer);
+    }
+
+    /// node-buffers: a descriptor that polls readable when the kernel announces a new
+    /// stack, so that its JS frames are named within milliseconds (the garbage collector
+    /// moves what they point to); `None` when nothing needs naming so soon.
+    pub(crate) fn new_stacks_fd(&self) -> Option<std::io::Result<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsFd;
+        self.js.as_ref()?;
+        Some(self.new_stacks.as_fd().try_clone_to_owned())
+    }
+
+    /// node-buffers: tells the kernel where V8's code is, if the namer knows (until then
+    /// Buffers are recorded without a stack).
+    pub(crate) fn set_v8_code(&mut self, namer: &mut dyn JsNamer) {
+        if let Some(js) = self.js.as_mut() {
+            js.set_code(namer);
+        }
     }
 
     /// `--malloc-duty`: attaches or detaches the allocation probes when their window
@@ -345,7 +388,7 @@ impl HeapTracker {
 
     /// Interns the stacks the kernel stored since the last call, so that the session
     /// symbolizes them while the target lives.
-    pub fn poll_new_stacks(&mut self, table: &mut StackTable) {
+    pub(crate) fn poll_new_stacks(&mut self, table: &mut StackTable, namer: &mut dyn JsNamer) {
         let mut fresh = Vec::new();
         while let Some(item) = self.new_stacks.next() {
             if let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) {
@@ -353,31 +396,37 @@ impl HeapTracker {
             }
         }
         for id in fresh {
-            self.stack_id(id, table);
+            self.intern_new(id, table, namer);
         }
     }
 
-    /// The session's id for kernel stack `kernel_stack`, interning it on first sight.
-    fn stack_id(&mut self, kernel_stack: u64, table: &mut StackTable) -> StackId {
-        if kernel_stack == MALLOC_UNKNOWN_STACK {
-            return StackId(0);
+    /// Interns a stack the kernel announced, its JS frames named while the heap still
+    /// holds what they point to.
+    fn intern_new(&mut self, kernel_stack: u64, table: &mut StackTable, namer: &mut dyn JsNamer) {
+        if kernel_stack == MALLOC_UNKNOWN_STACK || self.ids.contains_key(&kernel_stack) {
+            return;
         }
-        if let Some(&id) = self.ids.get(&kernel_stack) {
-            return id;
-        }
-        let Ok(stack) = self.stacks.get(&kernel_stack, 0) else {
-            return StackId(0);
-        };
+        let Ok(stack) = self.stacks.get(&kernel_stack, 0) else { return };
         let mut addrs = [0; MALLOC_STACK_DEPTH + 1];
         let n = stack.addresses(&mut addrs);
-        let id = table.intern(&addrs[..n]);
+        let with_js = self.js.as_ref().and_then(|js| js.name(kernel_stack, &stack, &addrs[..n], namer));
+        let id = match with_js {
+            Some((space, tokens)) => table.intern_in(space, &tokens),
+            None => table.intern(&addrs[..n]),
+        };
         self.ids.insert(kernel_stack, id);
-        id
+    }
+
+    /// The session's id for kernel stack `kernel_stack`, interning it on first sight (a
+    /// snapshot may meet a stack before its announcement is read).
+    fn stack_id(&mut self, kernel_stack: u64, table: &mut StackTable, namer: &mut dyn JsNamer) -> StackId {
+        self.intern_new(kernel_stack, table, namer);
+        self.ids.get(&kernel_stack).copied().unwrap_or(StackId(0))
     }
 
     /// Outstanding heap memory by stack from the kernel's running totals: cheap enough
     /// for every snapshot (one read per stack, not per allocation).
-    pub fn snapshot(&mut self, table: &mut StackTable) -> Vec<StackAgg> {
+    pub(crate) fn snapshot(&mut self, table: &mut StackTable, namer: &mut dyn JsNamer) -> Vec<StackAgg> {
         let per_cpu: Vec<(u64, Vec<MallocStackTotals>)> = self
             .totals
             .iter()
@@ -385,30 +434,40 @@ impl HeapTracker {
             .map(|(stack, values)| (stack, values.to_vec()))
             .collect();
         let aggs = aggregate_totals(per_cpu.iter().map(|(stack, values)| (*stack, values.as_slice())));
-        self.stack_aggs(&aggs, table)
+        self.stack_aggs(&aggs, table, namer)
     }
 
     /// Ends the allocator view: reads every outstanding allocation made at or before
     /// `cutoff_ns`, grouped by stack.
-    pub fn finish(&mut self, cutoff_ns: u64, table: &mut StackTable) -> Vec<StackAgg> {
+    pub(crate) fn finish(
+        &mut self,
+        cutoff_ns: u64,
+        table: &mut StackTable,
+        namer: &mut dyn JsNamer,
+    ) -> Vec<StackAgg> {
         if let Some(duty) = self.duty.as_mut() {
             duty.stop(Instant::now());
         }
-        self.poll_new_stacks(table);
+        self.poll_new_stacks(table, namer);
         let started = std::time::Instant::now();
         let entries: Vec<MallocLive> = self.live.iter().filter_map(Result::ok).map(|(_, v)| v).collect();
         debug!("malloc: read {} outstanding allocations in {:.2?}", entries.len(), started.elapsed());
         let aggs = aggregate_live(entries, cutoff_ns, self.settings.sample_bytes);
-        self.stack_aggs(&aggs, table)
+        self.stack_aggs(&aggs, table, namer)
     }
 
     /// The session's aggregates; with duty cycling, bytes and blocks scaled by the share
     /// of the time the allocation probes were attached (see [`duty`]).
-    fn stack_aggs(&mut self, aggs: &[HeapAgg], table: &mut StackTable) -> Vec<StackAgg> {
+    fn stack_aggs(
+        &mut self,
+        aggs: &[HeapAgg],
+        table: &mut StackTable,
+        namer: &mut dyn JsNamer,
+    ) -> Vec<StackAgg> {
         let share = self.armed_share();
         aggs.iter()
             .map(|agg| StackAgg {
-                stack: self.stack_id(agg.kernel_stack, table),
+                stack: self.stack_id(agg.kernel_stack, table, namer),
                 bytes: duty::scale(agg.bytes, share),
                 count: duty::scale(agg.count(), share),
                 oldest_ts_ns: agg.oldest_ts_ns,

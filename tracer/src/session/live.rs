@@ -34,7 +34,8 @@ impl Session {
         let mut heap_bytes = 0;
         let stacks = match self.heap.as_mut() {
             Some(heap) => {
-                let heap_aggs = heap.snapshot(&mut self.stacks);
+                let heap_aggs =
+                    heap.snapshot(&mut self.stacks, &mut super::procs::FirstTarget(&mut self.procs));
                 heap_bytes = heap_aggs.iter().map(|a| a.bytes).sum();
                 heap.merge(mapped, heap_aggs, &self.stacks)
             }

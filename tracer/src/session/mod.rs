@@ -218,6 +218,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         eprintln!("memtrace: malloc: {}", heap.describe());
     }
     let mut procs = open_targets(&pids[..named], &pids[named..])?;
+    if let Some(heap) = heap.as_mut() {
+        heap.set_v8_code(&mut procs::FirstTarget(&mut procs));
+    }
     if target.children {
         adopt_descendants(&mut tracer, &mut procs, &pids);
     }
@@ -359,6 +362,7 @@ fn whom(pids: &[u32], children: bool, comm: &str) -> String {
 }
 
 /// Reads events, snapshots and reports status until a stop condition.
+#[allow(clippy::too_many_lines, reason = "one select! over every source, each arm short")]
 async fn event_loop(
     s: &mut Session,
     [events, oom_events]: [&mut AsyncFd<RingBuf<MapData>>; 2],
@@ -369,6 +373,13 @@ async fn event_loop(
     watchers: &mut Watchers,
 ) -> anyhow::Result<StopReason> {
     let pidfd = readable_fd(pidfd).context("poll the pidfd")?;
+    let new_heap_stacks = match s.heap.as_ref().and_then(crate::heap::HeapTracker::new_stacks_fd) {
+        Some(fd) => Some(
+            readable_fd(fd.context("duplicate the malloc stack ring buffer")?)
+                .context("poll the malloc stack ring buffer")?,
+        ),
+        None => None,
+    };
     let mut target_exited = false;
     let deadline = args.duration.and_then(|d| crate::duration::deadline(tokio::time::Instant::now(), d));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -403,6 +414,13 @@ async fn event_loop(
                 if let Some(reason) = ended(s) {
                     break reason;
                 }
+            }
+            guard = async { match new_heap_stacks.as_ref() { Some(fd) => fd.readable().await, None => std::future::pending().await } } => {
+                let mut guard = guard.context("wait for new malloc stacks")?;
+                if let Some(heap) = s.heap.as_mut() {
+                    heap.poll_new_stacks(&mut s.stacks, &mut procs::FirstTarget(&mut s.procs));
+                }
+                guard.clear_ready();
             }
             _ = pidfd.readable(), if !target_exited => {
                 target_exited = true;
@@ -439,7 +457,7 @@ async fn event_loop(
                     break StopReason::TargetExited;
                 }
                 if let Some(heap) = s.heap.as_mut() {
-                    heap.poll(s.tracer.ebpf_mut(), &mut s.stacks);
+                    heap.poll(s.tracer.ebpf_mut(), &mut s.stacks, &mut procs::FirstTarget(&mut s.procs));
                 }
                 if !s.js_heap.is_open() {
                     s.js_heap.poll_open(s.pid).await;
@@ -581,7 +599,7 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
     let end_ns = s.ended_ns.filter(|_| exited).unwrap_or_else(monotonic_ns);
     let heap_aggs = s.heap.as_mut().map(|heap| {
         let cutoff = end_ns.saturating_sub(crate::duration::nanos(args.min_age));
-        heap.finish(cutoff, &mut s.stacks)
+        heap.finish(cutoff, &mut s.stacks, &mut procs::FirstTarget(&mut s.procs))
     });
     s.symbolize_new();
     let stack_failures = s.tracer.counters()[COUNTER_STACK_READ_FAILED as usize];

@@ -537,6 +537,40 @@ impl Processes {
     }
 }
 
+/// Names the JS frames of the allocator view's stacks, which are the first target's
+/// (the allocator probes follow it only).
+pub(super) struct FirstTarget<'a>(pub &'a mut Processes);
+
+impl FirstTarget<'_> {
+    fn symbols(&mut self) -> Option<(u32, &mut ProcessSymbols)> {
+        let space = self.0.procs.first()?.space;
+        let symbols = self.0.spaces.get_mut(space as usize)?.symbols.as_mut()?;
+        Some((space, symbols))
+    }
+}
+
+impl crate::heap::JsNamer for FirstTarget<'_> {
+    fn v8_code(&mut self) -> Option<crate::symbolize::V8Code> {
+        self.symbols()?.1.v8_code()
+    }
+
+    fn name(
+        &mut self,
+        frames: &[crate::symbolize::unwind::UnwoundFrame],
+        sp: u64,
+        windows: &[(u64, Vec<u8>)],
+    ) -> (u32, Vec<u64>) {
+        match self.symbols() {
+            Some((space, symbols)) => (
+                space,
+                symbols
+                    .name_js_frames_in(frames, crate::symbolize::v8::StackCopy { sp, bytes: &[], windows }),
+            ),
+            None => (0, frames.iter().map(|f| f.addr).collect()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

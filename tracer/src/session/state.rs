@@ -223,7 +223,7 @@ impl Session {
         self.procs.refresh_symbols(tgid);
         if let Some(heap) = self.heap.as_mut() {
             heap.refresh_addresses(tgid);
-            heap.poll_new_stacks(&mut self.stacks);
+            heap.poll_new_stacks(&mut self.stacks, &mut super::procs::FirstTarget(&mut self.procs));
         }
         self.symbolize_new();
         self.resymbolize_unknown();
@@ -279,7 +279,7 @@ impl Session {
         let mut aggs = self.procs.by_stack();
         let mut heap_bytes = 0;
         if let Some(heap) = self.heap.as_mut() {
-            let heap_aggs = heap.snapshot(&mut self.stacks);
+            let heap_aggs = heap.snapshot(&mut self.stacks, &mut super::procs::FirstTarget(&mut self.procs));
             heap_bytes = heap_aggs.iter().map(|a| a.bytes).sum();
             aggs.extend(heap_aggs);
         }

@@ -49,6 +49,21 @@ pub(super) enum V8State {
     },
 }
 
+/// Where V8's code is in a process, and its frame layout: what the allocator view's
+/// kernel walk needs to keep JS frames apart and their slots for naming.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct V8Code {
+    /// The executable mapping of the module holding V8.
+    pub native: Range<u64>,
+    /// The embedded builtins in it, and where V8 remapped them.
+    pub builtins: Vec<Range<u64>>,
+    /// The lowest frame slot's offset from the frame pointer (negative).
+    pub lowest: i64,
+    /// An interpreted frame's bytecode array and bytecode offset slots (negative).
+    pub bytecode_array: i64,
+    pub bytecode_offset: i64,
+}
+
 #[derive(Debug, Default)]
 pub(super) struct JsTokens {
     frames: Vec<(u64, Frame)>,
@@ -162,7 +177,36 @@ impl ProcessSymbols {
 
     /// Replaces the frames V8 names with tokens. `sp` and `stack` are the stack copy.
     pub(super) fn name_js_frames(&mut self, frames: &[UnwoundFrame], sp: u64, stack: &[u8]) -> Vec<u64> {
+        self.name_js_frames_in(frames, StackCopy { sp, bytes: stack, windows: &[] })
+    }
+
+    /// Where V8's code is, for the allocator view's kernel walk (see
+    /// `tracer_common::MAP_MALLOC_V8_CODE`): `None` until the node module, its executable
+    /// mapping and its builtins are known.
+    pub(crate) fn v8_code(&self) -> Option<V8Code> {
+        let V8State::Ready { reader, module, builtins } = &self.v8 else { return None };
+        let builtins = builtins.clone()?;
+        let native = self
+            .regions
+            .iter()
+            .filter(|r| matches!(r.kind, RegionKind::File { module: m, .. } if m == *module))
+            .find(|r| builtins.iter().any(|b| r.start <= b.start && b.end <= r.end))?;
+        let (lowest, bytecode_array, bytecode_offset) = reader.frame_offsets();
+        Some(V8Code { native: native.start..native.end, builtins, lowest, bytecode_array, bytecode_offset })
+    }
+
+    /// [`Self::name_js_frames`] over any stack copy (the allocator view's windows).
+    pub(crate) fn name_js_frames_in(&mut self, frames: &[UnwoundFrame], stack: StackCopy<'_>) -> Vec<u64> {
         let mut addrs: Vec<u64> = frames.iter().map(|f| f.addr).collect();
+        if !stack.windows.is_empty()
+            && frames.iter().any(|f| f.fp.is_some() && self.region_at(f.addr).is_none())
+        {
+            // JIT code V8 made since the memory map was read. Not rate limited: this is
+            // once per new allocator stack, and the frames would stay unnamed for good.
+            if let Err(e) = self.refresh_maps() {
+                log::debug!("refresh maps of pid {}: {e}", self.pid);
+            }
+        }
         let places: Vec<Option<Place>> = frames
             .iter()
             .enumerate()
@@ -172,7 +216,7 @@ impl ProcessSymbols {
             return addrs;
         }
         let V8State::Ready { reader, .. } = &mut self.v8 else { return addrs };
-        let named = reader.resolve(frames, StackCopy { sp, bytes: stack }, &|i, _| places[i]);
+        let named = reader.resolve(frames, stack, &|i, _| places[i]);
         for (addr, js) in addrs.iter_mut().zip(named) {
             if let Some(token) = js.and_then(|js| self.js_tokens.token(*addr, js)) {
                 *addr = token;

@@ -14,8 +14,10 @@ mod node_test;
 pub(crate) mod perfmap;
 #[cfg(test)]
 mod tests;
-mod unwind;
+pub(crate) mod unwind;
 pub(crate) mod v8;
+
+pub use js::V8Code;
 
 use std::collections::HashMap;
 use std::io::ErrorKind;

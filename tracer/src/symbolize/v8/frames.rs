@@ -27,17 +27,30 @@ pub(crate) enum Place {
     Builtins,
 }
 
-/// The stack bytes captured with the event, from `sp` up.
+/// The stack bytes captured with the event: from `sp` up, and windows around single
+/// frames (`(address, bytes)`: the allocator view keeps only the words near V8 frames'
+/// frame pointers).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct StackCopy<'a> {
     pub sp: u64,
     pub bytes: &'a [u8],
+    pub windows: &'a [(u64, Vec<u8>)],
 }
 
 impl StackCopy<'_> {
     fn slice(&self, addr: u64, len: usize) -> Option<&[u8]> {
-        let from = usize::try_from(addr.checked_sub(self.sp)?).ok()?;
-        self.bytes.get(from..from.checked_add(len)?)
+        let within = |start: u64, bytes: &'_ [u8]| -> Option<(usize, usize)> {
+            let from = usize::try_from(addr.checked_sub(start)?).ok()?;
+            let to = from.checked_add(len)?;
+            (to <= bytes.len()).then_some((from, to))
+        };
+        if let Some((from, to)) = within(self.sp, self.bytes) {
+            return self.bytes.get(from..to);
+        }
+        self.windows.iter().find_map(|(start, bytes)| {
+            let (from, to) = within(*start, bytes)?;
+            bytes.get(from..to)
+        })
     }
 }
 

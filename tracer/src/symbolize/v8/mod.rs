@@ -74,6 +74,14 @@ impl V8Reader {
         self.layout.version
     }
 
+    /// Offsets from a frame pointer of V8's frame slots: the lowest one, and an
+    /// interpreted frame's bytecode array and bytecode offset.
+    pub fn frame_offsets(&self) -> (i64, i64, i64) {
+        let l = &self.layout;
+        let lowest = l.fp_context.min(l.fp_function).min(l.fp_bytecode_array).min(l.fp_bytecode_offset);
+        (lowest, l.fp_bytecode_array, l.fp_bytecode_offset)
+    }
+
     /// File addresses of the embedded builtins (`None` when the file has no `.symtab`).
     pub fn builtins(&self) -> Option<Range<u64>> {
         self.builtins.clone()
