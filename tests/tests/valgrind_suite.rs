@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Memtrace, Report, fixtures_dir, require_root};
+use integration_tests::{Memtrace, Report, StartGate, TestProcess, fixtures_dir, require_root};
 
 /// (allocating function, first program frame as `function:line`).
 type Key = (String, Option<String>);
@@ -391,4 +391,41 @@ fn stacks_through_the_runtime_reach_the_program() {
         // Every walk through the runtime's unwind tables reached the stack's end here.
         assert!(!c.stderr.contains("stop early"), "{name}: a CFI walk stopped early\n{}", c.table());
     }
+}
+
+/// The same through `memtrace attach` to a process that is already running: ld.so's and
+/// libc's load addresses come from its memory map (ld.so's probe hit long ago), so
+/// `strdup` and `pthread_create`'s TLS (ld.so's `calloc`) still reach `main`.
+#[test]
+fn attached_stacks_through_the_runtime_reach_the_program() {
+    if !require_root("attached_stacks_through_the_runtime_reach_the_program") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let exe = build("late", dir.path());
+    let gate = StartGate::new(dir.path());
+    let mut cmd = Command::new(&exe);
+    cmd.arg(gate.path());
+    let mut target = TestProcess::spawn("late", cmd);
+    target.wait_for_stdout("waiting", Duration::from_secs(10));
+    let json = dir.path().join("report.json");
+    let pid = target.pid().to_string();
+    let mut memtrace =
+        Memtrace::spawn(["attach", &pid, "--track", "malloc", "--json", &json.display().to_string()]);
+    memtrace.wait_for_stderr("attached to", Duration::from_secs(30));
+    gate.open();
+    let run = memtrace.wait(Duration::from_mins(1));
+    assert!(run.status.success(), "memtrace attach: {}\n{}", run.status, run.combined());
+    let records = memtrace_records(&Report::read(&json), &exe);
+    let table = format!("{records:#?}\n{}", run.stderr);
+    assert_eq!(
+        records.get(&("malloc or realloc".to_string(), Some("main:18".to_string()))),
+        Some(&(64 * 22, 64)),
+        "strdup's blocks are not at main:18\n{table}"
+    );
+    assert!(
+        records.contains_key(&("calloc".to_string(), Some("main:20".to_string()))),
+        "pthread_create's TLS is not at main:20\n{table}"
+    );
+    assert!(!run.stderr.contains("stop early"), "a CFI walk stopped early\n{table}");
 }
