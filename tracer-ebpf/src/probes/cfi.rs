@@ -5,12 +5,12 @@
 //! `CFI_MODULES` before the probes attach. A process's load bias per module is learned
 //! here from the probes' own hits (their attach cookie names the module and the probed
 //! address), or seeded by userspace from `/proc/PID/maps`. A stack whose leaf is in no
-//! tabled module (Node's `BackingStore` probes, an allocator linked into the executable)
-//! is not walked here: it keeps the kernel's frame-pointer walk at its old cost.
+//! tabled module (an allocator linked into the executable) is not walked here: it keeps
+//! the kernel's frame-pointer walk at its old cost.
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, pt_regs},
+    bindings::{BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
     macros::{map, uprobe},
     maps::{Array, LruHashMap, PerCpuArray},
@@ -24,7 +24,7 @@ use tracer_common::{
 
 use crate::probes::malloc::{count, stack_scratch, target_tid};
 
-/// Sizes are overridden by userspace (1 row when malloc is not tracked).
+/// Sizes are overridden by userspace (one chunk when no table is needed).
 #[map(name = "CFI_ROWS")]
 static CFI_ROWS: Array<CfiChunk> = Array::with_max_entries(CFI_CHUNKS_MAX, 0);
 
@@ -53,19 +53,23 @@ fn learn(ctx: &ProbeContext, tgid: u32) {
     // SAFETY: the context of a uprobe is the user registers saved by the kernel.
     let ip = unsafe { (*ctx.regs).rip };
     let bias = ip.wrapping_sub(vaddr);
+    if CFI_BIASES.get_ptr(tgid).is_none() {
+        let mut fresh = CfiBiases::default();
+        if slot < CFI_MODULES_MAX {
+            fresh.bias[slot] = bias;
+        }
+        // Not over an entry another CPU or userspace made meanwhile: it is updated below.
+        if CFI_BIASES.insert(tgid, &fresh, u64::from(BPF_NOEXIST)).is_ok() {
+            return;
+        }
+    }
     if let Some(known) = CFI_BIASES.get_ptr_mut(tgid) {
         // SAFETY: a valid pointer to the map value; a racing update writes the same bias.
         let known = unsafe { &mut *known };
         if slot < CFI_MODULES_MAX && known.bias[slot] != bias {
             known.bias[slot] = bias;
         }
-        return;
     }
-    let mut fresh = CfiBiases::default();
-    if slot < CFI_MODULES_MAX {
-        fresh.bias[slot] = bias;
-    }
-    let _ = CFI_BIASES.insert(tgid, &fresh, u64::from(BPF_ANY));
 }
 
 /// A probe that only learns where its module is loaded: ld.so's `_dl_debug_state` (at
