@@ -49,13 +49,14 @@ impl HeapJs {
         })
     }
 
-    /// Tells the kernel where V8's code is, once the namer knows (checked once a second
-    /// until then: right after an exec node is not mapped yet).
+    /// Tells the kernel where V8's code is, once the namer knows, and again when that
+    /// changes (called every 100 ms: right after an exec node is not mapped yet, and V8
+    /// remaps its builtins once it starts).
     pub(super) fn set_code(&mut self, namer: &mut dyn JsNamer) {
-        if self.told.is_some() {
+        let Some(code) = namer.v8_code() else { return };
+        if self.told.as_ref() == Some(&code) {
             return;
         }
-        let Some(code) = namer.v8_code() else { return };
         if code.lowest.unsigned_abs() > MALLOC_JS_SLOT_BYTES as u64
             || code.bytecode_array >= 0
             || code.bytecode_offset >= 0

@@ -411,6 +411,10 @@ async fn event_loop(
             _ = drain.tick() => {
                 s.drain(oom_events.get_mut());
                 s.drain(events.get_mut());
+                if let Some(heap) = s.heap.as_mut() {
+                    // Until it is known, Buffers are recorded without a stack.
+                    heap.set_v8_code(&mut procs::FirstTarget(&mut s.procs));
+                }
                 if let Some(reason) = ended(s) {
                     break reason;
                 }
