@@ -37,18 +37,24 @@ fn trace(fixture: &mut TestProcess, gate: &StartGate, args: &[&str], json: &Path
     (out, done)
 }
 
+/// Starts `tree_leak MODE ARGS… START_FILE`, waiting at its start gate.
+fn spawn_tree_leak(dir: &std::path::Path, args: &[String]) -> (TestProcess, StartGate) {
+    let bin = build_c_fixture("tree_leak", dir);
+    let gate = StartGate::new(dir);
+    let mut cmd = Command::new(&bin);
+    cmd.args(args).arg(gate.path());
+    let mut fixture = TestProcess::spawn("tree_leak", cmd);
+    fixture.wait_for_stdout("waiting", Duration::from_secs(10));
+    (fixture, gate)
+}
+
 #[test]
 fn workers_leak_under_their_own_pids_and_the_parent_is_clean() {
     if !require_root("workers_leak_under_their_own_pids_and_the_parent_is_clean") {
         return;
     }
     let dir = tempfile::tempdir().expect("create temp dir");
-    let bin = build_c_fixture("tree_leak", dir.path());
-    let gate = StartGate::new(dir.path());
-    let mut cmd = Command::new(&bin);
-    cmd.arg("workers").arg(gate.path());
-    let mut fixture = TestProcess::spawn("tree_leak", cmd);
-    fixture.wait_for_stdout("waiting", Duration::from_secs(10));
+    let (mut fixture, gate) = spawn_tree_leak(dir.path(), &["workers".to_string()]);
     let parent = u64::from(fixture.pid());
 
     let json = dir.path().join("report.json");
@@ -115,12 +121,7 @@ fn short_lived_children_keep_their_symbolized_evidence() {
         return;
     }
     let dir = tempfile::tempdir().expect("create temp dir");
-    let bin = build_c_fixture("tree_leak", dir.path());
-    let gate = StartGate::new(dir.path());
-    let mut cmd = Command::new(&bin);
-    cmd.arg("pool").arg(JOBS.to_string()).arg(gate.path());
-    let mut fixture = TestProcess::spawn("tree_leak", cmd);
-    fixture.wait_for_stdout("waiting", Duration::from_secs(10));
+    let (mut fixture, gate) = spawn_tree_leak(dir.path(), &["pool".to_string(), JOBS.to_string()]);
 
     let json = dir.path().join("report.json");
     let (out, done) = trace(&mut fixture, &gate, &["--children"], &json);
@@ -212,12 +213,7 @@ fn children_with_malloc_probes_is_a_clear_error() {
         return;
     }
     let dir = tempfile::tempdir().expect("create temp dir");
-    let bin = build_c_fixture("tree_leak", dir.path());
-    let gate = StartGate::new(dir.path());
-    let mut cmd = Command::new(&bin);
-    cmd.arg("workers").arg(gate.path());
-    let mut fixture = TestProcess::spawn("tree_leak", cmd);
-    fixture.wait_for_stdout("waiting", Duration::from_secs(10));
+    let (fixture, _gate) = spawn_tree_leak(dir.path(), &["workers".to_string()]);
     let pid = fixture.pid().to_string();
     let out = Memtrace::run(
         ["attach", "--children", "--track", "mmap,malloc", &pid, "--duration", "2s"],

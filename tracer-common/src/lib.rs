@@ -4,10 +4,12 @@
 //! written out, and its size is asserted at compile time so that both sides agree.
 #![no_std]
 
+pub mod cfi;
 pub mod config;
 pub mod event;
 pub mod malloc;
 
+pub use cfi::{CfiBiases, CfiChunk, CfiModule, CfiRow};
 pub use config::*;
 pub use event::*;
 pub use malloc::*;

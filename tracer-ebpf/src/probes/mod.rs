@@ -1,4 +1,5 @@
 mod backing_store;
+mod cfi;
 mod cgroup;
 mod fault;
 mod js_stack;

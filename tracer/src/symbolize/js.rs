@@ -190,12 +190,20 @@ impl ProcessSymbols {
     /// mapping and its builtins are known.
     pub(crate) fn v8_code(&self) -> Option<V8Code> {
         let V8State::Ready { reader, module, builtins } = &self.v8 else { return None };
-        let builtins = builtins.clone()?;
-        let native = self
+        let mut regions = self
             .regions
             .iter()
-            .filter(|r| matches!(r.kind, RegionKind::File { module: m, .. } if m == *module))
-            .find(|r| builtins.iter().any(|b| r.start <= b.start && b.end <= r.end))?;
+            .filter(|r| matches!(r.kind, RegionKind::File { module: m, .. } if m == *module));
+        let (native, builtins) = match builtins {
+            Some(builtins) => (
+                regions.find(|r| builtins.iter().any(|b| r.start <= b.start && b.end <= r.end))?,
+                builtins.clone(),
+            ),
+            // A stripped module (Debian's libnode) does not say where its builtins are:
+            // its interpreted frames count as native (unnamed, and not told apart by their
+            // bytecode, as any frame-pointer walk); compiled frames are still named.
+            None => (regions.max_by_key(|r| r.end - r.start)?, Vec::new()),
+        };
         let (lowest, bytecode_array, bytecode_offset) = reader.frame_offsets();
         Some(V8Code { native: native.start..native.end, builtins, lowest, bytecode_array, bytecode_offset })
     }
