@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Memtrace, Report, fixtures_dir, require_root};
+use integration_tests::{Memtrace, Report, StartGate, TestProcess, fixtures_dir, require_root};
 
 /// (allocating function, first program frame as `function:line`).
 type Key = (String, Option<String>);
@@ -72,9 +72,37 @@ fn key_of(frames: &[StackFrame<'_>], exe: &Path) -> Key {
         || frames.first().map_or_else(|| "?".to_string(), |f| f.function.to_string()),
         |a| compared_as(&a).to_string(),
     );
-    let program =
-        frames.iter().find(|f| Path::new(f.module) == exe).map(|f| format!("{}:{}", f.function, f.line));
+    let program = frames
+        .iter()
+        .find(|f| Path::new(f.module) == exe)
+        .map(|f| format!("{}:{}", without_parameters(f.function), f.line));
     (allocating, program)
+}
+
+/// A function's name without its parameter list: the demanglers disagree on template
+/// constructors (`basic_string<std::allocator<char> >(unsigned long, char, ...)` for
+/// Valgrind, without the `unsigned long` for `cpp_demangle`), and name and line identify
+/// the frame.
+fn without_parameters(function: &str) -> &str {
+    let mut depth = 0;
+    for (i, c) in function.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            '(' if depth == 0 && i > 0 && !function[..i].ends_with("operator") => return &function[..i],
+            _ => {}
+        }
+    }
+    function
+}
+
+/// Valgrind's XML escapes what C++ names hold.
+fn unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }
 
 fn tag<'a>(block: &'a str, name: &str) -> Option<&'a str> {
@@ -102,11 +130,14 @@ fn valgrind_records(xml: &str, exe: &Path) -> Records {
         {
             bytes = direct;
         }
+        let names: Vec<String> =
+            block.split("<frame>").skip(1).map(|f| unescape(tag(f, "fn").unwrap_or("?"))).collect();
         let frames: Vec<StackFrame<'_>> = block
             .split("<frame>")
             .skip(1)
-            .map(|f| StackFrame {
-                function: tag(f, "fn").unwrap_or("?"),
+            .zip(&names)
+            .map(|(f, name)| StackFrame {
+                function: name,
                 module: tag(f, "obj").unwrap_or(""),
                 line: tag(f, "line").and_then(number).unwrap_or(0),
             })
@@ -341,20 +372,60 @@ fn cxx_new_in_constructors_and_exceptions() {
     check_totals_and_allocators("cxx", &[]);
 }
 
-/// Issue 16, item 2: the allocator view's stacks are frame-pointer walks taken at the
-/// allocator's entry, and glibc and libstdc++ keep no frame pointers, so under `strdup`,
-/// `fopen`, printf's buffer, `pthread_create` or `std::string` the program's own frame is
-/// skipped. Valgrind names it. Run with `--ignored` to see the difference.
+/// Issue 16, item 2: glibc, ld.so and libstdc++ keep no frame pointers, so under
+/// `strdup`, `fopen`, printf's buffer, `pthread_create`, `dlopen` or `std::string` a
+/// frame-pointer walk skips the program's own frame. The allocator view unwinds those
+/// modules' frames by their CFI in the kernel: Valgrind's first program frame must be
+/// memtrace's, record for record.
 #[test]
-#[ignore = "issue 16 item 2: malloc-view stacks do not unwind through glibc's CFI yet"]
 fn stacks_through_the_runtime_reach_the_program() {
     if !require_root("stacks_through_the_runtime_reach_the_program") {
         return;
     }
-    for name in ["glibc", "threads", "cxx"] {
-        check_exact(name, &[]);
-    }
     let dir = tempfile::tempdir().expect("create temp dir");
     let plugin = build("libplugin", dir.path());
-    check_exact("dl", &[&plugin]);
+    for (name, args) in
+        [("glibc", vec![]), ("threads", vec![]), ("cxx", vec![]), ("dl", vec![plugin.as_path()])]
+    {
+        let c = check_exact(name, &args);
+        // Every walk through the runtime's unwind tables reached the stack's end here.
+        assert!(!c.stderr.contains("stop early"), "{name}: a CFI walk stopped early\n{}", c.table());
+    }
+}
+
+/// The same through `memtrace attach` to a process that is already running: ld.so's and
+/// libc's load addresses come from its memory map (ld.so's probe hit long ago), so
+/// `strdup` and `pthread_create`'s TLS (ld.so's `calloc`) still reach `main`.
+#[test]
+fn attached_stacks_through_the_runtime_reach_the_program() {
+    if !require_root("attached_stacks_through_the_runtime_reach_the_program") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let exe = build("late", dir.path());
+    let gate = StartGate::new(dir.path());
+    let mut cmd = Command::new(&exe);
+    cmd.arg(gate.path());
+    let mut target = TestProcess::spawn("late", cmd);
+    target.wait_for_stdout("waiting", Duration::from_secs(10));
+    let json = dir.path().join("report.json");
+    let pid = target.pid().to_string();
+    let mut memtrace =
+        Memtrace::spawn(["attach", &pid, "--track", "malloc", "--json", &json.display().to_string()]);
+    memtrace.wait_for_stderr("attached to", Duration::from_secs(30));
+    gate.open();
+    let run = memtrace.wait(Duration::from_mins(1));
+    assert!(run.status.success(), "memtrace attach: {}\n{}", run.status, run.combined());
+    let records = memtrace_records(&Report::read(&json), &exe);
+    let table = format!("{records:#?}\n{}", run.stderr);
+    assert_eq!(
+        records.get(&("malloc or realloc".to_string(), Some("main:18".to_string()))),
+        Some(&(64 * 22, 64)),
+        "strdup's blocks are not at main:18\n{table}"
+    );
+    assert!(
+        records.contains_key(&("calloc".to_string(), Some("main:20".to_string()))),
+        "pthread_create's TLS is not at main:20\n{table}"
+    );
+    assert!(!run.stderr.contains("stop early"), "a CFI walk stopped early\n{table}");
 }

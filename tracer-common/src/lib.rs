@@ -4,11 +4,13 @@
 //! written out, and its size is asserted at compile time so that both sides agree.
 #![cfg_attr(not(test), no_std)]
 
+pub mod cfi;
 pub mod config;
 pub mod event;
 pub mod malloc;
 pub mod syscall;
 
+pub use cfi::{CfiBiases, CfiChunk, CfiModule, CfiRow};
 pub use config::*;
 pub use event::*;
 pub use malloc::*;

@@ -113,14 +113,24 @@ pub const MCOUNTER_ANNOUNCE_FULL: u32 = 14;
 pub const MCOUNTER_ALLOC_BYTES: u32 = 15;
 /// Estimated bytes freed (weighted), all stacks.
 pub const MCOUNTER_FREE_BYTES: u32 = 16;
-/// Number of counters.
 /// node-buffers: Buffers allocated before userspace said where V8's code is (the first
 /// moments of a trace); recorded under the unknown stack.
 pub const MCOUNTER_V8_UNKNOWN: u32 = 17;
 /// node-buffers: new stacks whose V8 frames could not be kept (table full): their JS
 /// frames stay unnamed.
 pub const MCOUNTER_JS_SLOTS_FULL: u32 = 18;
-pub const MCOUNTER_COUNT: u32 = 19;
+/// Stacks whose CFI walk (through a module without frame pointers) met an address with
+/// no usable unwind row: the stack ends there.
+pub const MCOUNTER_CFI_NO_ROW: u32 = 19;
+/// Stacks whose walk could not read the user stack (a fault, or a frame that does not
+/// move up): the stack ends there.
+pub const MCOUNTER_CFI_READ_FAILED: u32 = 20;
+/// Stacks walked through CFI that were cut at [`MALLOC_STACK_DEPTH`] frames.
+pub const MCOUNTER_CFI_DEPTH: u32 = 21;
+/// Allocations whose stack was walked through CFI (their leaf is in a tabled module).
+pub const MCOUNTER_CFI_WALKS: u32 = 22;
+/// Number of counters.
+pub const MCOUNTER_COUNT: u32 = 23;
 
 /// One outstanding allocation.
 #[repr(C)]

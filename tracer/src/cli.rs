@@ -172,6 +172,11 @@ pub struct TraceArgs {
     /// Ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 16)]
     pub ring_buffer_mib: u32,
+    /// Memory memtrace may spend on its stack table, in MiB. Near it, stacks that hold no
+    /// memory and were not seen for a minute are forgotten; at it, new stacks are
+    /// reported as unknown (both are counted in the status line).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    pub stack_table_mib: u64,
     /// Serve Prometheus metrics over HTTP at this address while tracing, e.g. `:9464`
     /// (which means 127.0.0.1:9464) or `0.0.0.0:9464` to expose them beyond this machine.
     #[arg(long, value_parser = parse_listen_addr)]

@@ -111,6 +111,123 @@ fn render(report: &crate::report::Report) {
     let _ = export::write_flamegraph(report, FlameValue::Outstanding, sink());
 }
 
+/// What the Node side sends: the agent's lines (its hello, its snapshot replies with the
+/// sampling heap profile, decoded into stacks) and the inspector's JSON (`/json/list`,
+/// the answer to `Runtime.evaluate`).
+pub fn inspector_json(data: &[u8]) {
+    use crate::jsheap::{channel, inspector, profile};
+    if let Ok(reply) = serde_json::from_slice::<channel::AgentReply>(data)
+        && let Some(flat) = &reply.profile
+    {
+        for stack in profile::live_stacks(flat) {
+            assert!(!stack.frames.is_empty(), "a stack without frames");
+            assert!(stack.frames.len() <= profile::MAX_DEPTH, "{} frames", stack.frames.len());
+            assert!(stack.frames.iter().all(|f| f.file != profile::AGENT_URL), "the agent's own objects");
+        }
+    }
+    let _ = serde_json::from_slice::<channel::Hello>(data);
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let _ = inspector::evaluation(&value);
+    if let Ok(targets) = serde_json::from_value::<Vec<inspector::ListedTarget>>(value) {
+        for target in &targets {
+            assert!(inspector::websocket_path(target).starts_with('/'), "a WebSocket path without its slash");
+        }
+    }
+}
+
+/// A file in memory, as memtrace opens the modules of the target.
+fn memfd(data: &[u8]) -> Option<std::fs::File> {
+    use std::{io::Write as _, os::fd::FromRawFd as _};
+    // SAFETY: a NUL-terminated name and no flags; the fd is checked before use.
+    let fd = unsafe { libc::memfd_create(c"memtrace-fuzz".as_ptr(), 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` is a new descriptor this function owns.
+    let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.write_all(data).ok()?;
+    Some(file)
+}
+
+/// An ELF file of the traced process, read as memtrace reads one: the modules it
+/// symbolizes and unwinds through (segments, CFI sections, then a CFI unwind in it), the
+/// allocator it probes (its symbols and where the probes go), what it loads (`DT_NEEDED`,
+/// `ld.so.cache`), and node's V8 metadata.
+pub fn elf(data: &[u8]) {
+    use crate::bpf::uprobe::{
+        needed::{LdCache, dynamic_info},
+        resolve_functions,
+    };
+    use crate::symbolize::{Regs, module, unwind::StackUnwinder};
+    if let Ok(found) = resolve_functions(data, &["malloc", "free", "calloc", "realloc", "_exit"]) {
+        for (name, f) in found {
+            assert!(f.file_offset < data.len() as u64, "{name} at {:#x} past the file", f.file_offset);
+        }
+    }
+    if let Ok(info) = dynamic_info(data) {
+        let _ = LdCache::parse(data, info.machine);
+    }
+    let Some(file) = memfd(data) else { return };
+    if let Ok(info) = module::read_elf(&file) {
+        const BASE: u64 = 0x7f00_0000_0000;
+        for load in &info.loads {
+            let map = maps::MapEntry {
+                start: BASE,
+                end: BASE + 0x10_0000,
+                readable: true,
+                writable: false,
+                executable: load.executable,
+                offset: load.file_offset & !4095,
+                dev: 0,
+                inode: 0,
+                path: "/fuzz".into(),
+            };
+            let _ = info.bias_for(&map);
+        }
+        let mut unwinder = StackUnwinder::new();
+        unwinder.add_module("/fuzz", BASE..BASE + (1 << 32), BASE, info.unwind.section_info());
+        let stack = &data[..data.len().min(1024)];
+        let text = info.unwind.text().unwrap_or(0..0);
+        for ip in [text.start, text.start.saturating_add(text.end.saturating_sub(text.start) / 2), 0x1000] {
+            let regs = Regs { ip: BASE.saturating_add(ip), sp: 0x7ffe_0000_0000, bp: 0x7ffe_0000_0100 };
+            let unwound = unwinder.unwind(regs, stack);
+            assert!(unwound.addrs().count() <= 128, "unwinding is bounded");
+        }
+    }
+    let _ = crate::symbolize::v8::elf::read_elf(&file, "/fuzz");
+}
+
+/// The cgroup files memtrace reads, NUL-separated: `cgroup.procs`, `/proc/self/mountinfo`,
+/// `/proc/self/cgroup` (or `/proc/PID/cgroup`), and a limit file (`memory.max`,
+/// `memory.limit_in_bytes`) with the keyed files (`memory.events`, `memory.stat`).
+pub fn cgroup_files(data: &[u8]) {
+    use crate::session::cgroup::{parse_procs, v1_hierarchy, v1_mount_options};
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.split('\0');
+    let (procs, mountinfo, proc_cgroup, limit) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    assert!(parse_procs(procs).all(|pid| pid != 0), "pid 0 is no process");
+    for dir in ["/sys/fs/cgroup/memory/app", "/sys/fs/cgroup", "/"] {
+        if let Some(options) = v1_mount_options(mountinfo, std::path::Path::new(dir)) {
+            let _ = v1_hierarchy(proc_cgroup, &options);
+        }
+    }
+    let _ = v1_hierarchy(proc_cgroup, &["memory".to_string()]);
+    if let Some((_, path)) = procfs::parse_cgroup(proc_cgroup) {
+        let root = std::path::Path::new("/nonexistent-memtrace-fuzz");
+        let memcg = procfs::memcg_under(root, proc_cgroup);
+        assert_eq!(memcg.map(|m| m.path), Some(path), "the cgroup path as /proc gives it");
+    }
+    let _ = procfs::parse_limit(limit);
+    for key in ["oom_kill", "max", "oom", "hierarchical_memory_limit"] {
+        let _ = procfs::parse_keyed(limit, key);
+    }
+}
+
 /// The `oom:mark_victim` format of kernel 6.18 (this machine's).
 const MARK_VICTIM_FORMAT: &str = include_str!("../fuzz/corpus/oom_format/mark_victim-6.18.txt");
 
@@ -276,7 +393,10 @@ pub type Target = fn(&[u8]);
 
 /// The fuzz targets by name, as `tracer/fuzz/fuzz_targets` names them.
 pub const TARGETS: &[(&str, Target)] = &[
+    ("cgroup_files", cgroup_files),
+    ("elf", elf),
     ("event", event),
+    ("inspector_json", inspector_json),
     ("oom_format", oom_format),
     ("perf_map", perf_map),
     ("proc_maps", proc_maps),

@@ -103,19 +103,37 @@ pub(crate) fn mix(h: u64, word: u64) -> u64 {
     h ^ (h >> 32)
 }
 
-/// Walks the user stack by frame pointers and stores it; returns its id.
+/// The per-CPU slot where a stack is assembled.
 #[inline(always)]
-pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
-    // Uprobe programs are preemptible: another task's may hold this CPU's scratch (see
-    // `maps::SCRATCH_BUSY`).
+pub(crate) fn stack_scratch() -> Option<*mut MallocStack> {
+    MALLOC_STACK_SCRATCH.get_ptr_mut(0)
+}
+
+/// The stack at an allocator's entry: through CFI when the allocator is in a module
+/// without frame pointers (`probes::cfi`), by frame pointers otherwise.
+#[inline(always)]
+fn capture_allocator_stack(ctx: &ProbeContext, sp: u64) -> u64 {
+    // Uprobe programs are preemptible: another task's may hold this CPU's scratch, the
+    // stack and the CFI walk's state (see `maps::SCRATCH_BUSY`), for the whole capture.
     let Some(_claim) = claim_scratch(SCRATCH_MALLOC_STACK) else {
         return MALLOC_UNKNOWN_STACK;
     };
+    let walked = crate::probes::cfi::walk(ctx);
     let Some(stack) = MALLOC_STACK_SCRATCH.get_ptr_mut(0) else {
         return MALLOC_UNKNOWN_STACK;
     };
     // SAFETY: the per-CPU scratch slot is ours while `_claim` lives.
     let stack = unsafe { &mut *stack };
+    if !walked && !walk_by_frame_pointers(ctx.regs.cast(), sp, stack) {
+        return MALLOC_UNKNOWN_STACK;
+    }
+    hash_and_store(stack)
+}
+
+/// The kernel's frame-pointer walk, plus the return address it skips at a function's
+/// entry (see `MallocStack::ret_addr`).
+#[inline(always)]
+fn walk_by_frame_pointers(ctx: *mut core::ffi::c_void, sp: u64, stack: &mut MallocStack) -> bool {
     // SAFETY: the buffer is `ips`, of exactly the size passed.
     let got = unsafe {
         bpf_get_stack(
@@ -127,13 +145,19 @@ pub(crate) fn capture_stack(ctx: *mut core::ffi::c_void, sp: u64) -> u64 {
     };
     if got <= 0 {
         count(MCOUNTER_STACK_FAILED);
-        return MALLOC_UNKNOWN_STACK;
+        return false;
     }
-    let depth = (got as u64 / 8) as usize;
-    stack.depth = depth as u32;
+    stack.depth = (got as u64 / 8) as u32;
     stack._pad = 0;
     // SAFETY: a checked read of the user stack's top word.
     stack.ret_addr = unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0);
+    true
+}
+
+/// Stores `stack` under the hash of its addresses (see [`store_stack`]); returns its id.
+#[inline(always)]
+fn hash_and_store(stack: &MallocStack) -> u64 {
+    let depth = stack.depth as usize;
     let mut h = mix(0x6d61_6c6c_6f63_0001, stack.ret_addr);
     for i in 0..MALLOC_STACK_DEPTH {
         if i >= depth {
@@ -322,7 +346,7 @@ fn enter(ctx: &ProbeContext, call: u32, size: u64, old_ptr: u64, memptr: u64) ->
         }
     }
     if track {
-        pending.stack_id = capture_stack(ctx.regs.cast(), sp);
+        pending.stack_id = capture_allocator_stack(ctx, sp);
     } else {
         count(MCOUNTER_SKIPPED);
         // A leaf allocator that is not recorded needs no return: nothing nests in it.

@@ -1,4 +1,5 @@
 mod backing_store;
+mod cfi;
 mod cgroup;
 mod common;
 mod fault;

@@ -1,5 +1,6 @@
 //! Loading the eBPF object, attaching its programs, and kernel feature checks.
 
+pub mod cfi_table;
 pub mod counters;
 pub mod features;
 pub mod teardown;

@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         ProgramError, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeScope},
     },
 };
 use log::debug;
@@ -25,9 +25,10 @@ use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 use tracer_common::{
     GLOBAL_MALLOC_MIN_SIZE, GLOBAL_MALLOC_SAMPLE_BYTES, GLOBAL_MALLOC_WAIT_EXEC, MAP_MALLOC_JS_SLOTS,
     MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS, MAP_MALLOC_PENDING, MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS,
+    cfi::{CFI_CHUNKS_MAX, MAP_CFI_BIASES, MAP_CFI_ROWS, cookie},
 };
 
-use crate::procfs::maps::MapEntry;
+use crate::{bpf::cfi_table::CfiMaps, procfs::maps::MapEntry};
 
 mod duty;
 pub mod needed;
@@ -89,6 +90,8 @@ pub fn configure_loader<'a>(loader: &mut EbpfLoader<'a>, settings: &'a MallocSet
             .map_max_entries(MAP_MALLOC_STACKS, settings.max_stacks.max(1))
             .map_max_entries(MAP_MALLOC_TOTALS, settings.max_stacks.saturating_add(1))
             .map_max_entries(MAP_MALLOC_PENDING, MAX_THREADS)
+            // Node's BackingStore probes keep the kernel's frame-pointer walk.
+            .map_max_entries(MAP_CFI_ROWS, if settings.node_buffers { 1 } else { CFI_CHUNKS_MAX })
             .map_max_entries(
                 MAP_MALLOC_JS_SLOTS,
                 if settings.node_buffers { settings.max_stacks.max(1) } else { 1 },
@@ -99,6 +102,8 @@ pub fn configure_loader<'a>(loader: &mut EbpfLoader<'a>, settings: &'a MallocSet
             .map_max_entries(MAP_MALLOC_STACKS, 1)
             .map_max_entries(MAP_MALLOC_TOTALS, 1)
             .map_max_entries(MAP_MALLOC_PENDING, 1)
+            .map_max_entries(MAP_CFI_ROWS, 1)
+            .map_max_entries(MAP_CFI_BIASES, 1)
             .map_max_entries(MAP_MALLOC_JS_SLOTS, 1)
             .map_max_entries(MAP_MALLOC_NEW_STACKS, 4096);
     }
@@ -264,6 +269,7 @@ const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("_ZnamSt11align_val_t", "uprobe_operator_new", true),
     ("_ZnwmSt11align_val_tRKSt9nothrow_t", "uprobe_operator_new", true),
     ("_ZnamSt11align_val_tRKSt9nothrow_t", "uprobe_operator_new", true),
+    (DT_INIT, LEARN_PROGRAM, false),
 ];
 
 /// V8's backing stores (methods: `this` first), for `--malloc-probes node-buffers`: one
@@ -300,6 +306,18 @@ const NODE_FUNCTIONS: &[(&str, &str, bool)] = &[
 const NODE_NEW_STORE: &str = "_ZN2v88internal12BackingStore23SetAllocatorFromIsolateEPNS0_7IsolateE";
 
 const RETURN_PROGRAM: &str = "uretprobe_alloc";
+
+/// The program that only learns where a module without frame pointers is loaded (see
+/// `probes::cfi` in the eBPF crate); its functions are not the allocator's.
+const LEARN_PROGRAM: &str = "uprobe_cfi_learn";
+
+/// ld.so: `_dl_debug_state` runs at startup and at every dlopen/dlclose, before the
+/// allocations its frames lead to (TLS of new threads, dlopen's own blocks).
+const LOADER_FUNCTIONS: &[(&str, &str, bool)] = &[("_dl_debug_state", LEARN_PROGRAM, false)];
+
+/// Pseudo-symbol of a module's `DT_INIT` function, which the loader calls when it loads
+/// the module (libstdc++'s runs before its own constructors allocate).
+const DT_INIT: &str = "DT_INIT";
 
 /// A defined function of an ELF file: where it is in the file and in memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -460,6 +478,9 @@ struct Plan {
     path: PathBuf,
     locations: HashMap<&'static str, FunctionLocation>,
     table: &'static [(&'static str, &'static str, bool)],
+    /// The module's file, when its frames are unwound by CFI in the kernel (it keeps no
+    /// frame pointers: the C library, ld.so, libstdc++).
+    cfi: Option<Vec<u8>>,
 }
 
 fn plan(
@@ -467,6 +488,26 @@ fn plan(
     maps: &[Mapping],
     module: &str,
     table: &'static [(&'static str, &'static str, bool)],
+) -> Result<Plan, UprobeError> {
+    plan_keeping(pid, maps, module, table, false)
+}
+
+/// [`plan`] for a module without frame pointers: its frames are unwound by CFI.
+fn cfi_plan(
+    pid: u32,
+    maps: &[Mapping],
+    module: &str,
+    table: &'static [(&'static str, &'static str, bool)],
+) -> Result<Plan, UprobeError> {
+    plan_keeping(pid, maps, module, table, true)
+}
+
+fn plan_keeping(
+    pid: u32,
+    maps: &[Mapping],
+    module: &str,
+    table: &'static [(&'static str, &'static str, bool)],
+    keep_file: bool,
 ) -> Result<Plan, UprobeError> {
     let mapping = maps
         .iter()
@@ -477,9 +518,58 @@ fn plan(
     let data = std::fs::read(&path)
         .map_err(|source| UprobeError::Read { path: path.display().to_string(), source })?;
     let names: Vec<&'static str> = table.iter().map(|(name, _, _)| *name).collect();
-    let locations = resolve_functions(&data, &names)
+    let mut locations = resolve_functions(&data, &names)
         .map_err(|source| UprobeError::Elf { path: module.to_string(), source })?;
-    Ok(Plan { mapping, path, locations, table })
+    if names.contains(&DT_INIT)
+        && let Some(location) = dt_init(&data)
+    {
+        locations.insert(DT_INIT, location);
+    }
+    Ok(Plan { mapping, path, locations, table, cfi: keep_file.then_some(data) })
+}
+
+/// Where a module's `DT_INIT` function is, as a probe location.
+fn dt_init(data: &[u8]) -> Option<FunctionLocation> {
+    let file = object::read::elf::ElfFile64::<object::Endianness>::parse(data).ok()?;
+    let endian = file.endian();
+    let vaddr = file.elf_program_headers().iter().find_map(|header| {
+        let entries = object::read::elf::ProgramHeader::dynamic(header, endian, data).ok()??;
+        entries.iter().find_map(|entry| {
+            (entry.d_tag.get(endian) == u64::from(object::elf::DT_INIT)).then(|| entry.d_val.get(endian))
+        })
+    })?;
+    let file_offset = file.segments().find_map(|seg| {
+        let (offset, size) = seg.file_range();
+        (vaddr >= seg.address() && vaddr < seg.address() + size).then(|| vaddr - seg.address() + offset)
+    })?;
+    let start = usize::try_from(file_offset).ok()?;
+    let point = probe_point(data.get(start..start.saturating_add(16))?);
+    Some(FunctionLocation {
+        file_offset,
+        size: 1,
+        probe_offset: file_offset + point.skip as u64,
+        emulated: point.emulated,
+    })
+}
+
+/// The dynamic loader of a process: mapped (`ld-linux-*`), or named by the executable's
+/// `PT_INTERP` (a command not started yet).
+fn loader_mapping(maps: &[Mapping], exe: Option<&str>) -> Option<Mapping> {
+    if let Some(m) = maps.iter().find(|m| m.file_name().starts_with("ld-linux")) {
+        return Some(m.clone());
+    }
+    let data = std::fs::read(exe?).ok()?;
+    let info = needed::dynamic_info(&data).ok()?;
+    let path = std::fs::canonicalize(info.interpreter?).ok()?;
+    let inode = std::fs::metadata(&path).ok()?.ino();
+    Some(Mapping {
+        start: 0,
+        end: 0,
+        executable: true,
+        offset: 0,
+        inode,
+        path: path.to_string_lossy().into_owned(),
+    })
 }
 
 /// The probes a process needs, found from its memory map; attach with [`attach_resolved`].
@@ -586,7 +676,7 @@ fn resolve_in(
     } else {
         let libc =
             modules.libc.as_deref().ok_or_else(|| UprobeError::NoAllocator { pid, exe: exe_name.clone() })?;
-        plan(pid, &maps, libc, C_FUNCTIONS)?
+        cfi_plan(pid, &maps, libc, C_FUNCTIONS)?
     };
     for symbol in ["malloc", "free"] {
         if !allocator.locations.contains_key(symbol) {
@@ -599,9 +689,26 @@ fn resolve_in(
     });
     let mut plans = vec![allocator];
     if let Some(cxx) = cxx_module {
-        match plan(pid, &maps, &cxx, CXX_FUNCTIONS) {
+        let cxx_plan = if cxx == exe_name {
+            plan(pid, &maps, &cxx, CXX_FUNCTIONS)
+        } else {
+            cfi_plan(pid, &maps, &cxx, CXX_FUNCTIONS)
+        };
+        match cxx_plan {
             Ok(p) => plans.push(p),
             Err(e) => debug!("no operator new probes: {e}"),
+        }
+    }
+    let mut maps = maps;
+    if plans.first().is_some_and(|p| p.cfi.is_some())
+        && let Some(loader) = loader_mapping(&maps, modules.exe.as_deref())
+    {
+        if !maps.iter().any(|m| m.path == loader.path) {
+            maps.push(loader.clone());
+        }
+        match cfi_plan(pid, &maps, &loader.path, LOADER_FUNCTIONS) {
+            Ok(p) => plans.push(p),
+            Err(e) => debug!("no unwind table for the loader {}: {e}", loader.path),
         }
     }
     Ok(Resolved { maps, plans })
@@ -618,7 +725,11 @@ const SYSTEM_CXX: &[&str] = &[
 /// Probes `operator new` in the system's libstdc++ for process `pid` before the process
 /// maps it (`memtrace run`: the command is about to be exec'd). Uprobes belong to the
 /// file, so they take effect when the process maps it.
-pub fn attach_system_cxx(ebpf: &mut Ebpf, pid: u32) -> Result<AttachedAllocator, UprobeError> {
+pub fn attach_system_cxx(
+    ebpf: &mut Ebpf,
+    cfi: &mut CfiMaps,
+    pid: u32,
+) -> Result<AttachedAllocator, UprobeError> {
     let Some((path, inode)) = SYSTEM_CXX.iter().find_map(|p| {
         std::fs::canonicalize(p).ok().and_then(|p| Some((p.clone(), std::fs::metadata(&p).ok()?.ino())))
     }) else {
@@ -626,8 +737,8 @@ pub fn attach_system_cxx(ebpf: &mut Ebpf, pid: u32) -> Result<AttachedAllocator,
     };
     let path = path.to_string_lossy().into_owned();
     let maps = vec![Mapping { start: 0, end: 0, executable: true, offset: 0, inode, path: path.clone() }];
-    let cxx = plan(pid, &maps, &path, CXX_FUNCTIONS)?;
-    attach_resolved(ebpf, pid, &Resolved { maps, plans: vec![cxx] }, &[])
+    let cxx = cfi_plan(pid, &maps, &path, CXX_FUNCTIONS)?;
+    attach_resolved(ebpf, cfi, pid, &Resolved { maps, plans: vec![cxx] }, &[])
 }
 
 /// The program that holds a `memtrace run` command at `_exit` (see `uprobe_exit`).
@@ -657,20 +768,26 @@ pub fn attach_exit_hold(
         .try_into()
         .map_err(|_| UprobeError::MissingProgram(program))?;
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-    let link = attach_one(probe, &plan.path, location.probe_offset, scope)
+    let link = attach_one(probe, &plan.path, location.probe_offset, scope, None)
         .map_err(|source| UprobeError::Attach { path: plan.mapping.path.clone(), symbol, pid, source })?;
     debug!("holding process {pid} at {}:_exit", plan.mapping.path);
     Ok(vec![link])
 }
 
 /// Attaches the allocator probes to process `pid` (all its threads); see [`resolve`].
-pub fn attach(ebpf: &mut Ebpf, pid: u32, node_buffers: bool) -> Result<AttachedAllocator, UprobeError> {
-    attach_resolved(ebpf, pid, &resolve(pid, node_buffers)?, &[])
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cfi: &mut CfiMaps,
+    pid: u32,
+    node_buffers: bool,
+) -> Result<AttachedAllocator, UprobeError> {
+    attach_resolved(ebpf, cfi, pid, &resolve(pid, node_buffers)?, &[])
 }
 
 /// Attaches what [`resolve`] found, except in the modules (inodes) `probed` already.
 pub fn attach_resolved(
     ebpf: &mut Ebpf,
+    cfi: &mut CfiMaps,
     pid: u32,
     resolved: &Resolved,
     probed: &[u64],
@@ -678,6 +795,22 @@ pub fn attach_resolved(
     let Resolved { maps, plans } = resolved;
     let (module, inode) = resolved.module();
     let plans: Vec<&Plan> = plans.iter().filter(|p| !probed.contains(&p.mapping.inode)).collect();
+    // The unwind tables go in before any probe can hit; then each probe in a tabled module
+    // carries its slot and address in its cookie.
+    let slots: Vec<Option<usize>> = plans
+        .iter()
+        .map(|p| {
+            let data = p.cfi.as_deref()?;
+            let slot = cfi.ensure(&p.path, p.mapping.inode, data)?;
+            if p.mapping.end != 0
+                && let Some(vaddr) = crate::bpf::cfi_table::vaddr_of_offset(data, p.mapping.offset)
+            {
+                // Mapped already: the probes may not hit again (ld.so's, libstdc++'s).
+                cfi.seed(pid, slot, p.mapping.start.wrapping_sub(vaddr));
+            }
+            Some(slot)
+        })
+        .collect();
     let scope = NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
     let mut links = Vec::new();
     let mut functions = Vec::new();
@@ -686,7 +819,7 @@ pub fn attach_resolved(
     // Frees first, then returns, then entries: an allocation is never recorded without
     // its free being watched, and no call is entered without its return being watched.
     for phase in 0..3 {
-        for plan in &plans {
+        for (plan, slot) in plans.iter().zip(&slots) {
             let mut seen = HashSet::new();
             for &(symbol, entry, needs_return) in plan.table {
                 let Some(location) = plan.locations.get(symbol) else {
@@ -717,9 +850,16 @@ pub fn attach_resolved(
                     .ok_or(UprobeError::MissingProgram(program))?
                     .try_into()
                     .map_err(|_| UprobeError::MissingProgram(program))?;
-                let link = attach_one(probe, &plan.path, location.probe_offset, scope).map_err(|source| {
-                    UprobeError::Attach { path: plan.mapping.path.clone(), symbol, pid, source }
-                })?;
+                let cookie = slot.zip(plan.cfi.as_deref()).and_then(|(slot, data)| {
+                    crate::bpf::cfi_table::vaddr_of_offset(data, location.probe_offset)
+                        .map(|vaddr| cookie::encode(slot, vaddr))
+                });
+                if program == LEARN_PROGRAM && cookie.is_none() {
+                    continue;
+                }
+                let link = attach_one(probe, &plan.path, location.probe_offset, scope, cookie).map_err(
+                    |source| UprobeError::Attach { path: plan.mapping.path.clone(), symbol, pid, source },
+                )?;
                 if duty::CYCLED_PROGRAMS.contains(&program) {
                     cycled.push(duty::CycledProbe {
                         program,
@@ -733,7 +873,7 @@ pub fn attach_resolved(
                 } else {
                     links.push(link);
                 }
-                if phase != 1 {
+                if phase != 1 && program != LEARN_PROGRAM {
                     functions.push(probed_function(maps, &plan.mapping, symbol, location));
                     debug!(
                         "probing {}:{symbol} at file offset {:#x} (+{}), {}",
@@ -784,11 +924,13 @@ fn attach_one(
     path: &Path,
     file_offset: u64,
     scope: UProbeScope,
+    cookie: Option<u64>,
 ) -> Result<UProbeLink, ProgramError> {
     if probe.fd().is_err() {
         probe.load()?;
     }
-    let id = probe.attach(UProbeAttachLocation::AbsoluteOffset(file_offset), path, scope)?;
+    let point = UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(file_offset), cookie };
+    let id = probe.attach(point, path, scope)?;
     probe.take_link(id)
 }
 

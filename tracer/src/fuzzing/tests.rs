@@ -266,3 +266,31 @@ fn machine_seeds_parse() {
     let rec = format.decode(as_bytes(&oom_event())).expect("decodes");
     assert_eq!((rec.pid, rec.comm.as_str()), (1234, "leak"));
 }
+
+/// The ELF seeds reach the readers the target is for: an allocator's functions, V8's
+/// `v8dbg_*` constants, CFI to unwind with.
+#[test]
+fn elf_seeds_reach_the_readers() {
+    let so = std::fs::read(corpus_dir("elf").join("allocator.so")).expect("the allocator seed");
+    let found = crate::bpf::uprobe::resolve_functions(&so, &["malloc", "free", "calloc", "realloc"])
+        .expect("the seed parses");
+    assert_eq!(found.len(), 4, "{found:?}");
+    let file = memfd(&so).expect("a memfd");
+    let meta = crate::symbolize::v8::elf::read_elf(&file, "allocator.so").expect("its v8dbg constants");
+    assert_eq!(meta.constants.get("TaggedSize"), Some(&8));
+    let info = crate::symbolize::module::read_elf(&file).expect("its headers");
+    assert!(info.unwind.has_cfi(), "the seed has .eh_frame");
+}
+
+/// The cgroup seeds name a cgroup the way `/proc` gives it.
+#[test]
+fn cgroup_seeds_name_the_cgroup() {
+    let seed = std::fs::read(corpus_dir("cgroup_files").join("v2")).expect("the v2 seed");
+    let text = String::from_utf8_lossy(&seed);
+    let proc_cgroup = text.split('\0').nth(2).expect("three parts");
+    assert_eq!(procfs::parse_cgroup(proc_cgroup), Some((false, "/system.slice/app.service".into())));
+    assert_eq!(
+        crate::session::cgroup::parse_procs(text.split('\0').next().unwrap_or("")).collect::<Vec<_>>(),
+        vec![4242]
+    );
+}

@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn mapped_memory_of_the_allocator_is_dropped() {
-        let mut table = StackTable::new(16);
+        let mut table = StackTable::new(1 << 20);
         // mmap ← (inside malloc, at 0x1000..0x1100) ← caller
         let internal = table.intern(&[0x7000, 0x1050, 0x4000]);
         // mmap called by the program itself

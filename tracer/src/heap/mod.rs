@@ -20,10 +20,11 @@ use log::{debug, info, warn};
 use tracer_common::{
     MALLOC_STACK_DEPTH, MALLOC_UNKNOWN_STACK, MAP_MALLOC_COUNTERS, MAP_MALLOC_LIVE, MAP_MALLOC_NEW_STACKS,
     MAP_MALLOC_STACKS, MAP_MALLOC_TOTALS, MCOUNTER_ALLOC_BYTES, MCOUNTER_ANNOUNCE_FULL, MCOUNTER_CALLS,
-    MCOUNTER_COUNT, MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN,
-    MCOUNTER_JS_SLOTS_FULL, MCOUNTER_LIVE_FULL, MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL,
-    MCOUNTER_PENDING_STALE, MCOUNTER_REUSED, MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL,
-    MCOUNTER_TOTALS_FULL, MCOUNTER_TRACKED, MCOUNTER_V8_UNKNOWN, MallocLive, MallocStack, MallocStackTotals,
+    MCOUNTER_CFI_DEPTH, MCOUNTER_CFI_NO_ROW, MCOUNTER_CFI_READ_FAILED, MCOUNTER_CFI_WALKS, MCOUNTER_COUNT,
+    MCOUNTER_FAILED, MCOUNTER_FREE_BYTES, MCOUNTER_FREES, MCOUNTER_FREES_UNKNOWN, MCOUNTER_JS_SLOTS_FULL,
+    MCOUNTER_LIVE_FULL, MCOUNTER_LIVE_FULL_BYTES, MCOUNTER_PENDING_FULL, MCOUNTER_PENDING_STALE,
+    MCOUNTER_REUSED, MCOUNTER_SKIPPED, MCOUNTER_STACK_FAILED, MCOUNTER_STACKS_FULL, MCOUNTER_TOTALS_FULL,
+    MCOUNTER_TRACKED, MCOUNTER_V8_UNKNOWN, MallocLive, MallocStack, MallocStackTotals,
 };
 
 pub use aggregate::{HeapAgg, aggregate_live, aggregate_totals};
@@ -33,7 +34,10 @@ use js::HeapJs;
 pub(crate) use js::JsNamer;
 
 use crate::{
-    bpf::uprobe::{self, AttachedAllocator, MallocSettings, UprobeError},
+    bpf::{
+        cfi_table::CfiMaps,
+        uprobe::{self, AttachedAllocator, MallocSettings, UprobeError},
+    },
     model::{Source, StackAgg, StackId, StackTable},
     units::human_bytes,
 };
@@ -68,6 +72,11 @@ pub struct MallocCounters {
     pub free_bytes: u64,
     pub v8_unknown: u64,
     pub js_slots_full: u64,
+    /// Stacks walked through CFI, and those cut short (see `MCOUNTER_CFI_*`).
+    pub cfi_walks: u64,
+    pub cfi_no_row: u64,
+    pub cfi_read_failed: u64,
+    pub cfi_depth: u64,
 }
 
 impl MallocCounters {
@@ -93,6 +102,10 @@ impl MallocCounters {
             free_bytes: at(MCOUNTER_FREE_BYTES),
             v8_unknown: at(MCOUNTER_V8_UNKNOWN),
             js_slots_full: at(MCOUNTER_JS_SLOTS_FULL),
+            cfi_walks: at(MCOUNTER_CFI_WALKS),
+            cfi_no_row: at(MCOUNTER_CFI_NO_ROW),
+            cfi_read_failed: at(MCOUNTER_CFI_READ_FAILED),
+            cfi_depth: at(MCOUNTER_CFI_DEPTH),
         }
     }
 
@@ -150,6 +163,13 @@ impl MallocCounters {
                 self.js_slots_full
             ));
         }
+        let cut = self.cfi_no_row + self.cfi_read_failed + self.cfi_depth;
+        if cut > 0 {
+            out.push(format!(
+                "malloc: {cut} of {} stacks walked through glibc/libstdc++ unwind tables stop early ({} at code without a usable unwind row, {} at an unreadable stack, {} at the depth limit); they keep the frames found up to there",
+                self.cfi_walks, self.cfi_no_row, self.cfi_read_failed, self.cfi_depth
+            ));
+        }
         if self.totals_full > 0 {
             out.push(format!(
                 "malloc: {} stacks have no running totals (table full); the final report is exact, the growth history is not",
@@ -169,6 +189,8 @@ pub struct HeapTracker {
     totals: PerCpuHashMap<MapData, u64, MallocStackTotals>,
     counters: PerCpuArray<MapData, u64>,
     new_stacks: RingBuf<MapData>,
+    /// The unwind tables of the modules without frame pointers.
+    cfi: CfiMaps,
     /// Kernel stack id → the session's stack id.
     ids: HashMap<u64, StackId>,
     /// `--malloc-duty`: when the allocation probes are attached.
@@ -179,26 +201,18 @@ pub struct HeapTracker {
     js: Option<HeapJs>,
 }
 
-/// Attaches the allocator of `pid`, waiting up to half a second for it to be mapped (right
-/// after an exec the C library comes a moment later), except in the modules (inodes)
-/// `probed` already.
+/// Attaches the allocator of `pid`, except in the modules (inodes) `probed` already. Right
+/// after an exec the C library comes a moment later: the session waits for it first
+/// (`session::os::wait_for_allocator`, without blocking the runtime).
 fn attach_when_mapped(
     ebpf: &mut Ebpf,
+    cfi: &mut CfiMaps,
     pid: u32,
     node_buffers: bool,
     probed: &[u64],
 ) -> Result<AttachedAllocator, HeapError> {
-    let mut tries = 0;
-    let resolved = loop {
-        match uprobe::resolve(pid, node_buffers) {
-            Err(UprobeError::NoAllocator { .. }) if tries < 25 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            other => break other.map_err(Box::new)?,
-        }
-    };
-    let allocator = uprobe::attach_resolved(ebpf, pid, &resolved, probed).map_err(Box::new)?;
+    let resolved = uprobe::resolve(pid, node_buffers).map_err(Box::new)?;
+    let allocator = uprobe::attach_resolved(ebpf, cfi, pid, &resolved, probed).map_err(Box::new)?;
     info!("malloc: probing {} functions of {} in process {pid}", allocator.functions.len(), allocator.module);
     Ok(allocator)
 }
@@ -231,10 +245,11 @@ impl HeapTracker {
         let totals = take(ebpf, MAP_MALLOC_TOTALS)?;
         let counters = take(ebpf, MAP_MALLOC_COUNTERS)?;
         let new_stacks = take(ebpf, MAP_MALLOC_NEW_STACKS)?;
+        let mut cfi = CfiMaps::take(ebpf)?;
         let js = if settings.node_buffers { Some(HeapJs::take(ebpf)?) } else { None };
         let from_files = files.filter(|_| settings.wait_exec).map(|files| {
             let resolved = uprobe::resolve_command(pid, files, settings.node_buffers)?;
-            uprobe::attach_resolved(ebpf, pid, &resolved, &[])
+            uprobe::attach_resolved(ebpf, &mut cfi, pid, &resolved, &[])
         });
         let allocator = if let Some(allocator) = from_files {
             allocator.map_err(Box::new)?
@@ -243,18 +258,18 @@ impl HeapTracker {
             if settings.node_buffers {
                 AttachedAllocator::default()
             } else {
-                let mut allocator = uprobe::attach(ebpf, pid, false).unwrap_or_else(|e| {
+                let mut allocator = uprobe::attach(ebpf, &mut cfi, pid, false).unwrap_or_else(|e| {
                     debug!("malloc: nothing to probe before exec ({e}); probing after it");
                     AttachedAllocator::default()
                 });
-                match uprobe::attach_system_cxx(ebpf, pid) {
+                match uprobe::attach_system_cxx(ebpf, &mut cfi, pid) {
                     Ok(cxx) => allocator.extend(cxx),
                     Err(e) => debug!("malloc: no operator new probes before exec: {e}"),
                 }
                 allocator
             }
         } else {
-            attach_when_mapped(ebpf, pid, settings.node_buffers, &[])?
+            attach_when_mapped(ebpf, &mut cfi, pid, settings.node_buffers, &[])?
         };
         let duty =
             if allocator.can_cycle() { DutyCycle::new(settings.duty_percent, Instant::now()) } else { None };
@@ -267,6 +282,7 @@ impl HeapTracker {
             totals,
             counters,
             new_stacks,
+            cfi,
             ids: HashMap::new(),
             duty,
             from_files,
@@ -333,7 +349,7 @@ impl HeapTracker {
             return Ok(());
         }
         let probed = self.allocator.probed_modules();
-        let more = attach_when_mapped(ebpf, pid, self.settings.node_buffers, &probed)?;
+        let more = attach_when_mapped(ebpf, &mut self.cfi, pid, self.settings.node_buffers, &probed)?;
         self.allocator.extend(more);
         self.allocator.refresh_addresses(pid);
         Ok(())
@@ -373,6 +389,11 @@ impl HeapTracker {
         for id in fresh {
             self.intern_new(id, table, namer);
         }
+    }
+
+    /// The session's stack ids this view refers to (the session's stack table keeps them).
+    pub fn stack_ids(&self) -> impl Iterator<Item = StackId> + '_ {
+        self.ids.values().copied()
     }
 
     /// Interns a stack the kernel announced, its JS frames named while the heap still

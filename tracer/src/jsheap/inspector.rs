@@ -69,11 +69,37 @@ pub async fn is_node_inspector(netns: &NetNs, addr: SocketAddr) -> bool {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ListedTarget {
+pub(crate) struct ListedTarget {
     #[serde(default)]
     id: String,
     #[serde(default)]
     web_socket_debugger_url: String,
+}
+
+/// The WebSocket path of a listed target. The URL's host is whatever Host header we sent;
+/// only its path matters.
+pub(crate) fn websocket_path(target: &ListedTarget) -> String {
+    target
+        .web_socket_debugger_url
+        .strip_prefix("ws://")
+        .and_then(|rest| rest.find('/').map(|i| rest[i..].to_string()))
+        .unwrap_or_else(|| format!("/{}", target.id))
+}
+
+/// What the inspector's answer to `Runtime.evaluate` says.
+pub(crate) fn evaluation(reply: &Value) -> Result<Evaluated, JsHeapError> {
+    if let Some(error) = reply.get("error") {
+        return Err(JsHeapError::Protocol(format!("Runtime.evaluate: {error}")));
+    }
+    if let Some(details) = reply.pointer("/result/exceptionDetails") {
+        let text = details
+            .pointer("/exception/description")
+            .or_else(|| details.get("text"))
+            .and_then(Value::as_str)
+            .unwrap_or("an exception");
+        return Ok(Evaluated::Threw(text.lines().next().unwrap_or(text).to_string()));
+    }
+    Ok(Evaluated::Returned)
 }
 
 /// A WebSocket session of the inspector.
@@ -97,12 +123,7 @@ impl Session {
             serde_json::from_value(list).map_err(|e| protocol("/json/list", e))?;
         let target =
             targets.first().ok_or_else(|| JsHeapError::Protocol(format!("{addr}/json/list is empty")))?;
-        // The URL's host is whatever Host header we sent; only its path matters.
-        let path = target
-            .web_socket_debugger_url
-            .strip_prefix("ws://")
-            .and_then(|rest| rest.find('/').map(|i| rest[i..].to_string()))
-            .unwrap_or_else(|| format!("/{}", target.id));
+        let path = websocket_path(target);
         let stream = connect(netns, addr)?;
         let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}{path}"), stream)
             .await
@@ -140,18 +161,7 @@ impl Session {
         let reply = tokio::time::timeout(wait, self.reply(id)).await.map_err(|_| {
             JsHeapError::Timeout(format!("the answer to Runtime.evaluate (waited {wait:?})"))
         })??;
-        if let Some(error) = reply.get("error") {
-            return Err(JsHeapError::Protocol(format!("Runtime.evaluate: {error}")));
-        }
-        if let Some(details) = reply.pointer("/result/exceptionDetails") {
-            let text = details
-                .pointer("/exception/description")
-                .or_else(|| details.get("text"))
-                .and_then(Value::as_str)
-                .unwrap_or("an exception");
-            return Ok(Evaluated::Threw(text.lines().next().unwrap_or(text).to_string()));
-        }
-        Ok(Evaluated::Returned)
+        evaluation(&reply)
     }
 
     /// The reply with `id` (events in between are skipped).

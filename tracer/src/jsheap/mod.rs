@@ -16,10 +16,10 @@
 //! was `SIGKILLed`) it stops sampling and removes itself. A target that had an inspector
 //! open before keeps it as it was. One window at a time opens per network namespace.
 
-mod channel;
-mod inspector;
+pub(crate) mod channel;
+pub(crate) mod inspector;
 mod net;
-mod profile;
+pub(crate) mod profile;
 mod target;
 #[cfg(test)]
 mod tests;

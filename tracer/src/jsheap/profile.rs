@@ -77,6 +77,11 @@ pub struct Sample {
     pub node_id: u64,
 }
 
+/// Frames kept of a stack, from the leaf. V8 samples 128 frames deep by default; the tree
+/// comes from the target, and a chain of a million nodes must not cost a million squared
+/// steps.
+pub const MAX_DEPTH: usize = 256;
+
 /// Names V8 gives to tree nodes that are no function: the root, and the VM states it
 /// records when an allocation has no JS frame (`(V8 API)`, `(GC)`, `(EXTERNAL)`, ...).
 fn is_pseudo_frame(frame: &CallFrame) -> bool {
@@ -127,7 +132,7 @@ pub fn live_stacks(profile: &FlatProfile) -> Vec<JsStack> {
                 frames.push(to_frame(&n.call_frame));
             }
             steps += 1;
-            if n.parent == 0 || steps > profile.nodes.len() {
+            if n.parent == 0 || steps > profile.nodes.len() || steps >= MAX_DEPTH {
                 break;
             }
             at = index.get(&n.parent).map(|&i| &profile.nodes[i]);
@@ -144,8 +149,9 @@ pub fn live_stacks(profile: &FlatProfile) -> Vec<JsStack> {
             bytes: 0,
             count: 0,
         });
-        stack.bytes += node.self_size.round() as u64;
-        stack.count += samples_of.get(&node.id).copied().unwrap_or_default();
+        // Sizes are the target's to state: a sum past u64::MAX saturates.
+        stack.bytes = stack.bytes.saturating_add(node.self_size.round() as u64);
+        stack.count = stack.count.saturating_add(samples_of.get(&node.id).copied().unwrap_or_default());
     }
     let mut stacks: Vec<JsStack> = merged.into_values().collect();
     stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.frames.len().cmp(&b.frames.len())));
@@ -242,6 +248,22 @@ mod tests {
         assert_eq!(stacks[0].frames.len(), 1);
         assert_eq!(stacks[0].frames[0].function, "(V8 API)");
         assert_eq!(stacks[0].bytes, 4096);
+    }
+
+    #[test]
+    fn a_deep_chain_is_cut_and_huge_sizes_saturate() {
+        let n = 2_000u64;
+        let nodes: Vec<FlatNode> =
+            (1..=n).map(|id| node(id, id - 1, &format!("f{id}"), "/srv/app.js", 1, 1e30)).collect();
+        let stacks = live_stacks(&FlatProfile { nodes, samples: Vec::new() });
+        assert!(stacks.iter().all(|s| s.frames.len() <= MAX_DEPTH));
+        let deepest =
+            stacks.iter().find(|s| s.frames[0].function == format!("f{n}")).expect("the leaf's stack");
+        assert_eq!(deepest.frames.len(), MAX_DEPTH, "cut at the cap, leaf first");
+        assert_eq!(deepest.bytes, u64::MAX, "1e30 bytes saturate");
+        let twice = vec![node(1, 0, "a", "/srv/app.js", 1, 1e19), node(2, 0, "a", "/srv/app.js", 1, 1e19)];
+        let merged = live_stacks(&FlatProfile { nodes: twice, samples: Vec::new() });
+        assert_eq!(merged[0].bytes, u64::MAX, "two nodes of one stack whose sum overflows");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The live-memory model: which ranges the target holds, and which stack made them.
 
+pub mod frames;
 pub mod ranges;
 pub mod stacks;
 
@@ -348,6 +349,13 @@ impl LiveModel {
             self.freed(&removed);
             self.release_pages(new_brk, old);
         }
+    }
+
+    /// Adds to `held` every stack this model attributes something to: its ranges (reserved
+    /// ones too, which an mprotect can make usable under their stack) and sampled pages.
+    pub fn held_stacks(&self, held: &mut HashSet<StackId>) {
+        held.extend(self.ranges.iter().map(|(_, s)| s.stack));
+        held.extend(self.faults.values().map(|f| f.stack));
     }
 
     /// Outstanding memory grouped by stack, biggest first: mapped memory by the stack

@@ -150,7 +150,7 @@ impl super::state::Session {
     }
 }
 
-fn parse_procs(text: &str) -> impl Iterator<Item = u32> + '_ {
+pub(crate) fn parse_procs(text: &str) -> impl Iterator<Item = u32> + '_ {
     text.lines().filter_map(|l| l.trim().parse().ok()).filter(|&p| p != 0)
 }
 
@@ -207,7 +207,7 @@ fn fs_type(dir: &Path) -> anyhow::Result<i64> {
 
 /// The super options (`rw,memory`, `rw,name=systemd`) of the v1 cgroup mount holding `dir`:
 /// the longest mount point that contains it.
-fn v1_mount_options(mountinfo: &str, dir: &Path) -> Option<Vec<String>> {
+pub(crate) fn v1_mount_options(mountinfo: &str, dir: &Path) -> Option<Vec<String>> {
     mountinfo
         .lines()
         .filter_map(|line| {
@@ -224,7 +224,7 @@ fn v1_mount_options(mountinfo: &str, dir: &Path) -> Option<Vec<String>> {
 
 /// The id of the v1 hierarchy whose controllers (`memory`, `cpu,cpuacct`, `name=systemd`)
 /// are all among a mount's `options`, from `/proc/self/cgroup` (`4:memory:/`).
-fn v1_hierarchy(proc_cgroup: &str, options: &[String]) -> Option<u32> {
+pub(crate) fn v1_hierarchy(proc_cgroup: &str, options: &[String]) -> Option<u32> {
     proc_cgroup.lines().find_map(|line| {
         let mut parts = line.splitn(3, ':');
         let id: u32 = parts.next()?.parse().ok()?;

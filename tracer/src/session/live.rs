@@ -57,7 +57,7 @@ impl Session {
         started: Instant,
         timeline: Vec<crate::report::TimelinePoint>,
     ) -> Report {
-        let frames = |id: StackId| self.frames.get(&id).cloned().unwrap_or_default();
+        let frames = |id: StackId| self.stacks.frames(id);
         let model_totals = self.procs.totals();
         let mut report = build_report(&ReportInputs {
             target: Target {

@@ -1,6 +1,6 @@
 //! One tracing session: load, attach, read events until a stop condition, report.
 
-mod cgroup;
+pub(crate) mod cgroup;
 mod jsheap;
 mod live;
 mod metrics;
@@ -10,7 +10,6 @@ mod procs;
 mod state;
 
 use std::{
-    collections::HashMap,
     io::{IsTerminal as _, Write as _},
     os::fd::OwnedFd,
     time::{Duration, Instant},
@@ -41,8 +40,8 @@ use crate::{
     symbolize::ProcessSymbols,
 };
 
-/// Unique stacks kept at most; later new stacks are counted as unknown.
-const STACK_TABLE_CAPACITY: usize = 200_000;
+/// How long the ring buffers are read once tracing stopped.
+const FINAL_DRAIN: Duration = Duration::from_millis(200);
 /// Snapshots of per-stack held bytes kept for the growth verdict (resolution halves
 /// beyond it), and stacks followed at most.
 const HISTORY_POINTS: usize = 512;
@@ -109,18 +108,30 @@ pub async fn trace(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Rep
     let reason =
         event_loop(&mut s, [&mut events, &mut oom_events], pidfd, signals, args, started, &mut watchers)
             .await?;
+    let stopping = Instant::now();
     if let Some(view) = watchers.live.take() {
         view.finish();
     }
-    // Whatever is still in the ring buffers belongs to the run.
-    s.drain(oom_events.get_mut());
-    s.drain(events.get_mut());
-    s.settle_symbols();
+    // Whatever is still in the ring buffers belongs to the run; in a storm records keep
+    // coming, and those not read within FINAL_DRAIN came after the stop.
+    let deadline = Instant::now() + FINAL_DRAIN;
+    s.drain_until(oom_events.get_mut(), deadline);
+    if s.drain_until(events.get_mut(), deadline) {
+        warn!("events still arriving {FINAL_DRAIN:?} after the stop; the report ends there");
+    }
+    // Stopped by a person: the report comes within a second, with what is named by then.
+    s.settle_symbols(if reason == StopReason::Signal {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_secs(5)
+    });
     if !matches!(reason, StopReason::TargetExited | StopReason::TargetOomKilled) && !s.target_oom_killed {
         s.js_heap.refresh(&mut s.stacks).await;
     }
     s.js_heap.close().await;
+    debug!("stopping: ring buffers read and symbols settled in {:.1?}", stopping.elapsed());
     let (mut report, reason) = finish(s, reason, args, started);
+    debug!("stopping: report made in {:.1?}", stopping.elapsed());
     for pusher in &mut watchers.pushers {
         pusher.push_final(&report).await;
         let status = pusher.status();
@@ -201,6 +212,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
     let oom_events = readable_fd(tracer.take_oom_events().context("OOM ring buffer already taken")?)
         .context("poll the OOM ring buffer")?;
     let files = target.program.as_deref().and_then(|program| hold_at_exit(&mut tracer, pid, program));
+    if track & TRACK_MALLOC != 0 && files.is_none() {
+        os::wait_for_allocator(pid, malloc.node_buffers).await;
+    }
     let mut heap = (track & TRACK_MALLOC != 0)
         .then(|| crate::heap::HeapTracker::attach(tracer.ebpf_mut(), pid, malloc, files.as_ref()))
         .transpose()
@@ -210,6 +224,9 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         release()?;
         wait_for_exec(pid, before).await;
         if let Some(heap) = heap.as_mut() {
+            if files.is_none() {
+                os::wait_for_allocator(pid, malloc.node_buffers).await;
+            }
             heap.after_exec(tracer.ebpf_mut(), pid)
                 .with_context(|| format!("attach the malloc probes to process {pid}"))?;
         }
@@ -253,9 +270,7 @@ async fn start(target: TraceTarget, args: &TraceArgs) -> anyhow::Result<(Session
         tracer,
         procs,
         all_exited: false,
-        stacks: StackTable::new(STACK_TABLE_CAPACITY),
-        frames: HashMap::new(),
-        symbolized_upto: 0,
+        stacks: StackTable::new(usize::try_from(args.stack_table_mib << 20).unwrap_or(usize::MAX)),
         oom_format,
         ooms: Vec::new(),
         warnings: Vec::new(),
@@ -393,24 +408,21 @@ async fn event_loop(
     let reason = loop {
         tokio::select! {
             guard = events.readable_mut() => {
-                let mut guard = guard.context("wait for events")?;
-                s.drain(guard.get_inner_mut());
-                guard.clear_ready();
+                read_ready(s, guard, "events").await?;
                 if let Some(reason) = ended(s) {
                     break reason;
                 }
             }
             guard = oom_events.readable_mut() => {
-                let mut guard = guard.context("wait for OOM records")?;
-                s.drain(guard.get_inner_mut());
-                guard.clear_ready();
+                read_ready(s, guard, "OOM records").await?;
                 if let Some(reason) = ended(s) {
                     break reason;
                 }
             }
             _ = drain.tick() => {
-                s.drain(oom_events.get_mut());
-                s.drain(events.get_mut());
+                if s.drain(oom_events.get_mut()) | s.drain(events.get_mut()) {
+                    tokio::task::yield_now().await;
+                }
                 if let Some(heap) = s.heap.as_mut() {
                     // Until it is known, Buffers are recorded without a stack.
                     heap.set_v8_code(&mut procs::FirstTarget(&mut s.procs));
@@ -472,7 +484,7 @@ async fn event_loop(
                 if next_snapshot.is_some_and(|at| Instant::now() >= at) {
                     s.js_heap.refresh(&mut s.stacks).await;
                 }
-                s.symbolize_new();
+                s.symbolize_and_bound_stacks();
                 if let Some(share) = args.warn_at {
                     s.check_warn_at(share);
                 }
@@ -492,6 +504,24 @@ async fn event_loop(
         s.exit = procfs::exit::exit_status(s.pid);
     }
     Ok(reason)
+}
+
+/// Reads a ring buffer that polled readable. Records left (a storm): it stays ready and
+/// the loop comes back at once, after a yield that lets the runtime poll its drivers
+/// (signals, timers, the pidfd), which a task that never waits would starve.
+async fn read_ready(
+    s: &mut Session,
+    guard: std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'_, RingBuf<MapData>>>,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut guard = guard.with_context(|| format!("wait for {what}"))?;
+    if s.drain(guard.get_inner_mut()) {
+        drop(guard);
+        tokio::task::yield_now().await;
+    } else {
+        guard.clear_ready();
+    }
+    Ok(())
 }
 
 /// Whether what was drained ended the trace: the target OOM-killed, or every traced
@@ -607,7 +637,11 @@ fn finish(mut s: Session, reason: StopReason, args: &TraceArgs, started: Instant
     });
     s.symbolize_new();
     if s.stacks.overflowed() > 0 {
-        warn!("{} new stacks found the stack table full and are reported as unknown", s.stacks.overflowed());
+        warn!(
+            "{} new stacks found the stack table full (--stack-table-mib {}) and are reported as unknown",
+            s.stacks.overflowed(),
+            args.stack_table_mib
+        );
     }
     let stacks = {
         let mapped = s.procs.by_stack_before(end_ns.saturating_sub(crate::duration::nanos(args.min_age)));

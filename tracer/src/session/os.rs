@@ -155,6 +155,19 @@ async fn wait_for_loader(pid: u32) {
     }
 }
 
+/// Right after an exec the C library is mapped a moment after the executable: waits, up
+/// to half a second and without blocking the runtime, until `pid`'s allocator is found.
+pub(super) async fn wait_for_allocator(pid: u32, node_buffers: bool) {
+    for _ in 0..25 {
+        match crate::bpf::uprobe::resolve(pid, node_buffers) {
+            Err(crate::bpf::uprobe::UprobeError::NoAllocator { .. }) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Lets a process that `uprobe_exit` stopped go on (`SIGCONT`).
 pub(super) fn resume(pid: u32) {
     // SAFETY: kill has no memory preconditions; the pid is the traced command's.

@@ -436,6 +436,19 @@ impl Processes {
         }
     }
 
+    /// Estimated heap bytes the processes' symbols keep per address seen.
+    pub(super) fn symbol_cache_bytes(&self) -> usize {
+        self.spaces.iter().filter_map(|s| s.symbols.as_ref()).map(ProcessSymbols::cache_bytes).sum()
+    }
+
+    /// Adds to `held` every stack a process's model attributes memory to (ended processes
+    /// keep theirs).
+    pub(super) fn held_stacks(&self, held: &mut std::collections::HashSet<StackId>) {
+        for p in &self.procs {
+            p.model.held_stacks(held);
+        }
+    }
+
     /// Held memory by stack and view in every process (ended ones keep what they held at
     /// their exit), biggest first.
     pub(super) fn by_stack(&self) -> Vec<StackAgg> {

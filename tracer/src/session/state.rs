@@ -1,6 +1,6 @@
 //! The state of one trace: the model, the stacks and what was seen, updated per event.
 
-use std::{collections::HashMap, time::Instant};
+use std::{collections::HashSet, fmt::Write as _, time::Instant};
 
 use aya::maps::{MapData, RingBuf};
 use log::warn;
@@ -13,10 +13,21 @@ use crate::{
     events::{Event, OomFormat, decode},
     model::{MemOp, StackId, StackTable},
     procfs,
-    report::{Frame, TimelinePoint},
+    report::TimelinePoint,
     symbolize::Regs,
     units::human_bytes,
 };
+
+/// The longest the event loop spends handling records before it looks at its other
+/// sources (signals, the target's exit, timers).
+const DRAIN_SLICE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The longest the once-a-second symbolization of new stacks runs; the rest waits for the
+/// next second.
+const SYMBOLIZE_SLICE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Ticks (seconds) a stack is kept after it was last seen, even when it holds nothing.
+const STACK_RECENT_S: u64 = 60;
 
 /// Timeline points kept at most; older points are thinned out beyond it.
 const TIMELINE_CAPACITY: usize = 4096;
@@ -30,8 +41,6 @@ pub(super) struct Session {
     /// No traced process runs any more.
     pub(super) all_exited: bool,
     pub(super) stacks: StackTable,
-    pub(super) frames: HashMap<StackId, Vec<Frame>>,
-    pub(super) symbolized_upto: usize,
     pub(super) oom_format: Option<OomFormat>,
     pub(super) ooms: Vec<crate::report::OomKill>,
     pub(super) warnings: Vec<crate::report::Warning>,
@@ -64,12 +73,29 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// Handles every record waiting in the ring buffer.
-    pub(super) fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+    /// Handles the records waiting in the ring buffer, for at most [`DRAIN_SLICE`]: in a
+    /// storm the buffer never empties, and between slices the event loop sees signals,
+    /// the target's exit and its timers. Returns whether records may still wait.
+    pub(super) fn drain(&mut self, rb: &mut RingBuf<MapData>) -> bool {
+        self.drain_until(rb, Instant::now() + DRAIN_SLICE)
+    }
+
+    /// Handles the records waiting in the ring buffer until it is empty or `deadline`
+    /// passes; returns whether it stopped at the deadline.
+    pub(super) fn drain_until(&mut self, rb: &mut RingBuf<MapData>, deadline: Instant) -> bool {
+        let mut handled = 0u32;
+        let mut more = false;
         while let Some(item) = rb.next() {
             self.handle(&item);
+            handled += 1;
+            // The clock is read once per 64 records (a record takes about a microsecond).
+            if handled.is_multiple_of(64) && Instant::now() >= deadline {
+                more = true;
+                break;
+            }
         }
         self.replay(None);
+        more
     }
 
     /// Handles again the records held while their process's symbols were opened, once
@@ -83,14 +109,14 @@ impl Session {
         any
     }
 
-    /// At the end: waits (up to 5 s) for symbols still being opened and handles what was
-    /// held for them; after that, without them.
-    pub(super) fn settle_symbols(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    /// At the end: waits (up to `wait`) for symbols still being opened and handles what
+    /// was held for them; after that, without them.
+    pub(super) fn settle_symbols(&mut self, wait: std::time::Duration) {
+        let deadline = std::time::Instant::now() + wait;
         while self.procs.opening() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                warn!("symbols still being opened after 5 s; those processes keep addresses");
+                warn!("symbols still being opened after {wait:.1?}; those processes keep addresses");
                 for record in self.procs.abandon_opening() {
                     self.handle(&record);
                 }
@@ -233,41 +259,79 @@ impl Session {
     /// modules were still being mapped (right after the exec), and the memory map is
     /// complete now.
     fn resymbolize_unknown(&mut self) {
-        let stale: Vec<StackId> = self
-            .frames
-            .iter()
-            .filter(|(_, frames)| frames.iter().any(|f| f.kind == crate::report::FrameKind::Unknown))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in stale {
-            if self.stacks.frames(id).is_some() {
-                continue;
-            }
+        for id in self.stacks.with_unknown_frames() {
             let addrs = self.stacks.get(id).to_vec();
             let frames = self.procs.symbolize(self.stacks.space(id), &addrs);
-            self.frames.insert(id, frames);
+            self.stacks.set_frames(id, &frames);
         }
     }
 
     /// Symbolizes stacks seen since the last call, while the target still lives (JIT code
     /// moves and the process may exit).
     pub(super) fn symbolize_new(&mut self) {
-        let total = self.stacks.len();
-        if self.symbolized_upto >= total {
+        self.symbolize_for(None);
+    }
+
+    /// [`Self::symbolize_new`] for at most `budget`, leaving the rest for the next call.
+    fn symbolize_for(&mut self, budget: Option<std::time::Duration>) {
+        let fresh = self.stacks.take_unsymbolized();
+        if fresh.is_empty() {
             return;
         }
+        let started = Instant::now();
         self.procs.refresh_perf_maps();
-        for id in (self.symbolized_upto + 1)..=total {
-            let id = StackId(id as u32);
-            let frames = if let Some(named) = self.stacks.frames(id) {
-                named.to_vec()
-            } else {
-                let addrs = self.stacks.get(id).to_vec();
-                self.procs.symbolize(self.stacks.space(id), &addrs)
-            };
-            self.frames.insert(id, frames);
+        for (i, &id) in fresh.iter().enumerate() {
+            if budget.is_some_and(|b| started.elapsed() >= b) {
+                log::debug!(
+                    "symbolized {i} of {} new stacks in {:.1?}; the rest next",
+                    fresh.len(),
+                    started.elapsed()
+                );
+                self.stacks.requeue_unsymbolized(&fresh[i..]);
+                return;
+            }
+            let addrs = self.stacks.get(id).to_vec();
+            let frames = self.procs.symbolize(self.stacks.space(id), &addrs);
+            self.stacks.set_frames(id, &frames);
         }
-        self.symbolized_upto = total;
+    }
+
+    /// Once a second: symbolizes the new stacks and, when the stack table nears its limit,
+    /// forgets the stacks that hold nothing in any view and were not seen in the last
+    /// [`STACK_RECENT_S`] seconds (a stack is forgotten only once its frames are known).
+    pub(super) fn symbolize_and_bound_stacks(&mut self) {
+        // A share of each second: the event loop goes on reading events meanwhile.
+        self.symbolize_for(Some(SYMBOLIZE_SLICE));
+        self.stacks.tick();
+        if self.stacks.ticks().is_multiple_of(60) {
+            log::debug!(
+                "memory: stack table {} ({} stacks, {} frames), symbol caches {}",
+                human_bytes(self.stacks.heap_bytes() as u64),
+                self.stacks.len(),
+                self.stacks.frame_count(),
+                human_bytes(self.procs.symbol_cache_bytes() as u64)
+            );
+        }
+        if !self.stacks.wants_eviction() {
+            return;
+        }
+        let mut held = HashSet::new();
+        self.procs.held_stacks(&mut held);
+        held.extend(self.js_heap.aggs().iter().map(|a| a.stack));
+        if let Some(heap) = &self.heap {
+            held.extend(heap.stack_ids());
+        }
+        let before = self.stacks.heap_bytes();
+        let started = Instant::now();
+        let evicted = self.stacks.evict(&held, STACK_RECENT_S);
+        log::debug!(
+            "stack table: evicted {evicted} of {} stacks ({} held), {} -> {} in {:.1?}",
+            self.stacks.len() + evicted,
+            held.len(),
+            human_bytes(before as u64),
+            human_bytes(self.stacks.heap_bytes() as u64),
+            started.elapsed()
+        );
     }
 
     pub(super) fn snapshot(&mut self) {
@@ -342,11 +406,11 @@ impl Session {
             .iter()
             .take(3)
             .map(|agg| {
-                let frames = self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice);
+                let frames = self.stacks.frames(agg.stack);
                 format!(
                     "{} by {}",
                     human_bytes(agg.bytes),
-                    crate::analysis::culprit(frames, &self.rules).label()
+                    crate::analysis::culprit(&frames, &self.rules).label()
                 )
             })
             .collect();
@@ -367,8 +431,8 @@ impl Session {
         // One series per (culprit, view): stacks of one culprit are summed within a view.
         let mut by_culprit: Vec<crate::export::prometheus::SuspectSample> = Vec::new();
         for agg in self.procs.by_stack() {
-            let frames = self.frames.get(&agg.stack).map_or(&[][..], Vec::as_slice);
-            let culprit = crate::analysis::culprit(frames, &self.rules).label();
+            let frames = self.stacks.frames(agg.stack);
+            let culprit = crate::analysis::culprit(&frames, &self.rules).label();
             let source = agg.source.name().to_string();
             match by_culprit.iter_mut().find(|s| s.culprit == culprit && s.source == source) {
                 Some(s) => s.bytes += agg.bytes,
@@ -410,6 +474,27 @@ impl Session {
         crate::bpf::counters::lost(&self.tracer.counters()) + self.decode_errors + heap_lost
     }
 
+    /// The stack count, and what the table's limit did once it bit.
+    fn stacks_status(&self) -> String {
+        let (evicted, full) = (self.stacks.evicted(), self.stacks.overflowed());
+        if evicted == 0 && full == 0 {
+            return self.stacks.len().to_string();
+        }
+        let mut s = format!(
+            "{} ({} of {} limit",
+            self.stacks.len(),
+            human_bytes(self.stacks.heap_bytes() as u64),
+            human_bytes(self.stacks.limit_bytes() as u64)
+        );
+        if evicted > 0 {
+            let _ = write!(s, ", {evicted} idle evicted");
+        }
+        if full > 0 {
+            let _ = write!(s, ", {full} unknown: table full");
+        }
+        s + ")"
+    }
+
     pub(super) fn status_line(&self, started: Instant) -> String {
         let elapsed = started.elapsed().as_secs_f64();
         format!(
@@ -422,7 +507,7 @@ impl Session {
             } else {
                 String::new()
             },
-            self.stacks.len(),
+            self.stacks_status(),
             human_bytes(self.procs.outstanding_bytes()),
             human_bytes(self.procs.resident_bytes()),
             self.heap.as_ref().map_or_else(String::new, |h| format!("  {}", h.status()))

@@ -91,6 +91,11 @@ impl JsTokens {
         Some(token)
     }
 
+    /// Estimated heap bytes: each token's frame, and its key (the same strings again).
+    pub fn heap_bytes(&self) -> usize {
+        self.frames.iter().map(|(_, f)| 2 * (super::frames_bytes(std::slice::from_ref(f)) + 8) + 32).sum()
+    }
+
     /// The pc and frame a token stands for.
     pub fn get(&self, addr: u64) -> Option<&(u64, Frame)> {
         if addr & TOKEN_MASK != TOKEN_TAG {

@@ -7,7 +7,7 @@
 //! else, for node, V8's own heap ([`v8`]).
 
 mod js;
-mod module;
+pub(crate) mod module;
 mod native;
 #[cfg(test)]
 mod node_test;
@@ -62,8 +62,10 @@ pub enum SymbolizeError {
 
 /// How often an unknown address may trigger a re-read of `/proc/PID/maps`.
 const MAPS_REFRESH_INTERVAL: Duration = Duration::from_millis(100);
-/// Cached symbolizations kept before the cache is cleared.
-const CACHE_LIMIT: usize = 1 << 20;
+/// Bytes of cached symbolizations kept before the cache is cleared: the cache only saves
+/// time, and each address's frames are owned strings (JIT code at new addresses would grow
+/// it for as long as the target runs).
+const CACHE_LIMIT_BYTES: usize = 8 << 20;
 
 /// An executable region of the process.
 #[derive(Clone, Debug)]
@@ -105,6 +107,8 @@ pub struct ProcessSymbols {
     regions_generation: u64,
     /// Keyed by (address, is a return address).
     cache: HashMap<(u64, bool), Cached>,
+    /// Estimated heap bytes of `cache`.
+    cache_bytes: usize,
     last_maps_refresh: Instant,
     /// From `/proc/PID/stat`, to notice the pid being reused by another process.
     start_time: Option<u64>,
@@ -134,6 +138,7 @@ impl ProcessSymbols {
             perf_map: PerfMapReader::new(perf_path, status.uids),
             regions_generation: 0,
             cache: HashMap::new(),
+            cache_bytes: 0,
             last_maps_refresh: Instant::now(),
             start_time: read_start_time(pid),
             v8: js::V8State::default(),
@@ -297,10 +302,21 @@ impl ProcessSymbols {
     }
 
     fn remember(&mut self, key: (u64, bool), frames: Vec<Frame>, perf_generation: Option<u64>) {
-        if self.cache.len() >= CACHE_LIMIT {
+        if self.cache_bytes >= CACHE_LIMIT_BYTES {
             self.cache.clear();
+            self.cache_bytes = 0;
         }
-        self.cache.insert(key, Cached { frames, perf_generation });
+        let bytes = cached_bytes(&frames);
+        if let Some(old) = self.cache.insert(key, Cached { frames, perf_generation }) {
+            self.cache_bytes -= cached_bytes(&old.frames);
+        }
+        self.cache_bytes += bytes;
+    }
+
+    /// Estimated heap bytes of what this process's symbols keep per address seen (the
+    /// symbolization cache and the JS frame tokens), for the memory log.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes + self.js_tokens.heap_bytes()
     }
 
     /// Re-reads the maps unless that was done less than [`MAPS_REFRESH_INTERVAL`] ago.
@@ -357,6 +373,7 @@ impl ProcessSymbols {
         if replaced {
             // Cached names of the replaced range are stale now.
             self.cache.retain(|&(addr, _), _| addr < entry.start || addr > entry.end);
+            self.cache_bytes = self.cache.values().map(|c| cached_bytes(&c.frames)).sum();
         }
         self.regions_generation += 1;
         let kind = if entry.is_file_backed() {
@@ -430,6 +447,18 @@ fn unknown_in_module(module: &str, file_offset: u64) -> Frame {
         kind: FrameKind::Unknown,
         ..Frame::default()
     }
+}
+
+/// Heap bytes of a frame list, estimated: each allocation with its malloc header.
+pub(crate) fn frames_bytes(frames: &[Frame]) -> usize {
+    let string = |s: &String| if s.capacity() == 0 { 0 } else { s.capacity() + 16 };
+    16 + std::mem::size_of_val(frames)
+        + frames.iter().map(|f| string(&f.function) + string(&f.module) + string(&f.file)).sum::<usize>()
+}
+
+fn cached_bytes(frames: &[Frame]) -> usize {
+    // The map slot: key, value and a control byte.
+    std::mem::size_of::<((u64, bool), Cached)>() + 1 + frames_bytes(frames)
 }
 
 fn unknown_frame(addr: u64, module: &str) -> Frame {

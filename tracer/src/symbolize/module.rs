@@ -37,6 +37,11 @@ pub(crate) struct UnwindSections {
 }
 
 impl UnwindSections {
+    /// `.text`, as stated in the file.
+    pub fn text(&self) -> Option<Range<u64>> {
+        self.text.clone()
+    }
+
     pub fn has_cfi(&self) -> bool {
         self.eh_frame.is_some() || self.debug_frame.is_some()
     }
@@ -147,7 +152,7 @@ fn open_mapped_file(pid: u32, map: &MapEntry) -> Result<File, SymbolizeError> {
     Ok(file)
 }
 
-fn read_elf(file: &File) -> Result<ElfInfo, object::Error> {
+pub(crate) fn read_elf(file: &File) -> Result<ElfInfo, object::Error> {
     // Reads only the headers and the sections asked for, not the whole (maybe 100 MB) file.
     let cache = ReadCache::new(file);
     let object = object::File::parse(&cache)?;

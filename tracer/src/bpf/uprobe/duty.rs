@@ -51,7 +51,7 @@ impl AttachedAllocator {
                 .try_into()
                 .map_err(|_| UprobeError::MissingProgram(site.program))?;
             let scope = NonZeroU32::new(site.pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess);
-            let link = attach_one(probe, &site.path, site.offset, scope).map_err(|source| {
+            let link = attach_one(probe, &site.path, site.offset, scope, None).map_err(|source| {
                 UprobeError::Attach { path: site.module.clone(), symbol: site.symbol, pid: site.pid, source }
             })?;
             self.cycled_links.push(link);

@@ -71,7 +71,7 @@ pub(crate) fn read_elf(file: &File, name: &str) -> Result<ElfMetadata, Refusal> 
     if let (Some(&(start, _)), Some(size)) = (wanted.get(BLOB_START), word(BLOB_SIZE, 4))
         && size > 0
     {
-        meta.builtins = Some(start..start + size as u64);
+        meta.builtins = Some(start..start.saturating_add(size as u64));
     }
     Ok(meta)
 }
@@ -114,6 +114,17 @@ fn symbol_table<'data, R: object::ReadRef<'data>>(
         let Some((offset, size)) = object.section_by_name(section).and_then(|s| s.file_range()) else {
             return Ok(Vec::new());
         };
+        // The header's size is the file's to state: past the file's end it is refused
+        // before anything is allocated for it.
+        let len = file.metadata()?.len();
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{section} ({size} bytes at {offset:#x}) runs past the end of the file ({len} bytes)"
+                ),
+            ));
+        }
         let mut bytes = vec![0u8; usize::try_from(size).map_err(std::io::Error::other)?];
         file.read_exact_at(&mut bytes, offset)?;
         Ok(bytes)
@@ -148,7 +159,7 @@ impl Sections {
                 .sections()
                 .filter(|s| s.address() != 0)
                 .map(|s| {
-                    let range = s.address()..s.address() + s.size();
+                    let range = s.address()..s.address().saturating_add(s.size());
                     let offset = (s.kind() != SectionKind::UninitializedData)
                         .then(|| s.file_range().map(|(offset, _)| offset))
                         .flatten();
@@ -162,11 +173,14 @@ impl Sections {
     /// read from the file (one small read: sections are tens of megabytes).
     fn read_int(&self, file: &File, addr: u64, size: u64) -> Option<i64> {
         use std::os::unix::fs::FileExt;
-        let (range, offset) = self.0.iter().find(|(r, _)| r.start <= addr && addr + size <= r.end)?;
+        let (range, offset) = self
+            .0
+            .iter()
+            .find(|(r, _)| r.start <= addr && addr.checked_add(size).is_some_and(|end| end <= r.end))?;
         let Some(offset) = offset else { return Some(0) };
         let mut buf = [0u8; 8];
         let len = usize::try_from(size).ok().filter(|&n| n <= 8)?;
-        file.read_exact_at(&mut buf[..len], offset + (addr - range.start)).ok()?;
+        file.read_exact_at(&mut buf[..len], offset.checked_add(addr - range.start)?).ok()?;
         let value = i64::from_le_bytes(buf);
         let shift = 64 - 8 * len as u32;
         Some((value << shift) >> shift)
@@ -199,6 +213,21 @@ mod tests {
         assert_eq!(find_version_string(b"\x0010.2.154-node.37"), Some((10, 2, 154)));
         assert_eq!(find_version_string(b"abc-node.1"), None);
     }
+
+    /// Found by `cargo fuzz run elf`: a `.symtab` whose header states more bytes than the
+    /// file holds made memtrace allocate them (and abort when they could not be had).
+    #[test]
+    fn a_symbol_table_past_the_end_of_the_file_is_refused() {
+        let seed = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/elf/crash-a4c3dbc9d63b"))
+            .expect("the crash input");
+        let mut file = tempfile::tempfile().expect("a temp file");
+        std::io::Write::write_all(&mut file, &seed).expect("write it");
+        match read_elf(&file, "crash") {
+            Err(Refusal::Unreadable { why, .. }) => assert!(why.contains("past the end"), "{why}"),
+            other => panic!("a clear refusal, not {other:?}"),
+        }
+    }
+
     #[test]
     fn refuses_files_without_metadata() {
         let exe = std::env::current_exe().expect("own executable");

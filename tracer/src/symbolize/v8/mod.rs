@@ -10,7 +10,7 @@
 mod cache;
 mod code;
 pub(crate) mod constants;
-mod elf;
+pub(crate) mod elf;
 mod frames;
 pub(crate) mod heap;
 mod maps;
