@@ -49,6 +49,8 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         .output()
         .expect("run wrk");
     assert!(load.status.success(), "wrk failed: {}", String::from_utf8_lossy(&load.stderr));
+    // What the service itself counted (orders placed, bytes kept), for the failure messages.
+    let stats = http_get(&url, "/stats");
     let out = memtrace.wait(Duration::from_mins(1));
     assert!(out.status.success(), "memtrace attach exited with {}\n{}", out.status, out.combined());
 
@@ -79,7 +81,13 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         .map(|l| format!("{} B {} {} {}", l["bytes"], l["verdict"], l["culprit"]["function"], l["reason"]))
         .collect();
     let top =
-        leaks.first().unwrap_or_else(|| panic!("nothing flagged; other suspects:\n{}", others.join("\n")));
+        leaks.first().unwrap_or_else(|| {
+            panic!(
+                "nothing flagged; the service says {stats}; other suspects:\n{}\n--- memtrace ---\n{}",
+                others.join("\n"),
+                out.stderr
+            )
+        });
     let source = std::fs::read_to_string(service.join("server.js")).expect("read server.js");
     let line =
         source.lines().position(|l| l.starts_with("function rememberOrder(")).expect("rememberOrder") + 1;
@@ -98,9 +106,27 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
                 && f["file"].as_str().is_some_and(|p| p.ends_with("leaky-service/server.js"))
                 && f["line"] == line
         });
-    assert!(names_it, "the top suspect's stack does not name rememberOrder server.js:{line}:\n{describe}");
-    assert_eq!(top["verdict"], "leak", "{describe}");
+    assert!(
+        names_it,
+        "the top suspect's stack does not name rememberOrder server.js:{line} (the service says {stats}):\n{describe}"
+    );
+    assert_eq!(top["verdict"], "leak", "the service says {stats}\n{describe}\n--- memtrace ---\n{}", out.stderr);
     assert_eq!(report["lost_events"], 0, "events were lost under load");
+}
+
+/// The body of `GET path` from the service at `url` (`http://host:port`), or why not.
+fn http_get(url: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let get = || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response.split_once("\r\n\r\n").map_or(response.clone(), |(_, body)| body.to_string()))
+    };
+    get().unwrap_or_else(|e| format!("(GET {path}: {e})"))
 }
 
 fn which_wrk() -> Result<std::path::PathBuf, ()> {
