@@ -124,6 +124,10 @@ fn the_keeping_js_function_is_the_first_culprit_and_no_inspector_is_left_after_s
         pid_arg.as_ref(),
         "--interval".as_ref(),
         "1s".as_ref(),
+        // A point of the view's growth every second (30 s by default, for the target's
+        // sake: each read is a full GC in it).
+        "--js-heap-every".as_ref(),
+        "1s".as_ref(),
         "--json".as_ref(),
         json.as_os_str(),
     ]);

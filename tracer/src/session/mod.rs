@@ -404,6 +404,9 @@ async fn event_loop(
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let interval = snapshot_interval(args, watchers.live.is_some());
     let mut next_snapshot = Instant::now().checked_add(interval);
+    // The JS heap view's reads are a full GC in the target each (see --js-heap-every).
+    let js_heap_every = args.js_heap_every.max(interval);
+    let mut next_js_heap = Instant::now().checked_add(js_heap_every);
     let mut status = StatusLine { tty: std::io::stderr().is_terminal(), last: Instant::now() };
     let reason = loop {
         tokio::select! {
@@ -481,8 +484,9 @@ async fn event_loop(
                         s.tracked.push(crate::report::Source::JsHeap.name().to_string());
                     }
                 }
-                if next_snapshot.is_some_and(|at| Instant::now() >= at) {
+                if next_js_heap.is_some_and(|at| Instant::now() >= at) {
                     s.js_heap.refresh(&mut s.stacks).await;
+                    next_js_heap = next_js_heap.and_then(|at| at.checked_add(js_heap_every));
                 }
                 s.symbolize_and_bound_stacks();
                 if let Some(share) = args.warn_at {
