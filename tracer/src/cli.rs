@@ -221,13 +221,14 @@ pub struct TraceArgs {
     /// sampling interval): lower is more precise and costs the target more.
     #[arg(long, value_parser = crate::heap::parse_size, default_value = "512k", value_name = "BYTES")]
     pub js_heap_interval: u64,
-    /// How often the JS heap view reads V8's profile (never more often than --interval;
-    /// also once at the end). Each read makes V8 run a full garbage collection, after
-    /// which a busy service recompiles its hot functions: every 6.5 s that cost the
-    /// example service 8% of its throughput, every 1 s 17%. Lower gives the view's
-    /// growth more points and costs the target more.
-    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
-    pub js_heap_every: Duration,
+    /// How often the JS heap view reads V8's profile (default 30s, or a sixth of
+    /// --duration when that is shorter; never more often than --interval; also once at
+    /// the end). Each read makes V8 run a full garbage collection, after which a busy
+    /// service recompiles its hot functions: every 6.5 s that cost the example service 8%
+    /// of its throughput, every 1 s 17%. Lower gives the view's growth more points and
+    /// costs the target more.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub js_heap_every: Option<Duration>,
     #[command(flatten)]
     pub output: OutputArgs,
     #[command(flatten)]

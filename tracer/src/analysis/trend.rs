@@ -37,6 +37,10 @@ pub struct History {
     max_points: usize,
     max_series: usize,
     dropped_series: u64,
+    /// Views read less often than snapshots are taken (the JS heap view): the time of
+    /// each one's last reading. Between readings its series repeat the last value; a new
+    /// reading replaces those repeats by the line between the two readings.
+    observed: HashMap<Source, f64>,
 }
 
 impl History {
@@ -48,6 +52,35 @@ impl History {
             max_points: max_points.max(4),
             max_series,
             dropped_series: 0,
+            observed: HashMap::new(),
+        }
+    }
+
+    /// Says that the last snapshot's values of `source` are a fresh reading (see
+    /// `observed`): the points since its previous reading are interpolated. Without it a
+    /// steady leak read every 30 s and snapshotted every 3 s would look like a staircase,
+    /// flat in nine intervals of ten, and be judged a warm-up.
+    pub fn observed(&mut self, source: Source) {
+        let Some(&now) = self.times.last() else { return };
+        let n = self.times.len() - 1;
+        if let Some(since) = self.observed.insert(source, now) {
+            // The last point at or before the previous reading (points may have been
+            // thinned since).
+            let Some(k) = self.times.iter().rposition(|&t| t <= since) else { return };
+            let span = now - self.times[k];
+            if k + 1 >= n || span <= 0.0 {
+                return;
+            }
+            for (key, values) in &mut self.series {
+                if key.2 != source || values.len() != self.times.len() {
+                    continue;
+                }
+                let (from, to) = (values[k] as f64, values[n] as f64);
+                for i in k + 1..n {
+                    let f = (self.times[i] - self.times[k]) / span;
+                    values[i] = (from + (to - from) * f).round() as u64;
+                }
+            }
         }
     }
 
@@ -274,5 +307,51 @@ mod tests {
         assert_eq!(s1.last(), Some(&190));
         assert!(h.series((ProcIndex(0), StackId(3), Source::Mmap)).is_none());
         assert_eq!(h.dropped_series(), 10);
+    }
+
+    /// The JS heap view is read every 30 s and snapshotted every 3 s: a steady leak must
+    /// still be a leak (not the staircase of its repeated readings, judged a warm-up),
+    /// and the other views' series are left as they were.
+    #[test]
+    fn a_view_read_every_tenth_snapshot_is_judged_on_its_readings() {
+        let mut h = History::new(512, 16);
+        let agg = |source, bytes| StackAgg {
+            stack: StackId(1),
+            bytes,
+            count: 1,
+            oldest_ts_ns: 0,
+            source,
+            proc: ProcIndex(0),
+            mean_ts_ns: 0,
+        };
+        let mib = 1u64 << 20;
+        let mut read = 0;
+        for i in 0..=40u64 {
+            // A reading at the view's opening (nothing yet), then one every 10 snapshots
+            // of what the leak holds then (1 MiB per snapshot interval).
+            if i % 10 == 0 {
+                read = i * mib;
+            }
+            let mmap_bytes = if i % 2 == 0 { 4 * mib } else { 0 };
+            h.record(i as f64 * 3.0, &[agg(Source::JsHeap, read), agg(Source::Mmap, mmap_bytes)]);
+            if i % 10 == 0 {
+                h.observed(Source::JsHeap);
+            }
+        }
+        let js = h.series((ProcIndex(0), StackId(1), Source::JsHeap)).expect("js-heap series");
+        assert_eq!(js[15], 15 * mib, "interpolated between the readings at 10 and 20");
+        assert_eq!(js[40], 40 * mib);
+        let trend = assess(h.times(), js);
+        assert_eq!(trend.verdict, Verdict::Leak, "{trend:?}");
+        let mmap = h.series((ProcIndex(0), StackId(1), Source::Mmap)).expect("mmap series");
+        assert_eq!((mmap[14], mmap[15]), (4 * mib, 0), "other views untouched");
+
+        // Without the readings marked, the same series is the staircase.
+        let mut stairs = History::new(512, 16);
+        for i in 0..=40u64 {
+            stairs.record(i as f64 * 3.0, &[agg(Source::JsHeap, i / 10 * 10 * mib)]);
+        }
+        let flat = stairs.series((ProcIndex(0), StackId(1), Source::JsHeap)).expect("series");
+        assert_ne!(assess(stairs.times(), flat).verdict, Verdict::Leak, "the staircase this fixes");
     }
 }

@@ -38,6 +38,8 @@ pub(super) struct Open {
     pub(super) aggs: Vec<StackAgg>,
     pub(super) stats: V8HeapStats,
     failed: bool,
+    /// A reading arrived since the last timeline snapshot took the aggregates.
+    fresh: bool,
     /// Snapshots answered too late (read by the next one); shown in the status line so
     /// that a stale JS heap view is never silent.
     late: u32,
@@ -67,6 +69,9 @@ impl JsHeap {
                     aggs: Vec::new(),
                     stats: V8HeapStats::default(),
                     failed: false,
+                    // Nothing sampled yet is a reading too: the first one's growth is
+                    // drawn from here.
+                    fresh: true,
                     late: 0,
                 }))
             }
@@ -115,6 +120,7 @@ impl JsHeap {
                     })
                     .collect();
                 open.stats = snapshot.stats;
+                open.fresh = true;
             }
             // A busy event loop answers late: the next snapshot reads the answer.
             Err(JsHeapError::Timeout(what)) => {
@@ -127,6 +133,14 @@ impl JsHeap {
                     eprintln!("memtrace: js-heap: {e}; the report keeps the last snapshot");
                 }
             }
+        }
+    }
+
+    /// Whether a reading arrived since the last call.
+    pub(super) fn take_fresh(&mut self) -> bool {
+        match self {
+            Self::Open(open) => std::mem::take(&mut open.fresh),
+            _ => false,
         }
     }
 

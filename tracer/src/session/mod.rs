@@ -405,7 +405,7 @@ async fn event_loop(
     let interval = snapshot_interval(args, watchers.live.is_some());
     let mut next_snapshot = Instant::now().checked_add(interval);
     // The JS heap view's reads are a full GC in the target each (see --js-heap-every).
-    let js_heap_every = args.js_heap_every.max(interval);
+    let js_heap_every = js_heap_every(args, interval);
     let mut next_js_heap = Instant::now().checked_add(js_heap_every);
     let mut status = StatusLine { tty: std::io::stderr().is_terminal(), last: Instant::now() };
     let reason = loop {
@@ -550,6 +550,16 @@ fn serve_scrape(s: &Session, watchers: &Watchers, stream: tokio::net::TcpStream)
         body.push_str(&metrics::per_process(&samples, s.procs.live(), s.procs.len()));
     }
     tokio::spawn(metrics::serve(stream, body));
+}
+
+/// How often the JS heap view reads V8's profile: `--js-heap-every`, else 30 s, or six
+/// readings in a `--duration` shorter than three minutes (so that a short run still
+/// shows the view's growth and not one line from its start to its end); never more often
+/// than the snapshots.
+fn js_heap_every(args: &TraceArgs, interval: Duration) -> Duration {
+    const DEFAULT: Duration = Duration::from_secs(30);
+    let every = args.js_heap_every.unwrap_or_else(|| args.duration.map_or(DEFAULT, |d| (d / 6).min(DEFAULT)));
+    every.max(interval)
 }
 
 /// How often a snapshot is taken (and a profile pushed).

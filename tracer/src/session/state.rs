@@ -11,7 +11,7 @@ use crate::{
     analysis::History,
     bpf::Tracer,
     events::{Event, OomFormat, decode},
-    model::{MemOp, StackId, StackTable},
+    model::{MemOp, Source, StackId, StackTable},
     procfs,
     report::TimelinePoint,
     symbolize::Regs,
@@ -348,6 +348,9 @@ impl Session {
         }
         aggs.extend_from_slice(self.js_heap.aggs());
         self.history.record(t_s, &aggs);
+        if self.js_heap.take_fresh() {
+            self.history.observed(Source::JsHeap);
+        }
         if let Some(parts) = procfs::smaps::memory_parts(self.pid, self.node) {
             let first = self.parts.map_or((t_s, parts), |(first, _)| first);
             self.parts = Some((first, (t_s, parts)));
