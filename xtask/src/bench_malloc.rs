@@ -111,7 +111,7 @@ pub fn run(args: &Args) -> Result<()> {
 /// Requests/s of the example service under wrk, untraced and with each malloc mode, each
 /// on a fresh service after a warm-up (as `cargo xtask bench overhead` does).
 fn node_throughput(args: &Args, memtrace: &Path, out: &Path) -> Result<()> {
-    let load = Load { threads: 2, connections: 32, duration_s: args.node_duration };
+    let load = Load { threads: 2, connections: 32, duration_s: args.node_duration, order_every: None };
     let warmup = Load { duration_s: 5, ..load };
     step(&format!(
         "leaky-service: wrk -t{} -c{} -d{}s after 5 s warm-up, {} runs per mode",

@@ -164,6 +164,9 @@ pub struct Load {
     pub threads: u32,
     pub connections: u32,
     pub duration_s: u32,
+    /// One request in this many places an order (`load.lua`'s `ORDER_EVERY`); `None`:
+    /// the script's default, 120.
+    pub order_every: Option<u32>,
 }
 
 pub struct WrkResult {
@@ -201,6 +204,9 @@ pub fn wrk_command(url: &str, load: &Load) -> Command {
         .arg("-s")
         .arg(example_dir().join("load.lua"))
         .arg(url);
+    if let Some(every) = load.order_every {
+        cmd.env("ORDER_EVERY", every.to_string());
+    }
     cmd
 }
 
