@@ -76,9 +76,9 @@ impl History {
                     continue;
                 }
                 let (from, to) = (values[k] as f64, values[n] as f64);
-                for i in k + 1..n {
-                    let f = (self.times[i] - self.times[k]) / span;
-                    values[i] = (from + (to - from) * f).round() as u64;
+                let t0 = self.times[k];
+                for (v, &t) in values[k + 1..n].iter_mut().zip(&self.times[k + 1..n]) {
+                    *v = (from + (to - from) * (t - t0) / span).round() as u64;
                 }
             }
         }
