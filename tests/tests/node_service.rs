@@ -80,14 +80,13 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         .take(6)
         .map(|l| format!("{} B {} {} {}", l["bytes"], l["verdict"], l["culprit"]["function"], l["reason"]))
         .collect();
-    let top =
-        leaks.first().unwrap_or_else(|| {
-            panic!(
-                "nothing flagged; the service says {stats}; other suspects:\n{}\n--- memtrace ---\n{}",
-                others.join("\n"),
-                out.stderr
-            )
-        });
+    let top = leaks.first().unwrap_or_else(|| {
+        panic!(
+            "nothing flagged; the service says {stats}; other suspects:\n{}\n--- memtrace ---\n{}",
+            others.join("\n"),
+            out.stderr
+        )
+    });
     let source = std::fs::read_to_string(service.join("server.js")).expect("read server.js");
     let line =
         source.lines().position(|l| l.starts_with("function rememberOrder(")).expect("rememberOrder") + 1;
@@ -110,7 +109,11 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
         names_it,
         "the top suspect's stack does not name rememberOrder server.js:{line} (the service says {stats}):\n{describe}"
     );
-    assert_eq!(top["verdict"], "leak", "the service says {stats}\n{describe}\n--- memtrace ---\n{}", out.stderr);
+    assert_eq!(
+        top["verdict"], "leak",
+        "the service says {stats}\n{describe}\n--- memtrace ---\n{}",
+        out.stderr
+    );
     assert_eq!(report["lost_events"], 0, "events were lost under load");
 }
 

@@ -88,7 +88,12 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
 
-    let load = Load { threads: args.threads, connections: args.connections, duration_s: args.duration, order_every: None };
+    let load = Load {
+        threads: args.threads,
+        connections: args.connections,
+        duration_s: args.duration,
+        order_every: None,
+    };
     let warmup = Load { duration_s: args.warmup, ..load };
     step(&format!(
         "overhead: {} runs each, wrk -t{} -c{} -d{}s after {}s warm-up; kernel {}, {} CPUs, node {}",

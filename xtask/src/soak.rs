@@ -167,7 +167,8 @@ pub fn run(args: &Args) -> Result<()> {
     let tracer_pid = tracer.pid();
     note(&format!("memtrace pid {tracer_pid} attached; its log: {}", log.display()));
 
-    let load = Load { threads: args.threads, connections: args.connections, duration_s: load_s, order_every: None };
+    let load =
+        Load { threads: args.threads, connections: args.connections, duration_s: load_s, order_every: None };
     let wrk_out = out.join("wrk.txt");
     let mut wrk_cmd = service::wrk_command(&service.url(), &load);
     wrk_cmd

@@ -98,7 +98,8 @@ impl Scratch {
             return Some(self.window[idx]);
         }
         // SAFETY: writes the 8 bytes of `frame[0]`; a checked read of user memory.
-        let ret = unsafe { raw_read_user(self.frame.as_mut_ptr().cast(), 8, addr as *const core::ffi::c_void) };
+        let ret =
+            unsafe { raw_read_user(self.frame.as_mut_ptr().cast(), 8, addr as *const core::ffi::c_void) };
         if ret == 0 { Some(self.frame[0]) } else { None }
     }
 }
