@@ -167,12 +167,15 @@ pub fn run(args: &Args) -> Result<()> {
     let tracer_pid = tracer.pid();
     note(&format!("memtrace pid {tracer_pid} attached; its log: {}", log.display()));
 
-    let load =
-        Load { threads: args.threads, connections: args.connections, duration_s: load_s, order_every: None };
+    let load = Load {
+        threads: args.threads,
+        connections: args.connections,
+        duration_s: load_s,
+        order_every: Some(args.order_every),
+    };
     let wrk_out = out.join("wrk.txt");
     let mut wrk_cmd = service::wrk_command(&service.url(), &load);
     wrk_cmd
-        .env("ORDER_EVERY", args.order_every.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::from(File::create(&wrk_out).context("create wrk's output file")?))
         .stderr(Stdio::null());
