@@ -227,6 +227,46 @@ fn the_agent_goes_within_seconds_of_a_sigkilled_memtrace() {
     assert!(fs::metadata(format!("/proc/{pid}")).is_ok(), "the target died with memtrace");
 }
 
+/// One SIGUSR1 asks node to start its inspector by several paths, and a late one (or any
+/// later SIGUSR1) opens it again after memtrace's window closed: memtrace closes it again
+/// within seconds, says so, and leaves nothing at exit.
+#[test]
+fn an_inspector_opened_again_during_the_trace_is_closed_again() {
+    if !require_root("an_inspector_opened_again_during_the_trace_is_closed_again") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let gate = StartGate::new(dir.path());
+    // Never let go: it waits at the gate for the whole test.
+    let node = fixture(&[], 2, &gate);
+    let pid = node.pid();
+    let before = sockets(pid);
+    let mut memtrace = Memtrace::spawn(["attach", &pid.to_string(), "--duration", "2m"]);
+    memtrace.wait_for_stderr("attached", Duration::from_mins(1));
+    assert!(
+        listening_ports(pid).is_empty(),
+        "pid {pid} listens after memtrace's window: {:?}",
+        listening_ports(pid)
+    );
+    // What a late start path does: the inspector opens on the same address.
+    signal(pid, libc::SIGUSR1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while listening_ports(pid).is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!listening_ports(pid).is_empty(), "SIGUSR1 opened no inspector in pid {pid}");
+    let said = memtrace.wait_for_stderr("listened again", Duration::from_secs(10));
+    assert!(said.contains("127.0.0.1:9229") && said.contains("closed it again"), "{said}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !listening_ports(pid).is_empty() {
+        assert!(Instant::now() < deadline, "pid {pid} still listens on {:?}", listening_ports(pid));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = memtrace.stop(Duration::from_mins(1));
+    assert!(out.status.success(), "memtrace exited with {}\n{}", out.status, out.combined());
+    assert_nothing_left(pid, &before, Duration::from_secs(5), "after SIGINT");
+}
+
 #[test]
 fn a_target_started_with_inspect_keeps_its_inspector() {
     if !require_root("a_target_started_with_inspect_keeps_its_inspector") {

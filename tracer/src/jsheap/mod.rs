@@ -161,6 +161,7 @@ pub struct JsHeapView {
     pid: u32,
     conn: AgentConn,
     info: OpenInfo,
+    netns: NetNs,
 }
 
 impl JsHeapView {
@@ -175,7 +176,7 @@ impl JsHeapView {
         if let Some(existing) = existing_inspector(&target, &netns, &listeners).await? {
             let (conn, info) =
                 install(&target, &netns, existing.connect_addr(), agent, options, None).await?;
-            return Ok(Self { pid, conn, info });
+            return Ok(Self { pid, conn, info, netns });
         }
         check_can_signal(&target, &listeners)?;
         let before: HashSet<u64> = listeners.iter().map(|l| l.inode).collect();
@@ -194,7 +195,7 @@ impl JsHeapView {
         match install(&target, &netns, addr, agent, options, Some(signalled)).await {
             Ok((conn, mut info)) => {
                 info.window = Some(wait_closed(pid, &netns, &listener, signalled).await?);
-                Ok(Self { pid, conn, info })
+                Ok(Self { pid, conn, info, netns })
             }
             Err(e) => {
                 close_after_failure(pid, &netns, &listener).await?;
@@ -228,6 +229,37 @@ impl JsHeapView {
             stats: reply.memory.map(V8HeapStats::from).unwrap_or_default(),
             interval_bytes,
         })
+    }
+
+    /// Closes the inspector again when it listens anew where memtrace's window was, and
+    /// returns where. One SIGUSR1 asks node's main thread to start the inspector by three
+    /// paths (a libuv async, an environment interrupt and a second async send); one that
+    /// runs after the agent's `_debugEnd()` starts it again, and so does a SIGUSR1 from
+    /// anyone else. memtrace keeps closed the door it opened for as long as its agent is
+    /// in the target. `Ok(None)` when nothing listens there, when the target had its
+    /// inspector open before memtrace, and while another memtrace holds the namespace's
+    /// window (that listener may be its own window).
+    pub async fn keep_closed(&self) -> Result<Option<SocketAddr>, JsHeapError> {
+        if !self.info.opened_by_memtrace {
+            return Ok(None);
+        }
+        let _window_lock = match self.netns.lock_inspector(Duration::ZERO).await {
+            Ok(lock) => lock,
+            Err(JsHeapError::Lock { reason, .. }) => {
+                log::debug!("js-heap: inspector check of pid {} skipped: {reason}", self.pid);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let owned = net::socket_inodes(self.pid)?;
+        let reopened = self
+            .netns
+            .listeners()?
+            .into_iter()
+            .find(|l| owned.contains(&l.inode) && l.connect_addr() == self.info.inspector);
+        let Some(listener) = reopened else { return Ok(None) };
+        close_after_failure(self.pid, &self.netns, &listener).await?;
+        Ok(Some(listener.addr))
     }
 
     /// Stops the agent (it stops sampling and removes itself) and waits for it briefly.

@@ -172,8 +172,25 @@ impl JsHeap {
         }
     }
 
+    /// Each tick and at the end: an inspector memtrace opened stays closed (see
+    /// `JsHeapView::keep_closed`), loudly.
+    pub(super) async fn keep_closed(&mut self) {
+        let Self::Open(open) = self else { return };
+        let pid = open.view.pid();
+        match open.view.keep_closed().await {
+            Ok(Some(addr)) => eprintln!(
+                "memtrace: js-heap: the inspector of pid {pid} listened again on {addr} after memtrace closed its window (node starts it by several paths on one SIGUSR1, and any later SIGUSR1 starts it too); memtrace closed it again: it keeps closed the inspector it opened while its agent is in the target (to debug the target while tracing it, trace with --js-heap off)"
+            ),
+            Ok(None) => {}
+            Err(e @ JsHeapError::LeftOpen { .. }) => eprintln!("memtrace: js-heap: {e}"),
+            // The target exited meanwhile.
+            Err(e) => log::debug!("js-heap: inspector check of pid {pid}: {e}"),
+        }
+    }
+
     /// Stops the agent (dropping the view would too: its socket closes).
     pub(super) async fn close(&mut self) {
+        self.keep_closed().await;
         if let Self::Open(open) = std::mem::replace(self, Self::Off) {
             let Open { view, aggs, stats, .. } = *open;
             view.close().await;

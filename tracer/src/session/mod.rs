@@ -484,6 +484,7 @@ async fn event_loop(
                         s.tracked.push(crate::report::Source::JsHeap.name().to_string());
                     }
                 }
+                s.js_heap.keep_closed().await;
                 if next_js_heap.is_some_and(|at| Instant::now() >= at) {
                     s.js_heap.refresh(&mut s.stacks).await;
                     next_js_heap = next_js_heap.and_then(|at| at.checked_add(js_heap_every));
