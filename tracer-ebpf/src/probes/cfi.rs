@@ -11,7 +11,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_attach_cookie},
     macros::{map, uprobe},
     maps::{Array, LruHashMap, PerCpuArray},
     programs::ProbeContext,
@@ -22,7 +22,10 @@ use tracer_common::{
     cfi::{CFI_CHUNK_ROWS, CFI_CHUNKS_MAX, CFI_MODULES_MAX, CFI_SEARCH_STEPS, cfa, cookie},
 };
 
-use crate::probes::malloc::{count, stack_scratch, target_tid};
+use crate::probes::{
+    malloc::{count, stack_scratch, target_tid},
+    window::{StackWindow, WINDOW_WORDS},
+};
 
 /// Sizes are overridden by userspace (one chunk when no table is needed).
 #[map(name = "CFI_ROWS")]
@@ -146,10 +149,22 @@ pub extern "C" fn memtrace_cfi_find_row(row_lo: u32, rows: u32, addr: u64) -> u6
     }
 }
 
+/// The top of the user stack, read once per walk (`probes::window`): an allocation in a
+/// Node service is 20-60 frames deep, two words read from each.
+#[map(name = "CFI_STACK_WINDOW")]
+static CFI_STACK_WINDOW: PerCpuArray<StackWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes of the window: two pages (most of a Node allocation's stack; deeper frames are
+/// read word by word).
+const WINDOW_BYTES: u32 = 8 * 1024;
+const _: () = assert!(WINDOW_BYTES as usize <= WINDOW_WORDS * 8);
+
+/// The user word at `addr`, from the walk's window when it holds it.
 #[inline(always)]
 fn read(addr: u64) -> Option<u64> {
-    // SAFETY: a checked read of the target's memory.
-    unsafe { bpf_probe_read_user(addr as *const u64) }.ok()
+    let window = CFI_STACK_WINDOW.get_ptr_mut(0)?;
+    // SAFETY: the per-CPU slot is this program's while it runs (the caller's claim).
+    unsafe { &mut *window }.word(addr)
 }
 
 /// The slot of the tabled module that holds `pc`.
@@ -222,14 +237,13 @@ pub extern "C" fn memtrace_cfi_step(i: u32) -> u32 {
         if bp == 0 || bp < sp {
             return STEP_END;
         }
-        // SAFETY: a checked read of the target's memory.
-        let Ok(record) = (unsafe { bpf_probe_read_user(bp as *const [u64; 2]) }) else {
+        let (Some(caller_bp), Some(ra)) = (read(bp), read(bp.wrapping_add(8))) else {
             count(MCOUNTER_CFI_READ_FAILED);
             return STEP_END;
         };
         state.sp = bp.wrapping_add(16);
-        state.bp = record[0];
-        record[1]
+        state.bp = caller_bp;
+        ra
     };
     if next == 0 {
         return STEP_END;
@@ -276,6 +290,9 @@ pub(crate) fn walk(ctx: &ProbeContext) -> bool {
     state.pc = regs.rip;
     state.sp = regs.rsp;
     state.bp = regs.rbp;
+    let Some(window) = CFI_STACK_WINDOW.get_ptr_mut(0) else { return false };
+    // SAFETY: the per-CPU slot is this program's while it runs (the caller's claim).
+    unsafe { &mut *window }.load(regs.rsp, WINDOW_BYTES);
     let Some(stack) = stack_scratch() else { return false };
     // SAFETY: as above.
     let stack = unsafe { &mut *stack };

@@ -26,7 +26,10 @@ use tracer_common::{
 
 use crate::{
     maps::{SCRATCH_JS_STACK, claim_scratch},
-    probes::malloc::{Stored, count, mix, store_stack},
+    probes::{
+        malloc::{Stored, count, mix, store_stack},
+        window::{StackWindow, WINDOW_WORDS},
+    },
 };
 
 #[map(name = "MALLOC_JS_SLOTS")]
@@ -38,11 +41,8 @@ static MALLOC_V8_CODE: Array<V8CodeRange> = Array::with_max_entries(V8CODE_SLOTS
 /// Bytes of the user stack read in one piece at each probe, from `sp` up: at a Buffer
 /// allocation in an Express service, the 32 frames nearest the probe lie within 2.9-4.7
 /// KiB of `sp` (measured on `examples/leaky-service`); deeper frames are read one by one.
-const WINDOW_BYTES: u64 = 6 * 1024;
-const PAGE_BYTES: u64 = 4096;
-/// Words of the window (a power of two, for the index mask).
-const WINDOW_WORDS: usize = 1024;
-const _: () = assert!(WINDOW_BYTES as usize <= WINDOW_WORDS * 8 && WINDOW_WORDS.is_power_of_two());
+const WINDOW_BYTES: u32 = 6 * 1024;
+const _: () = assert!(WINDOW_BYTES as usize <= WINDOW_WORDS * 8);
 
 /// Where the stack and its V8 frames are assembled (too large for the BPF stack), with
 /// each frame's frame pointer.
@@ -51,58 +51,9 @@ struct Scratch {
     stack: MallocStack,
     fps: [u64; MALLOC_STACK_DEPTH],
     js: MallocJsSlots,
-    /// A word read outside the window.
-    frame: [u64; 1],
-    /// A copy of the top of the user stack: `window_len` bytes from `window_base` (`sp`).
     /// A Node stack at a Buffer allocation is 40-60 frames with up to three words read
-    /// from each; one read of the window instead of one per word halved the probe's cost
-    /// (15.7 µs to 8.2 µs per allocation, see the README).
-    window: [u64; WINDOW_WORDS],
-    window_base: u64,
-    window_len: u64,
-}
-
-impl Scratch {
-    /// Reads `WINDOW_BYTES` of the stack from `sp` up, or, near the stack's end (where
-    /// the whole window is not mapped), the rest of `sp`'s page.
-    #[inline(always)]
-    fn load_window(&mut self, sp: u64) {
-        self.window_base = sp;
-        self.window_len = 0;
-        let dst = self.window.as_mut_ptr().cast();
-        // SAFETY: writes at most the window's size; a checked read of user memory.
-        if unsafe { raw_read_user(dst, WINDOW_BYTES as u32, sp as *const core::ffi::c_void) } == 0 {
-            self.window_len = WINDOW_BYTES;
-            return;
-        }
-        let rest = (PAGE_BYTES - (sp & (PAGE_BYTES - 1))) as u32;
-        // SAFETY: as above, `rest` is at most a page.
-        if rest >= 16 && unsafe { raw_read_user(dst, rest & 0x1fff, sp as *const core::ffi::c_void) } == 0 {
-            self.window_len = u64::from(rest);
-        }
-    }
-
-    /// The user word at `addr`: from the window when it holds it, else read on its own
-    /// (into `frame`, map memory: a read through the BPF stack would leave each loop
-    /// iteration's word there, and no two iterations would look alike to the verifier).
-    #[inline(always)]
-    fn word(&mut self, addr: u64) -> Option<u64> {
-        let off = addr.wrapping_sub(self.window_base);
-        // SAFETY: a field of our scratch; volatile so that the bound is read afresh at
-        // each use (see `Code`).
-        let len = unsafe { core::ptr::read_volatile(&raw const self.window_len) };
-        if off < len && off & 7 == 0 {
-            // `len` is at most the window's size, so the mask changes nothing but gives
-            // the verifier the index's bound (a compare the compiler may fold into
-            // another register's test would not).
-            let idx = (off >> 3) as usize & (WINDOW_WORDS - 1);
-            return Some(self.window[idx]);
-        }
-        // SAFETY: writes the 8 bytes of `frame[0]`; a checked read of user memory.
-        let ret =
-            unsafe { raw_read_user(self.frame.as_mut_ptr().cast(), 8, addr as *const core::ffi::c_void) };
-        if ret == 0 { Some(self.frame[0]) } else { None }
-    }
+    /// from each.
+    window: StackWindow,
 }
 
 #[map(name = "MALLOC_JS_SCRATCH")]
@@ -158,8 +109,8 @@ impl Code {
         if offsets.start == 0 {
             return h;
         }
-        let array = scratch.word(fp.wrapping_sub(offsets.start)).unwrap_or(0);
-        let offset = scratch.word(fp.wrapping_sub(offsets.end)).unwrap_or(0);
+        let array = scratch.window.word(fp.wrapping_sub(offsets.start)).unwrap_or(0);
+        let offset = scratch.window.word(fp.wrapping_sub(offsets.end)).unwrap_or(0);
         mix(mix(h, array), offset)
     }
 }
@@ -193,10 +144,10 @@ pub(crate) fn capture(regs: *const pt_regs) -> u64 {
     stack.ips[0] = ip;
     stack._pad = 0;
     stack.depth = 1;
-    scratch.load_window(sp);
+    scratch.window.load(sp, WINDOW_BYTES);
     // The user stack's top word: the return address into the caller, whose frame pointer
     // is still `rbp` at the probed function's entry.
-    scratch.stack.ret_addr = scratch.word(sp).unwrap_or(0);
+    scratch.stack.ret_addr = scratch.window.word(sp).unwrap_or(0);
     if scratch.stack.ret_addr == 0 {
         count(MCOUNTER_STACK_FAILED);
         return MALLOC_UNKNOWN_STACK;
@@ -229,7 +180,7 @@ fn walk(scratch: &mut Scratch, sp: u64, rbp: u64, mut h: u64) -> u64 {
         if fp == 0 || fp & 7 != 0 || fp <= sp {
             break;
         }
-        let (next, ret) = match (scratch.word(fp), scratch.word(fp + 8)) {
+        let (next, ret) = match (scratch.window.word(fp), scratch.window.word(fp + 8)) {
             (Some(next), Some(ret)) => (next, ret),
             _ => break,
         };

@@ -9,3 +9,4 @@ mod mmap;
 mod oom;
 mod process;
 mod stack;
+mod window;
