@@ -13,7 +13,10 @@ fn build_fixture(out_dir: &Path) -> std::path::PathBuf {
     let src = fixtures_dir().join("exit_inside_new.cpp");
     let bin = out_dir.join("exit_inside_new");
     let output = Command::new("g++")
-        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        // Static: memtrace probes the operator new of a C++ runtime linked into the
+        // executable; a shared libstdc++'s is walked through by its unwind table instead,
+        // and a thread ending in its new_handler ends outside any probed call.
+        .args(["-O1", "-g", "-fno-omit-frame-pointer", "-pthread", "-static", "-o"])
         .arg(&bin)
         .arg(&src)
         .output()

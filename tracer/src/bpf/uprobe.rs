@@ -257,9 +257,10 @@ const C_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("pvalloc", "uprobe_pvalloc", true),
 ];
 
-/// The C++ `operator new` family (size first). Probed so that stacks are taken where the
-/// caller's frame is intact: libstdc++ has no frame pointers, so from inside its `malloc`
-/// call the frame-pointer walk skips the function that called `new`.
+/// The C++ `operator new` family (size first), probed where the C++ runtime has no unwind
+/// table for the probes' CFI walk (a statically linked one): stacks are then taken where
+/// the caller's frame is intact, since from inside its `malloc` call the frame-pointer
+/// walk would skip the function that called `new`.
 const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("_Znwm", "uprobe_operator_new", true),
     ("_Znam", "uprobe_operator_new", true),
@@ -271,6 +272,13 @@ const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
     ("_ZnamSt11align_val_tRKSt9nothrow_t", "uprobe_operator_new", true),
     (DT_INIT, LEARN_PROGRAM, false),
 ];
+
+/// A shared libstdc++ is walked through by its unwind table: its `operator new` calls
+/// `malloc`, whose probe's walk crosses the `operator new` frame to the caller, so only
+/// the learning probe is set. Probing `operator new` too cost two traps more per C++
+/// allocation (its entry and return) for the same stack: on a Node service, 757,000 of
+/// them in 10 s, and 2.2 s of its programs (see the README).
+const CXX_TABLED: &[(&str, &str, bool)] = &[(DT_INIT, LEARN_PROGRAM, false)];
 
 /// V8's backing stores (methods: `this` first), for `--malloc-probes node-buffers`: one
 /// trap per Buffer or `ArrayBuffer` allocated and one per freed (`probes::backing_store`).
@@ -692,7 +700,7 @@ fn resolve_in(
         let cxx_plan = if cxx == exe_name {
             plan(pid, &maps, &cxx, CXX_FUNCTIONS)
         } else {
-            cfi_plan(pid, &maps, &cxx, CXX_FUNCTIONS)
+            cfi_plan(pid, &maps, &cxx, CXX_TABLED)
         };
         match cxx_plan {
             Ok(p) => plans.push(p),
@@ -722,9 +730,9 @@ const SYSTEM_CXX: &[&str] = &[
     "/usr/lib/libstdc++.so.6",
 ];
 
-/// Probes `operator new` in the system's libstdc++ for process `pid` before the process
-/// maps it (`memtrace run`: the command is about to be exec'd). Uprobes belong to the
-/// file, so they take effect when the process maps it.
+/// Tables the system's libstdc++ for process `pid` before the process maps it (`memtrace
+/// run`: the command is about to be exec'd), with its learning probe (`CXX_TABLED`).
+/// Uprobes belong to the file, so it takes effect when the process maps it.
 pub fn attach_system_cxx(
     ebpf: &mut Ebpf,
     cfi: &mut CfiMaps,
@@ -737,7 +745,7 @@ pub fn attach_system_cxx(
     };
     let path = path.to_string_lossy().into_owned();
     let maps = vec![Mapping { start: 0, end: 0, executable: true, offset: 0, inode, path: path.clone() }];
-    let cxx = cfi_plan(pid, &maps, &path, CXX_FUNCTIONS)?;
+    let cxx = cfi_plan(pid, &maps, &path, CXX_TABLED)?;
     attach_resolved(ebpf, cfi, pid, &Resolved { maps, plans: vec![cxx] }, &[])
 }
 

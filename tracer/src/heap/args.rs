@@ -29,9 +29,9 @@ pub struct MallocArgs {
     /// reported under an unknown stack, and counted.
     #[arg(long, default_value_t = 1 << 16, value_name = "N")]
     pub malloc_max_stacks: u32,
-    /// Which allocator functions to probe: `libc`, the malloc family and C++ operator new
-    /// (every heap block; every call pays; a Node service under load keeps ~7% of its
-    /// throughput), or `node-buffers`, V8's backing stores only (Buffers and
+    /// Which allocator functions to probe: `libc`, the malloc family (every heap block,
+    /// C++ `new` through its `malloc` call; every call pays; a Node service under load
+    /// keeps 7-25% of its throughput), or `node-buffers`, V8's backing stores only (Buffers and
     /// `ArrayBuffers`, exact; plain mallocs pay nothing; one trap per allocation and one
     /// per free).
     #[arg(long, value_enum, default_value_t = MallocProbes::Libc, value_name = "WHICH")]
@@ -48,7 +48,8 @@ pub struct MallocArgs {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum MallocProbes {
     /// `malloc`, `calloc`, `realloc`, `reallocarray`, `posix_memalign`, `aligned_alloc`,
-    /// `memalign`, `valloc`, `pvalloc`, `free`, and C++ `operator new`.
+    /// `memalign`, `valloc`, `pvalloc`, `free` (and C++ `operator new` when the C++
+    /// runtime is linked into the executable).
     #[default]
     Libc,
     /// V8's backing stores: `v8::internal::BackingStore::SetAllocatorFromIsolate` (every

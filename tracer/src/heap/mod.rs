@@ -264,7 +264,7 @@ impl HeapTracker {
                 });
                 match uprobe::attach_system_cxx(ebpf, &mut cfi, pid) {
                     Ok(cxx) => allocator.extend(cxx),
-                    Err(e) => debug!("malloc: no operator new probes before exec: {e}"),
+                    Err(e) => debug!("malloc: no table for the system libstdc++ before exec: {e}"),
                 }
                 allocator
             }
