@@ -240,7 +240,7 @@ impl JsHeapView {
     /// inspector open before memtrace, and while another memtrace holds the namespace's
     /// window (that listener may be its own window).
     pub async fn keep_closed(&self) -> Result<Option<SocketAddr>, JsHeapError> {
-        if !self.info.opened_by_memtrace {
+        if !self.info.opened_by_memtrace || self.at_window()?.is_empty() {
             return Ok(None);
         }
         let _window_lock = match self.netns.lock_inspector(Duration::ZERO).await {
@@ -251,15 +251,20 @@ impl JsHeapView {
             }
             Err(e) => return Err(e),
         };
+        // Again under the lock (another memtrace's window may have just closed), and only
+        // then the target's open files (a busy service has thousands).
+        let at_window = self.at_window()?;
         let owned = net::socket_inodes(self.pid)?;
-        let reopened = self
-            .netns
-            .listeners()?
-            .into_iter()
-            .find(|l| owned.contains(&l.inode) && l.connect_addr() == self.info.inspector);
-        let Some(listener) = reopened else { return Ok(None) };
+        let Some(listener) = at_window.into_iter().find(|l| owned.contains(&l.inode)) else {
+            return Ok(None);
+        };
         close_after_failure(self.pid, &self.netns, &listener).await?;
         Ok(Some(listener.addr))
+    }
+
+    /// Listeners of the namespace where memtrace's window was.
+    fn at_window(&self) -> Result<Vec<Listener>, JsHeapError> {
+        Ok(self.netns.listeners()?.into_iter().filter(|l| l.connect_addr() == self.info.inspector).collect())
     }
 
     /// Stops the agent (it stops sampling and removes itself) and waits for it briefly.
