@@ -274,11 +274,19 @@ const CXX_FUNCTIONS: &[(&str, &str, bool)] = &[
 ];
 
 /// A shared libstdc++ is walked through by its unwind table: its `operator new` calls
-/// `malloc`, whose probe's walk crosses the `operator new` frame to the caller, so only
-/// the learning probe is set. Probing `operator new` too cost two traps more per C++
-/// allocation (its entry and return) for the same stack: on a Node service, 757,000 of
-/// them in 10 s, and 2.2 s of its programs (see the README).
-const CXX_TABLED: &[(&str, &str, bool)] = &[(DT_INIT, LEARN_PROGRAM, false)];
+/// `malloc`, whose probe's walk crosses the `operator new` frame to the caller, so the
+/// scalar forms are not probed. Probing them cost two traps more per C++ allocation (its
+/// entry and return) for the same stack: on a Node service, 757,000 of them in 10 s, and
+/// 2.2 s of its programs (see the README). The array forms are: `operator new[]` ends in
+/// a tail call of `operator new`, which leaves no `operator new[]` frame for the walk to
+/// name (a block from `new[]` would be reported as from `new`).
+const CXX_TABLED: &[(&str, &str, bool)] = &[
+    ("_Znam", "uprobe_operator_new", true),
+    ("_ZnamRKSt9nothrow_t", "uprobe_operator_new", true),
+    ("_ZnamSt11align_val_t", "uprobe_operator_new", true),
+    ("_ZnamSt11align_val_tRKSt9nothrow_t", "uprobe_operator_new", true),
+    (DT_INIT, LEARN_PROGRAM, false),
+];
 
 /// V8's backing stores (methods: `this` first), for `--malloc-probes node-buffers`: one
 /// trap per Buffer or `ArrayBuffer` allocated and one per freed (`probes::backing_store`).

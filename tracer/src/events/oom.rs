@@ -195,6 +195,34 @@ pub(crate) fn c_string(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// A `mark_victim` record in kernel 6.18's layout: pid 1234 (`leak`) chosen by pid 42
+/// (`node`), 300,000 KiB of VM, 200,000 KiB anonymous and 1,000 KiB file RSS, uid 1000,
+/// `oom_score_adj` -17, the comm string at offset 72. Shared by the decoder's tests and the
+/// fuzz seeds.
+#[cfg(test)]
+pub(crate) fn sample_mark_victim() -> OomEvent {
+    use tracer_common::{EventHeader, kind};
+    let mut event = OomEvent {
+        header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 42, tid: 43, has_stack: 0, ts_ns: 1 },
+        record_len: 88,
+        _pad: 0,
+        current_comm: [0; 16],
+        record: [0; OOM_RECORD_MAX],
+    };
+    event.current_comm[..4].copy_from_slice(b"node");
+    let r = &mut event.record;
+    r[8..12].copy_from_slice(&1234i32.to_le_bytes());
+    // __data_loc: length in the high half, offset in the low half.
+    r[12..16].copy_from_slice(&((5u32 << 16) | 72).to_le_bytes());
+    r[16..24].copy_from_slice(&300_000u64.to_le_bytes());
+    r[24..32].copy_from_slice(&200_000u64.to_le_bytes());
+    r[32..40].copy_from_slice(&1_000u64.to_le_bytes());
+    r[48..52].copy_from_slice(&1000u32.to_le_bytes());
+    r[64..66].copy_from_slice(&(-17i16).to_le_bytes());
+    r[72..77].copy_from_slice(b"leak\0");
+    event
+}
+
 #[cfg(test)]
 mod tests {
     use tracer_common::{EventHeader, kind};
@@ -223,27 +251,11 @@ format:
     #[test]
     fn decodes_mark_victim_record_of_kernel_6_18() {
         let format = OomFormat::parse(FORMAT).expect("format parses");
-        let mut event = OomEvent {
-            header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 42, tid: 43, has_stack: 0, ts_ns: 1 },
-            record_len: 96,
-            _pad: 0,
-            current_comm: [0; 16],
-            record: [0; OOM_RECORD_MAX],
-        };
-        event.current_comm[..4].copy_from_slice(b"node");
-        let r = &mut event.record;
-        r[8..12].copy_from_slice(&1234i32.to_le_bytes());
-        // __data_loc: length in the high half, offset in the low half.
-        let (comm_len, comm_offset) = (5u32, 72u32);
-        r[12..16].copy_from_slice(&((comm_len << 16) | comm_offset).to_le_bytes());
-        r[16..24].copy_from_slice(&300_000u64.to_le_bytes());
-        r[24..32].copy_from_slice(&200_000u64.to_le_bytes());
-        r[32..40].copy_from_slice(&1_000u64.to_le_bytes());
-        r[40..48].copy_from_slice(&8u64.to_le_bytes());
-        r[48..52].copy_from_slice(&1000u32.to_le_bytes());
-        r[56..64].copy_from_slice(&400u64.to_le_bytes());
-        r[64..66].copy_from_slice(&(-17i16).to_le_bytes());
-        r[72..77].copy_from_slice(b"leak\0");
+        let mut event = sample_mark_victim();
+        // With the fields the sample leaves zero, up to the comm string's end.
+        event.record_len = 96;
+        event.record[40..48].copy_from_slice(&8u64.to_le_bytes());
+        event.record[56..64].copy_from_slice(&400u64.to_le_bytes());
         // SAFETY: test-only byte view of a POD struct.
         let bytes = unsafe {
             core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())

@@ -100,27 +100,6 @@ fn mem_event(kind: u32, has_stack: u32) -> MemEvent {
     }
 }
 
-fn oom_event() -> OomEvent {
-    let mut event = OomEvent {
-        header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 42, tid: 43, has_stack: 0, ts_ns: 1 },
-        record_len: 88,
-        _pad: 0,
-        current_comm: [0; 16],
-        record: [0; OOM_RECORD_MAX],
-    };
-    event.current_comm[..4].copy_from_slice(b"node");
-    let r = &mut event.record;
-    r[8..12].copy_from_slice(&1234i32.to_le_bytes());
-    r[12..16].copy_from_slice(&((5u32 << 16) | 0x48).to_le_bytes());
-    r[16..24].copy_from_slice(&300_000u64.to_le_bytes());
-    r[24..32].copy_from_slice(&200_000u64.to_le_bytes());
-    r[32..40].copy_from_slice(&1_000u64.to_le_bytes());
-    r[48..52].copy_from_slice(&1000u32.to_le_bytes());
-    r[64..66].copy_from_slice(&(-17i16).to_le_bytes());
-    r[72..77].copy_from_slice(b"leak\0");
-    event
-}
-
 /// The seeds made from the repository's own test data (the others are files of this
 /// machine, copied once): name and bytes, per target.
 fn derived_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
@@ -185,11 +164,15 @@ fn derived_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     };
     fork.comm[..6].copy_from_slice(b"worker");
     out.push(("event", "fork".into(), as_bytes(&fork).to_vec()));
-    out.push(("event", "oom-mark-victim".into(), as_bytes(&oom_event()).to_vec()));
+    out.push((
+        "event",
+        "oom-mark-victim".into(),
+        as_bytes(&crate::events::oom::sample_mark_victim()).to_vec(),
+    ));
 
     let mut oom = MARK_VICTIM_FORMAT.as_bytes().to_vec();
     oom.push(0);
-    oom.extend_from_slice(as_bytes(&oom_event()));
+    oom.extend_from_slice(as_bytes(&crate::events::oom::sample_mark_victim()));
     out.push(("oom_format", "mark_victim-6.18-with-record".into(), oom));
 
     let report = crate::export::fixture::sample_report();
@@ -263,7 +246,7 @@ fn machine_seeds_parse() {
         assert!(events::decode(&bytes).is_ok(), "{}", path.display());
     }
     let format = OomFormat::parse(MARK_VICTIM_FORMAT).expect("this machine's format");
-    let rec = format.decode(as_bytes(&oom_event())).expect("decodes");
+    let rec = format.decode(as_bytes(&crate::events::oom::sample_mark_victim())).expect("decodes");
     assert_eq!((rec.pid, rec.comm.as_str()), (1234, "leak"));
 }
 
