@@ -7,6 +7,25 @@ use std::{process::Command, time::Duration};
 use integration_tests::{Memtrace, TestProcess, node_bin, perf_map_path, require_root, workspace_root};
 use serde_json::Value;
 
+/// The first leaks, a line each (bytes, verdict, score, JS frames), for failure messages.
+fn describe_leaks(leaks: &[Value]) -> String {
+    leaks
+        .iter()
+        .take(6)
+        .map(|l| {
+            let frames: Vec<&str> = l["frames"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["kind"] == "js")
+                .filter_map(|f| f["function"].as_str())
+                .collect();
+            format!("{} B {} {} js={frames:?}", l["bytes"], l["verdict"], l["score"])
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[test]
 fn leaking_js_function_is_the_top_suspect_under_load() {
     if !require_root("leaking_js_function_is_the_top_suspect_under_load") {
@@ -57,21 +76,7 @@ fn leaking_js_function_is_the_top_suspect_under_load() {
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(&json).expect("read report")).expect("JSON");
     let leaks = report["leaks"].as_array().expect("leaks");
-    let describe = leaks
-        .iter()
-        .take(6)
-        .map(|l| {
-            let frames: Vec<&str> = l["frames"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|f| f["kind"] == "js")
-                .filter_map(|f| f["function"].as_str())
-                .collect();
-            format!("{} B {} {} js={frames:?}", l["bytes"], l["verdict"], l["score"])
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let describe = describe_leaks(leaks);
     eprintln!("{}\n{describe}", String::from_utf8_lossy(&load.stdout));
     let others: Vec<String> = report["other_suspects"]
         .as_array()

@@ -197,7 +197,7 @@ pub(crate) fn c_string(b: &[u8]) -> String {
 
 /// A `mark_victim` record in kernel 6.18's layout: pid 1234 (`leak`) chosen by pid 42
 /// (`node`), 300,000 KiB of VM, 200,000 KiB anonymous and 1,000 KiB file RSS, uid 1000,
-/// `oom_score_adj` -17, the comm string at offset 72. Shared by the decoder's tests and the
+/// `oom_score_adj` -17, the comm string at offset 72 (0x48). Shared by the decoder's tests and the
 /// fuzz seeds.
 #[cfg(test)]
 pub(crate) fn sample_mark_victim() -> OomEvent {
@@ -213,7 +213,7 @@ pub(crate) fn sample_mark_victim() -> OomEvent {
     let r = &mut event.record;
     r[8..12].copy_from_slice(&1234i32.to_le_bytes());
     // __data_loc: length in the high half, offset in the low half.
-    r[12..16].copy_from_slice(&((5u32 << 16) | 72).to_le_bytes());
+    r[12..16].copy_from_slice(&((5u32 << 16) | 0x48).to_le_bytes());
     r[16..24].copy_from_slice(&300_000u64.to_le_bytes());
     r[24..32].copy_from_slice(&200_000u64.to_le_bytes());
     r[32..40].copy_from_slice(&1_000u64.to_le_bytes());

@@ -1,8 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use tracer_common::{
-    EventHeader, FP_STACK_DEPTH, MemEvent, MemEventWithStack, OOM_RECORD_MAX, OomEvent, ProcEvent,
-    STACK_COPY_MAX, UserStack, kind,
+    EventHeader, FP_STACK_DEPTH, MemEvent, MemEventWithStack, ProcEvent, STACK_COPY_MAX, UserStack, kind,
 };
 
 use super::*;
