@@ -197,8 +197,8 @@ pub(crate) fn c_string(b: &[u8]) -> String {
 
 /// A `mark_victim` record in kernel 6.18's layout: pid 1234 (`leak`) chosen by pid 42
 /// (`node`), 300,000 KiB of VM, 200,000 KiB anonymous and 1,000 KiB file RSS, uid 1000,
-/// `oom_score_adj` -17, the comm string at offset 72 (0x48). Shared by the decoder's tests and the
-/// fuzz seeds.
+/// `oom_score_adj` -17, the comm string at offset 72 (0x48). Shared by the decoder's
+/// tests and the fuzz seeds.
 #[cfg(test)]
 pub(crate) fn sample_mark_victim() -> OomEvent {
     use tracer_common::{EventHeader, kind};
@@ -248,6 +248,23 @@ format:
 \tfield:short oom_score_adj;\toffset:64;\tsize:2;\tsigned:1;
 ";
 
+    /// A record of `len` bytes, every one `fill`.
+    fn filled(fill: u8, len: u32) -> OomEvent {
+        OomEvent {
+            header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 1, tid: 1, has_stack: 0, ts_ns: 1 },
+            record_len: len,
+            _pad: 0,
+            current_comm: [0; 16],
+            record: [fill; OOM_RECORD_MAX],
+        }
+    }
+
+    /// The event as the ring buffer hands it over.
+    fn bytes_of(event: &OomEvent) -> &[u8] {
+        // SAFETY: test-only byte view of a POD struct.
+        unsafe { core::slice::from_raw_parts(core::ptr::from_ref(event).cast::<u8>(), size_of::<OomEvent>()) }
+    }
+
     #[test]
     fn decodes_mark_victim_record_of_kernel_6_18() {
         let format = OomFormat::parse(FORMAT).expect("format parses");
@@ -256,10 +273,7 @@ format:
         event.record_len = 96;
         event.record[40..48].copy_from_slice(&8u64.to_le_bytes());
         event.record[56..64].copy_from_slice(&400u64.to_le_bytes());
-        // SAFETY: test-only byte view of a POD struct.
-        let bytes = unsafe {
-            core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())
-        };
+        let bytes = bytes_of(&event);
         let rec = format.decode(bytes).expect("decodes");
         assert_eq!(rec.pid, 1234);
         assert_eq!(rec.comm, "leak");
@@ -284,19 +298,10 @@ format:
     #[test]
     fn bytes_past_the_record_are_not_read() {
         let format = OomFormat::parse(FORMAT).expect("format parses");
-        let mut event = OomEvent {
-            header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 1, tid: 1, has_stack: 0, ts_ns: 1 },
-            record_len: 72,
-            _pad: 0,
-            current_comm: [0; 16],
-            record: [0xaa; OOM_RECORD_MAX],
-        };
+        let mut event = filled(0xaa, 72);
         // The comm's location points past the copied bytes: it is not read.
         event.record[12..16].copy_from_slice(&((5u32 << 16) | 0x48).to_le_bytes());
-        // SAFETY: test-only byte view of a POD struct.
-        let bytes = unsafe {
-            core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())
-        };
+        let bytes = bytes_of(&event);
         assert_eq!(format.decode(bytes).expect("decodes").comm, "");
     }
 
@@ -310,17 +315,8 @@ format:
         assert_ne!(odd, FORMAT, "the format was changed");
         let format = OomFormat::parse(&odd).expect("format parses");
         assert!(format.record_len() as usize <= OOM_RECORD_MAX);
-        let event = OomEvent {
-            header: EventHeader { kind: kind::OOM_MARK_VICTIM, tgid: 1, tid: 1, has_stack: 0, ts_ns: 1 },
-            record_len: OOM_RECORD_MAX as u32,
-            _pad: 0,
-            current_comm: [0; 16],
-            record: [0xff; OOM_RECORD_MAX],
-        };
-        // SAFETY: test-only byte view of a POD struct.
-        let bytes = unsafe {
-            core::slice::from_raw_parts(core::ptr::from_ref(&event).cast::<u8>(), size_of::<OomEvent>())
-        };
+        let event = filled(0xff, OOM_RECORD_MAX as u32);
+        let bytes = bytes_of(&event);
         let rec = format.decode(bytes).expect("decodes");
         assert_eq!(rec.anon_rss_bytes, 0, "a 9-byte field is not a number");
         assert_eq!(rec.pgtables_bytes, Some(0), "a field past the record reads as 0");

@@ -31,9 +31,9 @@ pub struct MallocArgs {
     pub malloc_max_stacks: u32,
     /// Which allocator functions to probe: `libc`, the malloc family (every heap block,
     /// C++ `new` through its `malloc` call; every call pays; a Node service under load
-    /// keeps 7-25% of its throughput), or `node-buffers`, V8's backing stores only (Buffers and
-    /// `ArrayBuffers`, exact; plain mallocs pay nothing; one trap per allocation and one
-    /// per free).
+    /// keeps 7-26% of its throughput), or `node-buffers`, V8's backing stores only
+    /// (Buffers and `ArrayBuffers`, exact; plain mallocs pay nothing; one trap per
+    /// allocation and one per free).
     #[arg(long, value_enum, default_value_t = MallocProbes::Libc, value_name = "WHICH")]
     pub malloc_probes: MallocProbes,
     /// With `--malloc-probes node-buffers`: attach the allocation probes only this
